@@ -1,0 +1,43 @@
+# The two commands: `make demo` and `make test`. Each creates .venv on first use and
+# reinstalls only when pyproject.toml changes.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RUNS ?= runs
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export TF_ENABLE_ONEDNN_OPTS ?= 0
+
+.PHONY: demo test test-all bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# One stamp per install flavour; both depend on pyproject.toml.
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(BIN)/t5x-like vocab train --size 8000
+	$(BIN)/t5x-like train --config configs/t5_span_corruption.py:tiny --workdir $(RUNS)/demo
+	$(BIN)/t5x-like eval --checkpoint $(RUNS)/demo --samples 5
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/t5_peers.py
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check t5x_like tests configs benchmarks
+
+clean:
+	rm -rf $(VENV) $(RUNS)

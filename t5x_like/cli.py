@@ -1,0 +1,174 @@
+"""``t5x-like <verb>``: train, eval, infer, tasks, vocab, import-hf, export-hf.
+
+Each verb is a thin wrapper over a library function. Mistakes a user can fix surface as one
+line, ``error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_backends() -> None:
+    """TensorFlow (used by seqio for input only) must stay off accelerators and quiet."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _cmd_train(args, overrides):
+    from t5x_like import config as config_lib
+    from t5x_like.train import train
+
+    config = config_lib.load_config(args.config, overrides)
+    result = train(config, args.workdir)
+    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+def _cmd_eval(args, overrides):
+    from t5x_like.evaluation import driver
+
+    if args.task:
+        overrides = [*overrides, f"data.task={args.task}"]
+    if args.split:
+        overrides = [*overrides, f"data.eval_split={args.split}"]
+    report = driver.evaluate_checkpoint(args.checkpoint, overrides=overrides,
+                                        num_batches=args.batches, baseline=not args.no_baseline)
+    print(f"checkpoint {args.checkpoint} step {report['step']} on {report['task']}/{report['split']}"
+          f" ({report['tokens']} target tokens)")
+    print(f"  validation loss     {report['loss']:.4f}   token accuracy {report['accuracy']:.4f}")
+    if "unigram_loss" in report:
+        print(f"  unigram baseline    {report['unigram_loss']:.4f}")
+    if args.samples:
+        exp, params, _ = driver.load_checkpoint(args.checkpoint, overrides)
+        print("\nheld-out text, masked spans <i>, the model's fills and the truth:")
+        for sample in driver.fill_spans(exp, params, num_examples=args.samples):
+            print(f"\n  masked: {sample['masked']}\n  model:  {sample['model']}"
+                  f"\n  truth:  {sample['truth']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cmd_infer(args, overrides):
+    from t5x_like.evaluation import driver
+
+    for text, output in zip(args.input, driver.infer(args.checkpoint, args.input,
+                                                     max_length=args.max_length), strict=True):
+        print(f"{text}\n  -> {output}")
+
+
+def _cmd_tasks(args, overrides):
+    from t5x_like.tasks import list_tasks
+
+    for row in list_tasks():
+        extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("name", "kind"))
+        print(f"{row['kind']:8s} {row['name']}  {extra}")
+
+
+def _cmd_vocab(args, overrides):
+    from t5x_like.data import corpus, vocab
+
+    if args.source:
+        texts = corpus.read_text_source(args.source)
+        out = Path(args.out or Path(args.source).with_suffix(f".sp{args.size}.model"))
+    else:
+        texts = corpus.default_corpus_texts("train")
+        out = Path(args.out) if args.out else vocab.default_vocab_path(args.size)
+    if out.exists() and not args.force:
+        print(f"vocabulary {out} exists (pass --force to train it again)")
+        return
+    path = vocab.train_vocab(texts, out, vocab_size=args.size)
+    print(f"wrote {path}")
+
+
+def _cmd_import_hf(args, overrides):
+    from t5x_like.interop import checkpoint_io
+
+    checkpoint_io.import_hf(args.src, args.out, overrides)
+    print(f"wrote {args.out}")
+
+
+def _cmd_export_hf(args, overrides):
+    from t5x_like.interop import checkpoint_io
+
+    checkpoint_io.export_hf(args.checkpoint, args.out)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t5x-like",
+        description="Pretrain, evaluate and use BERT-era models in JAX. Config fields can be "
+        "overridden after the verb's flags with --config.SECTION.FIELD=VALUE.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train or resume a model")
+    p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
+    p.add_argument("--workdir", required=True, help="checkpoints, logs and config go here")
+    p.set_defaults(run=_cmd_train)
+
+    p = verbs.add_parser("eval", help="validation metrics of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a workdir written by train")
+    p.add_argument("--task", help="evaluate on this task instead of the training task")
+    p.add_argument("--split", help="split to evaluate (default: data.eval_split)")
+    p.add_argument("--batches", type=int, default=None, help="number of batches, 0 = all")
+    p.add_argument("--samples", type=int, default=0, help="show N held-out spans filled in")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unigram baseline")
+    p.add_argument("--json", help="also write the report to this file")
+    p.set_defaults(run=_cmd_eval)
+
+    p = verbs.add_parser("infer", help="greedy decoding of text by a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", action="append", required=True,
+                   help="text, e.g. 'To be, or <extra_id_0> to be'; repeat for a batch")
+    p.add_argument("--max-length", type=int, default=64)
+    p.set_defaults(run=_cmd_infer)
+
+    p = verbs.add_parser("tasks", help="list registered seqio tasks and mixtures")
+    p.set_defaults(run=_cmd_tasks)
+
+    p = verbs.add_parser("vocab", help="train a SentencePiece vocabulary")
+    vocab_verbs = p.add_subparsers(dest="vocab_verb", required=True)
+    q = vocab_verbs.add_parser("train", help="train on the default corpus or a text source")
+    q.add_argument("--source", help="a .txt file or folder (default: the default corpus)")
+    q.add_argument("--size", type=int, default=8000, help="pieces, before 100 sentinels")
+    q.add_argument("--out", help="model path (default: the cache used by default configs)")
+    q.add_argument("--force", action="store_true", help="train again if the file exists")
+    q.set_defaults(run=_cmd_vocab)
+
+    p = verbs.add_parser("import-hf", help="Hugging Face T5 folder -> t5x-like workdir")
+    p.add_argument("src", help="folder with config.json and model.safetensors")
+    p.add_argument("out", help="workdir to create")
+    p.set_defaults(run=_cmd_import_hf)
+
+    p = verbs.add_parser("export-hf", help="t5x-like workdir -> Hugging Face T5 folder")
+    p.add_argument("checkpoint", help="a workdir written by train or import-hf")
+    p.add_argument("out", help="folder to write config.json and model.safetensors to")
+    p.set_defaults(run=_cmd_export_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_backends()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    from t5x_like.errors import UserError
+
+    try:
+        args.run(args, overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Config files, command-line overrides, validation and resolution.
+
+A config file is Python with ``get_config(arg=None) -> ml_collections.ConfigDict``; ``arg`` picks
+a preset (``configs/t5_span_corruption.py:tiny``). The schema lives in ``base_config``: every
+field a run can read exists there with its default, so an unknown key or a wrong type in a file
+or an override is caught by ConfigDict and reported in one sentence before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from t5x_like.errors import UserError
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "minimal", "full")
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("rsqrt", "constant", "linear", "cosine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run may read, with defaults (T5 v1.1 small on the default corpus)."""
+    c = ml_collections.ConfigDict()
+    c.family = "t5"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=0,  # embedding rows; 0 = the vocabulary's size rounded up to 128
+            d_model=512,
+            d_kv=64,
+            num_heads=6,
+            d_ff=1024,
+            num_encoder_layers=8,
+            num_decoder_layers=8,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            dtype="float32",
+            param_dtype="float32",
+            scan_layers=True,
+            remat_policy="none",
+        )
+    )
+    c.objective = ml_collections.ConfigDict(
+        dict(name="span_corruption", noise_density=0.15, mean_noise_span_length=3.0)
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            task="shakespeare",  # a registered seqio task or mixture
+            vocab_path="",  # SentencePiece model; "" = the default corpus vocabulary (cached)
+            inputs_length=512,  # encoder length after corruption; raw chunks are longer
+            batch_size=8,  # global batch, split over the mesh's data axes
+            eval_split="validation",
+        )
+    )
+    c.loss = ml_collections.ConfigDict(dict(z_loss=1e-4, label_smoothing=0.0))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adafactor",
+            learning_rate=0.01,
+            schedule="rsqrt",  # rsqrt: constant for warmup_steps, then 1/sqrt(step) decay (T5)
+            warmup_steps=10_000,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=0.0,  # 0 = no global-norm clipping
+            grad_accum_steps=1,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            log_every=10,
+            eval_every=200,
+            eval_batches=8,
+            checkpoint_every=200,
+            keep_checkpoints=3,
+            progress_bar=True,
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``path.py[:arg]``, applies ``a.b=value`` overrides and validates the result."""
+    path_text, _, arg = spec.partition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"config file {path_text!r} does not exist; pass e.g. "
+                        "--config configs/t5_span_corruption.py:tiny")
+    module_spec = importlib.util.spec_from_file_location(f"_t5x_like_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(f"config file {path_text} defines no get_config(arg=None) function")
+        config = module.get_config(arg or None)
+    except UserError:
+        raise
+    except Exception as e:  # a config is user code: report where it broke, in one line
+        raise UserError(f"config {spec} failed to load: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"get_config in {path_text} must return an ml_collections.ConfigDict")
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def config_from_json(path: Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to its workdir, checked against today's schema."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: is {path.parent} a t5x-like workdir?")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it or pass --config") from e
+    config = base_config()
+    _merge(config, values, prefix="")
+    validate(config)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _merge(config[key], value, f"{prefix}{key}.")
+        else:
+            _assign(config, f"{prefix}{key}", value)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies ``a.b=value`` strings (values parsed as Python literals, else kept as text)."""
+    for item in overrides:
+        item = item.removeprefix("--").removeprefix("config.")
+        dotted, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r} has no '=': write --config.{dotted}=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        _assign(config, dotted, value)
+
+
+def _assign(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for depth, name in enumerate([*parents, leaf]):
+        if name not in node:
+            where = ".".join(parents[:depth]) or "the config"
+            close = difflib.get_close_matches(name, list(node.keys()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(node.keys())}"
+            raise UserError(f"unknown config key {dotted!r}: {where} has no field {name!r}{hint}")
+        if name != leaf:
+            node = node[name]
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if current is not None and type(value) is not type(current):
+        raise UserError(
+            f"config field {dotted} must be {type(current).__name__} "
+            f"(like {current!r}), got {type(value).__name__} {value!r}"
+        )
+    with node.unlocked():
+        node[leaf] = value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Rejects values that would fail later, deep inside JAX, with a sentence naming the field."""
+    from t5x_like.families import FAMILIES  # late: families import models
+
+    _check(c.family in FAMILIES, f"config field family={c.family!r} is not one of {sorted(FAMILIES)}")
+    m = c.model
+    for name in ("d_model", "d_kv", "num_heads", "d_ff", "num_encoder_layers",
+                 "num_decoder_layers", "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+        _check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
+    _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+    _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    _check(m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}")
+    _check(m.remat_policy in REMAT_POLICIES,
+           f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
+    _check(m.feed_forward_proj in ("gated-gelu", "relu"),
+           f"model.feed_forward_proj must be 'gated-gelu' or 'relu', got {m.feed_forward_proj!r}")
+    o = c.objective
+    _check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
+    _check(0.0 < o.noise_density < 1.0,
+           f"objective.noise_density must be in (0, 1), got {o.noise_density}")
+    _check(o.mean_noise_span_length >= 1.0,
+           f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}")
+    d = c.data
+    _check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
+    _check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
+    opt = c.optimizer
+    _check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+    _check(opt.schedule in SCHEDULES,
+           f"optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
+    _check(opt.learning_rate > 0, f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
+    _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    _check(opt.grad_accum_steps >= 1,
+           f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}")
+    _check(d.batch_size % opt.grad_accum_steps == 0,
+           f"data.batch_size={d.batch_size} is not divisible by "
+           f"optimizer.grad_accum_steps={opt.grad_accum_steps}")
+    t = c.train
+    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
+    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
+    for name in ("data", "fsdp", "tensor"):
+        size = c.mesh[name]
+        _check(size == -1 or size > 0, f"mesh.{name} must be positive or -1 (fill), got {size}")
+    _check(sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
+           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
+    """A copy with derived fields filled in; the copy is what a run writes to its workdir."""
+    resolved = ml_collections.ConfigDict(c.to_dict())
+    if resolved.model.vocab_size == 0:
+        resolved.model.vocab_size = int(math.ceil(vocab_size / 128) * 128)
+    _check(resolved.model.vocab_size >= vocab_size,
+           f"model.vocab_size={resolved.model.vocab_size} is smaller than the vocabulary "
+           f"({vocab_size} ids); set it to 0 to derive it")
+    resolved.lock()
+    return resolved

@@ -1,0 +1,117 @@
+"""Everything a run needs before its first step, built once from a config.
+
+Training, evaluation and inference all start here, so a checkpoint is always read with the
+same vocabulary, family, mesh and shardings that wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from t5x_like import config as config_lib
+from t5x_like import optim, partitioning
+from t5x_like.checkpoints import Checkpoints
+from t5x_like.data.vocab import get_vocabulary
+from t5x_like.families import get_family
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: ml_collections.ConfigDict  # resolved: derived fields filled in
+    vocabulary: object  # seqio.Vocabulary
+    family: object
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+    @property
+    def root_key(self) -> jax.Array:
+        return jax.random.key(self.config.seed)
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and shardings of ``{params, opt_state, step, rng}``, no memory used."""
+        shapes = jax.eval_shape(self._init_state, jax.random.key_data(self.root_key))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            self.state_shardings,
+        )
+
+    def _init_state(self, rng: jax.Array) -> dict:
+        params = self.family.init(jax.random.wrap_key_data(rng))
+        return {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": jax.numpy.zeros((), jax.numpy.int32),
+            "rng": rng,
+        }
+
+    def init_state(self) -> dict:
+        """Fresh state, created directly in its shardings (never whole on one device)."""
+        init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        return init(jax.random.key_data(self.root_key))
+
+    def restore_or_init(self, checkpoints: Checkpoints) -> tuple[dict, dict]:
+        """(state, meta) from the newest readable checkpoint, else a fresh state."""
+        restored = checkpoints.restore_latest(self.abstract_state())
+        if restored is None:
+            return self.init_state(), {"batches_consumed": 0}
+        return restored
+
+    def write_config(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+
+def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
+    """Vocabulary -> resolved config -> family -> mesh -> optimizer -> state shardings."""
+    import t5x_like.tasks  # noqa: F401  (registers the seqio tasks the config may name)
+
+    vocabulary = get_vocabulary(config.data.vocab_path or None)
+    resolved = config_lib.resolve(config, vocabulary.vocab_size)
+    family = get_family(resolved, vocabulary.vocab_size)
+    mesh = partitioning.make_mesh(resolved.mesh, devices)
+    batch = resolved.data.batch_size
+    dp = partitioning.data_parallel_size(mesh)
+    micro = batch // resolved.optimizer.grad_accum_steps
+    if micro % dp:
+        raise config_lib.UserError(
+            f"data.batch_size={batch} / optimizer.grad_accum_steps="
+            f"{resolved.optimizer.grad_accum_steps} = {micro} examples per micro-batch cannot be "
+            f"split evenly over {dp} data-parallel devices; make it a multiple of {dp}"
+        )
+    tx, schedule = optim.make_optimizer(resolved.optimizer, resolved.train.num_steps)
+    params_sh = partitioning.param_shardings(family.abstract_params, mesh)
+    repl = partitioning.replicated(mesh)
+    abstract_params = jax.eval_shape(family.init, jax.random.key(0))
+    opt_shapes = jax.eval_shape(tx.init, abstract_params)
+    # Optimizer leaves shaped like their parameter follow its sharding; factored statistics
+    # (Adafactor's row/column vectors) and counters are small and replicated.
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda leaf, p, sh: sh if leaf.shape == p.shape else repl,
+        opt_shapes,
+        abstract_params,
+        params_sh,
+        transform_non_params=lambda _: repl,
+    )
+    state_shardings = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+    return Experiment(
+        config=resolved,
+        vocabulary=vocabulary,
+        family=family,
+        mesh=mesh,
+        tx=tx,
+        schedule=schedule,
+        state_shardings=state_shardings,
+        batch_sharding=partitioning.batch_sharding(mesh),
+    )

@@ -1,0 +1,46 @@
+"""Losses as sums with their weights, so that any split of a batch (devices, micro-batches)
+adds up to the same mean: the trainer divides by the total weight once, at the end."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy_with_z_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> dict[str, jax.Array]:
+    """Token cross-entropy plus T5's z-loss ``z_loss * logsumexp(logits)**2``, as weighted sums.
+
+    Returns sums over all positions: ``loss`` (CE + z-loss, what is differentiated),
+    ``cross_entropy``, ``z_loss``, ``correct`` (argmax hits) and ``weight`` (number of scored
+    tokens). Computed in float32 whatever the logits' dtype.
+    """
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    vocab = logits.shape[-1]
+    on = 1.0 - label_smoothing
+    off = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
+    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        ce = -(on - off) * target_log_prob - off * log_probs.sum(axis=-1)
+        # Subtract the entropy of the smoothed target so a perfect model scores 0.
+        ce -= -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))
+    else:
+        ce = -target_log_prob
+    z = z_loss * jnp.square(log_z)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "loss": jnp.sum((ce + z) * weights),
+        "cross_entropy": jnp.sum(ce * weights),
+        "z_loss": jnp.sum(z * weights),
+        "correct": jnp.sum(correct * weights),
+        "weight": jnp.sum(weights),
+    }
