@@ -1,0 +1,66 @@
+"""``import-hf`` / ``export-hf``: Hugging Face T5 folders <-> t5x-like workdirs.
+
+A workdir made by import-hf is an ordinary run at step 0 (config.json + an orbax checkpoint),
+so ``train`` continues pretraining from it and ``eval``/``infer``/``export-hf`` read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from t5x_like import config as config_lib
+from t5x_like.checkpoints import Checkpoints
+from t5x_like.errors import UserError
+from t5x_like.experiment import build
+from t5x_like.interop import hf
+
+HF_VOCAB_FILE = "spiece.model"
+
+
+def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
+    """Writes ``out/config.json`` and ``out/checkpoints/0`` from a HF T5 folder."""
+    src, out = Path(src), Path(out)
+    if (out / "checkpoints").exists():
+        raise UserError(f"{out} already holds checkpoints; choose an empty output folder")
+    model, model_config = hf.load(src)
+    config = config_lib.base_config()
+    fields = dataclasses.asdict(model_config)
+    with config.model.unlocked():
+        config.model.update({k: v for k, v in fields.items() if k in config.model})
+    out.mkdir(parents=True, exist_ok=True)
+    if (src / HF_VOCAB_FILE).is_file():
+        shutil.copy(src / HF_VOCAB_FILE, out / HF_VOCAB_FILE)
+        config.data.vocab_path = str((out / HF_VOCAB_FILE).absolute())
+    else:
+        print(f"note: {src} has no {HF_VOCAB_FILE}; the default vocabulary is used, whose ids "
+              "differ from the model's — pass --config.data.vocab_path when training")
+    config_lib.apply_overrides(config, [o.removeprefix("--") for o in overrides])
+    config_lib.validate(config)
+    exp = build(config)
+    exp.write_config(out)
+    state = exp.init_state()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    imported = jax.device_put(params, exp.state_shardings["params"])
+    state = {**state, "params": imported, "opt_state": exp.tx.init(imported)}
+    checkpoints = Checkpoints(out)
+    checkpoints.save(0, state, {"batches_consumed": 0, "step": 0, "imported_from": str(src)})
+    checkpoints.close()
+    return out
+
+
+def export_hf(workdir: str | Path, out: str | Path) -> Path:
+    """Writes config.json + model.safetensors (+ spiece.model) that transformers loads."""
+    from t5x_like.evaluation.driver import load_checkpoint
+
+    exp, params, _ = load_checkpoint(workdir)
+    out = Path(out)
+    hf.export(exp.family.model(jax.device_get(params)), exp.family.model_config, out)
+    vocab_file = getattr(exp.vocabulary, "sentencepiece_model_file", None)
+    if vocab_file and Path(vocab_file).is_file():
+        shutil.copy(vocab_file, out / HF_VOCAB_FILE)
+    return out
