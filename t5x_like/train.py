@@ -117,6 +117,7 @@ def device_batches(exp: Experiment, *, split: str, skip_batches: int = 0, repeat
         skip_batches=skip_batches,
         shard_index=jax.process_index(),
         num_shards=processes,
+        vocabulary=exp.vocabulary,
     ):
         yield jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(exp.batch_sharding, x), local

@@ -1,0 +1,105 @@
+"""Host batches of raw token chunks: deterministic, resumable, sharded across hosts.
+
+The stream for (task, split, raw_length, seed, shard) is a fixed sequence of chunks: seqio
+shuffles documents per epoch (in-memory sources) or files (TFDS) with the seed, repeats,
+tokenises, concatenates, splits into chunks and shuffles chunks in a seeded buffer. Batch k
+is chunks [k*B, (k+1)*B) of that sequence, so resuming after n batches is
+``skip_batches=n``: the trainer stores how many batches it consumed, nothing else. Skipping
+replays the stream on the host (tokenising as it goes), which costs time proportional to n
+but is exact.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import seqio
+
+from t5x_like.data import tf_runtime
+from t5x_like.errors import UserError
+
+# Per task object (a re-registered name is a new object): the probes that passed.
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_one_batch(task: seqio.Task, split: str, raw_length: int, batch_size: int,
+                     shard_info: seqio.ShardInfo | None) -> None:
+    """UserError unless one pass over ``task``'s shard of ``split`` fills one batch."""
+    key = (split, raw_length, batch_size, shard_info)
+    if key in _probed.get(task, ()):
+        return
+    ds = task.get_dataset({"targets": raw_length}, split=split, shuffle=False,
+                          shard_info=shard_info, num_epochs=1, try_in_mem_cache=False)
+    chunks = sum(1 for _ in ds.take(batch_size))
+    if chunks < batch_size:
+        where = f" (shard {shard_info.index} of {shard_info.num_shards})" if shard_info else ""
+        raise UserError(
+            f"split {split!r} of task {task.name!r}{where} holds {chunks} chunk(s) of "
+            f"{raw_length} tokens, fewer tokens than one batch of {batch_size} x {raw_length}; "
+            "add text, lower data.batch_size or the sequence length, or use another split")
+    _probed.setdefault(task, set()).add(key)
+
+
+def raw_token_batches(
+    name: str,
+    *,
+    split: str,
+    raw_length: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    skip_batches: int = 0,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    vocabulary: seqio.Vocabulary | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields {"tokens": int32[batch_size, raw_length]} from task or mixture ``name``.
+
+    The same arguments give the same batches in any process; ``skip_batches=n`` starts at
+    what would have been batch n; host ``shard_index`` of ``num_shards`` reads only its
+    shard of the documents. ``vocabulary``, when given, must be the one the task tokenises
+    with (a guard against training on ids from another vocabulary). Mistakes (unknown
+    name or split, a split smaller than one batch) raise UserError at the call.
+    """
+    tf_runtime.configure()
+    import t5x_like.tasks  # noqa: F401  (registers the default task)
+    from t5x_like.tasks.mixtures import get_provider
+
+    provider = get_provider(name)
+    if split not in provider.splits:
+        raise UserError(f"task {name!r} has no split {split!r}; it has "
+                        f"{', '.join(sorted(provider.splits))}")
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+    if raw_length < 1 or batch_size < 1 or skip_batches < 0:
+        raise UserError(f"raw_length={raw_length} and batch_size={batch_size} must be positive "
+                        f"and skip_batches={skip_batches} not negative")
+    if "targets" not in provider.output_features:
+        raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
+                        "task; register its text with t5x_like.tasks.register_text_task")
+    task_vocab = provider.output_features["targets"].vocabulary
+    if vocabulary is not None and vocabulary != task_vocab:
+        file = getattr(task_vocab, "sentencepiece_model_file", task_vocab)
+        raise UserError(f"task {name!r} tokenises with {file}, not the model's vocabulary; "
+                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
+    shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        if split in task.splits:
+            _check_one_batch(task, split, raw_length, batch_size, shard_info)
+
+    ds = provider.get_dataset(
+        {"targets": raw_length},
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_info=shard_info,
+        num_epochs=None if repeat else 1,
+        try_in_mem_cache=False,
+    )
+    ds = ds.map(lambda ex: ex["targets"])
+    ds = ds.skip(skip_batches * batch_size).batch(batch_size, drop_remainder=True).prefetch(2)
+    return ({"tokens": tokens.astype(np.int32, copy=False)} for tokens in ds.as_numpy_iterator())

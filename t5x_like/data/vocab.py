@@ -1,0 +1,139 @@
+"""SentencePiece vocabularies with T5's conventions, trained in-process and cached.
+
+T5 ids: pad=0, eos=1, unk=2, no bos; ``extra_ids`` sentinels are appended by seqio and count
+down from the top (``<extra_id_0>`` = vocab_size - 1). ``byte_fallback`` means no character
+is ever unknown. The default vocabulary (8000 pieces + 100 sentinels = 8100) is trained on the
+train split of the embedded Shakespeare corpus the first time anything asks for it, then read
+from ``$T5X_LIKE_CACHE`` (default ``~/.cache/t5x_like``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+import seqio
+
+from t5x_like.errors import UserError
+
+DEFAULT_VOCAB_SIZE = 8000
+DEFAULT_EXTRA_IDS = 100
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+# SentencePiece's result depends on its thread count; a fixed count makes every machine (and
+# every host of a multi-host run, each training its own cached copy) get the same model bytes.
+TRAIN_THREADS = 4
+
+
+def cache_dir() -> Path:
+    """Where trained vocabularies live: $T5X_LIKE_CACHE, else ~/.cache/t5x_like."""
+    return Path(os.environ.get("T5X_LIKE_CACHE") or Path.home() / ".cache" / "t5x_like")
+
+
+def default_vocab_path(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """The cached default vocabulary's file; its name says the corpus and the size."""
+    return cache_dir() / f"shakespeare_sp{vocab_size}.model"
+
+
+def train_vocab(texts: Iterable[str], model_path: str | Path,
+                vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """Trains a unigram SentencePiece model on ``texts`` and writes it atomically to
+    ``model_path``. The same texts give the same model bytes (no sampling, no shuffling)."""
+    model_path = Path(model_path)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            input_sentence_size=0,  # use every sentence ...
+            shuffle_input_sentence=False,  # ... in the given order: deterministic
+            max_sentence_length=1 << 16,
+            num_threads=TRAIN_THREADS,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to ..."
+        raise UserError(f"cannot train vocabulary {model_path} with {vocab_size} pieces: "
+                        f"{str(e).strip().splitlines()[-1]}") from None
+    _write_atomically(model_path, model.getvalue())
+    return model_path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, then os.replace: readers never see half a model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_default_vocab(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+    """The default vocabulary's path, training it first if no process has yet.
+
+    A file lock makes racing processes (pytest -n, several hosts sharing a home) train it
+    once; the others wait and then read the finished file.
+    """
+    path = default_vocab_path(vocab_size)
+    if path.exists():
+        return path
+    from t5x_like.data.corpus import default_corpus_texts
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            train_vocab(default_corpus_texts("train"), path, vocab_size)
+    return path
+
+
+class _DefaultVocabulary(seqio.SentencePieceVocabulary):
+    """The default vocabulary, trained on first use rather than when a task is registered,
+    so that importing ``t5x_like.tasks`` (e.g. for ``t5x-like tasks``) stays cheap."""
+
+    def _model_context(self):
+        if not self._model:
+            ensure_default_vocab()
+        return super()._model_context()
+
+
+def lazy_default_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+    """The default vocabulary without training it yet (it trains when first used)."""
+    return _DefaultVocabulary(str(default_vocab_path()), extra_ids=extra_ids)
+
+
+def get_vocabulary(path: str | Path | None = None,
+                   extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+    """The vocabulary at ``path`` (a SentencePiece .model file), or the default one when
+    ``path`` is None; either way checked to follow T5's pad=0 / eos=1 ids."""
+    if path is None:
+        path = ensure_default_vocab()
+    elif not Path(path).is_file():
+        raise UserError(f"vocabulary file {path} does not exist; fix data.vocab_path or train "
+                        "one with `t5x-like vocab train`")
+    vocabulary = seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+    try:
+        tokenizer = vocabulary.tokenizer
+    except Exception:  # sentencepiece and protobuf raise several types for a bad file
+        raise UserError(f"vocabulary file {path} is not a SentencePiece model; point "
+                        "data.vocab_path at a .model file") from None
+    if (tokenizer.pad_id(), tokenizer.eos_id()) != (PAD_ID, EOS_ID):
+        raise UserError(f"vocabulary {path} has pad_id={tokenizer.pad_id()} and eos_id="
+                        f"{tokenizer.eos_id()}, but T5-style models need pad=0 and eos=1; "
+                        "train one with `t5x-like vocab train`")
+    return vocabulary
