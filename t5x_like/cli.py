@@ -14,16 +14,31 @@ from pathlib import Path
 
 
 def _quiet_backends() -> None:
-    """TensorFlow (used by seqio for input only) must stay off accelerators and quiet."""
+    """TensorFlow (seqio's input pipeline) prints C++ notices at import that no log level
+    silences; import it once with stderr pointed at /dev/null so a user sees only our lines."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    from t5x_like.data import tf_runtime
+
+    tf_runtime.configure()
 
 
 def _cmd_train(args, overrides):
     from t5x_like import config as config_lib
-    from t5x_like.train import train
 
     config = config_lib.load_config(args.config, overrides)
+    from t5x_like.train import train
+
     result = train(config, args.workdir)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
 
@@ -153,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_backends()
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
     args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    _quiet_backends()
     from t5x_like.errors import UserError
 
     try:

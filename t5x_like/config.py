@@ -132,17 +132,18 @@ def config_from_json(path: Path) -> ml_collections.ConfigDict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or pass --config") from e
     config = base_config()
-    _merge(config, values, prefix="")
+    for dotted, value in _flatten(values):
+        _assign(config, dotted, value)
     validate(config)
     return config
 
 
-def _merge(config: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+def _flatten(values: dict, prefix: str = ""):
     for key, value in values.items():
         if isinstance(value, dict):
-            _merge(config[key], value, f"{prefix}{key}.")
+            yield from _flatten(value, f"{prefix}{key}.")
         else:
-            _assign(config, f"{prefix}{key}", value)
+            yield f"{prefix}{key}", value
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
