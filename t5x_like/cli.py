@@ -23,14 +23,13 @@ def _quiet_backends() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        from t5x_like.data import tf_runtime
+
+        tf_runtime.configure()  # imports TensorFlow and hides accelerators from it
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    from t5x_like.data import tf_runtime
-
-    tf_runtime.configure()
 
 
 def _cmd_train(args, overrides):

@@ -1,0 +1,314 @@
+"""Building blocks shared by the architectures: norms, embeddings, attention, MLPs, layer stacks.
+
+Every parameter names its logical axes (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
+``relpos_buckets``; stacks add ``layers``) and nothing else about placement:
+``partitioning.py`` maps the names to mesh axes. Modules hold parameters only — no RNG state —
+so a model split once with ``nnx.split(model, nnx.Param)`` is a pure function of its params;
+dropout takes a key at call time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Which intermediates a layer keeps for the backward pass (the rest is recomputed).
+# "minimal" keeps the projections' outputs (dots without batch dims: q/k/v/o, MLP) and
+# recomputes the cheap attention and elementwise work; "full" keeps only the layer inputs.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+LAYERS_AXIS = "layers"
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return DTYPES[name]
+
+
+def make_param(
+    rngs: nnx.Rngs,
+    init: Callable,
+    shape: Sequence[int],
+    names: tuple[str, ...],
+    dtype: Any,
+) -> nnx.Param:
+    """A parameter annotated with one logical axis name per dimension."""
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), tuple(shape), dtype))
+
+
+def normal(std: float) -> Callable:
+    return jax.nn.initializers.normal(std)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; a no-op without a key (evaluation, or dropout disabled)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """n independent keys, or n Nones when dropout is off (keeps call sites branch-free)."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+# --------------------------------------------------------------------------- norms, embeddings
+
+
+class RMSNorm(nnx.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",),
+                                param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table; ``attend`` reuses it as an output projection (tied heads)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, normal(1.0), (vocab_size, dim), ("vocab", "embed"),
+                                    param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Float32 logits x @ E^T, accumulated in float32 whatever the compute dtype."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Unscaled dot-product attention on [B, T, N, H] x [B, S, N, H], softmax in float32.
+
+    T5 folds 1/sqrt(d_kv) into the query init, so ``scale=1``. ``jax.nn.dot_product_attention``
+    takes no dropout on the probabilities, so only a dropout-enabled training call takes the
+    explicit path (same math, checked equal in the tests).
+    """
+    if dropout_key is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
+    return explicit_attention(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
+                              dropout_key=dropout_key)
+
+
+def explicit_attention(q, k, v, *, bias, mask, dropout_rate=0.0, dropout_key=None) -> jax.Array:
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with 3-D kernels: q/k/v [embed, heads, kv], out [heads, kv, embed]."""
+
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, dropout_rate: float,
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        qkv, shape = ("embed", "heads", "kv"), (d_model, num_heads, d_kv)
+        # T5's init: the query absorbs the 1/sqrt(d_kv) that other models put in the softmax.
+        self.query = make_param(rngs, normal((d_model * d_kv) ** -0.5), shape, qkv, param_dtype)
+        self.key = make_param(rngs, normal(d_model**-0.5), shape, qkv, param_dtype)
+        self.value = make_param(rngs, normal(d_model**-0.5), shape, qkv, param_dtype)
+        self.out = make_param(rngs, normal((num_heads * d_kv) ** -0.5),
+                              (num_heads, d_kv, d_model), ("heads", "kv", "embed"), param_dtype)
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, N, H] (what a KV cache stores)."""
+        k = jnp.einsum("bsd,dnh->bsnh", x, self.key[...].astype(self.dtype))
+        v = jnp.einsum("bsd,dnh->bsnh", x, self.value[...].astype(self.dtype))
+        return k, v
+
+    def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                 mask: jax.Array | None, dropout_key: jax.Array | None = None) -> jax.Array:
+        q = jnp.einsum("btd,dnh->btnh", x, self.query[...].astype(self.dtype))
+        y = attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout_rate,
+                      dropout_key=dropout_key)
+        return jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
+
+
+# --------------------------------------------------------------------------- relative positions
+
+
+def relative_position_buckets(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucket of ``key_pos - query_pos``: exact for small distances, log-spaced after.
+
+    Computed in numpy float32 with the same operation order as the reference code, at trace
+    time (lengths are static), so the buckets are constants. Unidirectional (decoder) buckets
+    only distinguish keys in the past; future keys fall into bucket 0 (they are masked anyway).
+    """
+    rel = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        distance = np.abs(rel)
+    else:
+        distance = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    scaled = (
+        np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(num_buckets - max_exact)
+    )
+    large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
+    return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
+
+
+class RelativePositionBias(nnx.Module):
+    """One learned scalar per (bucket, head), computed once per stack and shared by its layers."""
+
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *, bidirectional: bool,
+                 init_std: float, param_dtype: Any, rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, normal(init_std), (num_buckets, num_heads),
+                                    ("relpos_buckets", "heads"), param_dtype)
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def _buckets(self, relative_position: np.ndarray) -> np.ndarray:
+        return relative_position_buckets(relative_position, bidirectional=self.bidirectional,
+                                         num_buckets=self.num_buckets,
+                                         max_distance=self.max_distance)
+
+    def __call__(self, query_length: int, key_length: int) -> jax.Array:
+        """Float32 bias [1, heads, query_length, key_length]."""
+        rel = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+        values = jnp.take(self.embedding[...].astype(jnp.float32), self._buckets(rel), axis=0)
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+    def at_position(self, position: jax.Array, key_length: int) -> jax.Array:
+        """Bias [1, heads, 1, key_length] for one query at a traced ``position`` (decoding)."""
+        table = self._buckets(np.arange(-(key_length - 1), key_length))  # rel = key - query
+        buckets = jax.lax.dynamic_slice(jnp.asarray(table), (key_length - 1 - position,),
+                                        (key_length,))
+        values = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)
+        return jnp.transpose(values)[None, :, None, :]
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+class MLP(nnx.Module):
+    """T5 feed-forward: gated-GELU (v1.1: gelu_tanh(x W0) * x W1) or ReLU (v1.0), then Wo."""
+
+    def __init__(self, d_model: int, d_ff: int, *, gated: bool, dropout_rate: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        def wi():
+            return make_param(rngs, normal(d_model**-0.5), (d_model, d_ff), ("embed", "mlp"),
+                              param_dtype)
+
+        if gated:
+            self.wi_0, self.wi_1 = wi(), wi()
+        else:
+            self.wi = wi()
+        self.wo = make_param(rngs, normal(d_ff**-0.5), (d_ff, d_model), ("mlp", "embed"),
+                             param_dtype)
+        self.gated = gated
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        def dense(w):
+            return jnp.einsum("btd,df->btf", x, w[...].astype(self.dtype))
+
+        if self.gated:
+            h = jax.nn.gelu(dense(self.wi_0), approximate=True) * dense(self.wi_1)
+        else:
+            h = jax.nn.relu(dense(self.wi))
+        h = dropout(h, self.dropout_rate, dropout_key)
+        return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(self.dtype))
+
+
+# --------------------------------------------------------------------------- layer stacks
+
+
+def make_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs, *,
+               scan: bool) -> nnx.Module:
+    """``num_layers`` layers: stacked by ``nnx.vmap`` (leading ``layers`` axis) or a list."""
+    if not scan:
+        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def create(key):
+        return make_layer(nnx.Rngs(params=key))
+
+    return create(jax.random.split(rngs.params(), num_layers))
+
+
+def run_stack(
+    layers: nnx.Module,
+    carry: Any,
+    per_layer: Any,
+    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    *,
+    scan: bool,
+    remat_policy: str,
+) -> tuple[Any, Any]:
+    """Applies ``body(layer, carry, per_layer[i]) -> (carry, out_i)`` layer by layer.
+
+    ``per_layer`` and the stacked outputs have a leading layer axis in both modes, so callers
+    (e.g. the KV cache) see one layout. ``body`` is rematerialised per layer by the policy.
+
+    The loop is plain ``jax.lax.scan`` over the split layer state, each step merging its slice
+    back into a module: unlike ``nnx.scan``/``nnx.remat``, this also works when the model was
+    merged outside an enclosing ``lax`` loop (NNX refuses Variables from an outer trace).
+    """
+    policy = REMAT_POLICIES[remat_policy]
+
+    def apply(graphdef, layer_state, carry, xs):
+        return body(nnx.merge(graphdef, layer_state), carry, xs)
+
+    if remat_policy != "none":
+        # Inside a scan no CSE across iterations can happen, so prevent_cse would only cost.
+        apply = jax.checkpoint(apply, policy=policy, prevent_cse=not scan, static_argnums=0)
+    if scan:
+        graphdef, state = nnx.split(layers)
+        return jax.lax.scan(lambda c, xs: apply(graphdef, xs[0], c, xs[1]), carry,
+                            (state, per_layer))
+    outs = []
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
+        carry, out = apply(graphdef, state, carry, jax.tree.map(lambda a, i=i: a[i], per_layer))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)

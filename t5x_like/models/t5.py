@@ -1,0 +1,290 @@
+"""T5 (v1.1 by default, v1.0 by config) as a Flax NNX encoder-decoder.
+
+Pre-norm RMSNorm layers, relative position buckets computed once per stack, unscaled attention
+(the 1/sqrt(d_kv) lives in the query init), gated-GELU or ReLU feed-forward, tied or untied
+output head. Token 0 is padding and the decoder start token; the caller shifts targets right.
+Numerically equal to ``transformers.T5ForConditionalGeneration`` (tests/test_t5_model.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5x_like.errors import UserError
+from t5x_like.models import layers as L
+
+FEED_FORWARD_PROJ = ("gated-gelu", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128  # embedding rows (the vocabulary padded to a multiple of 128)
+    d_model: int = 512
+    d_kv: int = 64
+    num_heads: int = 6
+    d_ff: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # T5 v1.1; "relu" = T5 v1.0
+    tie_word_embeddings: bool = False  # tied: logits = (y * d_model**-0.5) @ E^T, as HF
+    dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
+    param_dtype: str = "float32"
+    scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
+    remat_policy: str = "none"  # "none" | "minimal" (keep matmul outputs) | "full"
+
+    def __post_init__(self):
+        choices = {
+            "feed_forward_proj": FEED_FORWARD_PROJ,
+            "dtype": tuple(L.DTYPES),
+            "param_dtype": tuple(L.DTYPES),
+            "remat_policy": tuple(L.REMAT_POLICIES),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"T5 config field {name}={getattr(self, name)!r} is not one of "
+                                f"{allowed}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> T5Config:
+        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown T5 config key {key!r}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
+        norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.pre_attention_norm = L.RMSNorm(c.d_model, **norm)
+        self.attention = L.Attention(c.d_model, c.num_heads, c.d_kv, dropout_rate=c.dropout_rate,
+                                     dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.pre_mlp_norm = L.RMSNorm(c.d_model, **norm)
+        self.mlp = L.MLP(c.d_model, c.d_ff, gated=c.feed_forward_proj == "gated-gelu",
+                         dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.dropout_rate = c.dropout_rate
+
+    def __call__(self, x, *, bias, mask, dropout_key=None):
+        keys = L.split_key(dropout_key, 4)
+        h = self.pre_attention_norm(x)
+        k, v = self.attention.project_kv(h)
+        y = self.attention(h, k, v, bias=bias, mask=mask, dropout_key=keys[0])
+        x = x + L.dropout(y, self.dropout_rate, keys[1])
+        y = self.mlp(self.pre_mlp_norm(x), keys[2])
+        return x + L.dropout(y, self.dropout_rate, keys[3])
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
+        norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
+        attn = dict(dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.pre_self_attention_norm = L.RMSNorm(c.d_model, **norm)
+        self.self_attention = L.Attention(c.d_model, c.num_heads, c.d_kv, **attn)
+        self.pre_cross_attention_norm = L.RMSNorm(c.d_model, **norm)
+        self.cross_attention = L.Attention(c.d_model, c.num_heads, c.d_kv, **attn)
+        self.pre_mlp_norm = L.RMSNorm(c.d_model, **norm)
+        self.mlp = L.MLP(c.d_model, c.d_ff, gated=c.feed_forward_proj == "gated-gelu",
+                         dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.dropout_rate = c.dropout_rate
+
+    def __call__(self, x, encoded, *, self_bias, self_mask, cross_mask, dropout_key=None,
+                 cache=None, position=None):
+        """One decoder layer; with ``cache`` (one token), returns the token's new (k, v) too.
+
+        ``cache`` holds this layer's ``self_key``/``self_value`` [B, S, N, H] and, when
+        precomputed, ``cross_key``/``cross_value`` (else they are projected from ``encoded``).
+        """
+        keys = L.split_key(dropout_key, 6)
+        h = self.pre_self_attention_norm(x)
+        k, v = self.self_attention.project_kv(h)
+        new_kv = None
+        if cache is not None:
+            new_kv = (k, v)
+            k = jax.lax.dynamic_update_slice(cache["self_key"], k, (0, position, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["self_value"], v, (0, position, 0, 0))
+        y = self.self_attention(h, k, v, bias=self_bias, mask=self_mask, dropout_key=keys[0])
+        x = x + L.dropout(y, self.dropout_rate, keys[1])
+
+        h = self.pre_cross_attention_norm(x)
+        if cache is not None and "cross_key" in cache:
+            k, v = cache["cross_key"], cache["cross_value"]
+        else:
+            k, v = self.cross_attention.project_kv(encoded)
+        y = self.cross_attention(h, k, v, bias=None, mask=cross_mask, dropout_key=keys[2])
+        x = x + L.dropout(y, self.dropout_rate, keys[3])
+
+        y = self.mlp(self.pre_mlp_norm(x), keys[4])
+        return x + L.dropout(y, self.dropout_rate, keys[5]), new_kv
+
+
+class Encoder(nnx.Module):
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        self.relpos_bias = L.RelativePositionBias(
+            c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
+            bidirectional=True, init_std=c.d_model**-0.5, param_dtype=L.dtype_of(c.param_dtype),
+            rngs=rngs)
+        self.layers = L.make_stack(lambda r: EncoderLayer(c, rngs=r), c.num_encoder_layers, rngs,
+                                   scan=c.scan_layers)
+        self.final_norm = L.RMSNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
+                                    param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+        self.relpos_bias = L.RelativePositionBias(
+            c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
+            bidirectional=False, init_std=c.d_model**-0.5, param_dtype=L.dtype_of(c.param_dtype),
+            rngs=rngs)
+        self.layers = L.make_stack(lambda r: DecoderLayer(c, rngs=r), c.num_decoder_layers, rngs,
+                                   scan=c.scan_layers)
+        self.final_norm = L.RMSNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
+                                    param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
+
+
+def _padding_mask(encoder_input_tokens: jax.Array) -> jax.Array:
+    """[B, 1, 1, L]: keys that are real tokens (id 0 is padding)."""
+    return (encoder_input_tokens > 0)[:, None, None, :]
+
+
+class T5(nnx.Module):
+    """Encoder-decoder; ``__call__`` gives float32 logits for teacher-forced decoder inputs."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.token_embedder = L.Embed(c.vocab_size, c.d_model, dtype=L.dtype_of(c.dtype),
+                                      param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
+        self.encoder = Encoder(c, rngs=rngs)
+        self.decoder = Decoder(c, rngs=rngs)
+        if not c.tie_word_embeddings:
+            # std 1/sqrt(d_model) keeps initial logits O(1); std 1.0 starts the loss near 66.
+            self.lm_head = L.make_param(rngs, L.normal(c.d_model**-0.5), (c.d_model, c.vocab_size),
+                                        ("embed", "vocab"), L.dtype_of(c.param_dtype))
+
+    # ------------------------------------------------------------------ helpers
+    def _dropout_keys(self, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:
+        if not enable_dropout or self.config.dropout_rate == 0.0:
+            return [None] * n
+        if rngs is None:
+            raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
+        return L.split_key(rngs.dropout(), n)
+
+    def _run(self, layers, x, per_layer, body):
+        return L.run_stack(layers, x, per_layer, body, scan=self.config.scan_layers,
+                           remat_policy=self.config.remat_policy)
+
+    @staticmethod
+    def _layer_keys(key: jax.Array | None, n: int) -> jax.Array | None:
+        return None if key is None else jax.random.split(key, n)
+
+    def _logits(self, y: jax.Array) -> jax.Array:
+        c = self.config
+        if c.tie_word_embeddings:
+            return self.token_embedder.attend(y * c.d_model**-0.5)
+        kernel = self.lm_head[...].astype(L.dtype_of(c.dtype))
+        return jnp.einsum("btd,dv->btv", y, kernel, preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Encoder outputs [B, L, d_model] in the compute dtype."""
+        c = self.config
+        k_embed, k_layers, k_final = self._dropout_keys(enable_dropout, rngs, 3)
+        length = encoder_input_tokens.shape[1]
+        bias = self.encoder.relpos_bias(length, length)  # once per stack, shared by all layers
+        mask = _padding_mask(encoder_input_tokens)
+        x = L.dropout(self.token_embedder(encoder_input_tokens), c.dropout_rate, k_embed)
+
+        def body(layer, x, key):
+            return layer(x, bias=bias, mask=mask, dropout_key=key), None
+
+        x, _ = self._run(self.encoder.layers, x, self._layer_keys(k_layers, c.num_encoder_layers),
+                         body)
+        return L.dropout(self.encoder.final_norm(x), c.dropout_rate, k_final)
+
+    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+               decoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Float32 logits [B, T, vocab] for teacher-forced (shifted-right) decoder inputs."""
+        c = self.config
+        k_embed, k_layers, k_final = self._dropout_keys(enable_dropout, rngs, 3)
+        length = decoder_input_tokens.shape[1]
+        self_bias = self.decoder.relpos_bias(length, length)
+        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        cross_mask = _padding_mask(encoder_input_tokens)
+        y = L.dropout(self.token_embedder(decoder_input_tokens), c.dropout_rate, k_embed)
+
+        def body(layer, y, key):
+            y, _ = layer(y, encoded, self_bias=self_bias, self_mask=causal, cross_mask=cross_mask,
+                         dropout_key=key)
+            return y, None
+
+        y, _ = self._run(self.decoder.layers, y, self._layer_keys(k_layers, c.num_decoder_layers),
+                         body)
+        return self._logits(L.dropout(self.decoder.final_norm(y), c.dropout_rate, k_final))
+
+    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
+                 enable_dropout: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+        # Each rngs.dropout() call yields a fresh key, so encoder and decoder masks differ.
+        encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout, rngs=rngs)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                           enable_dropout=enable_dropout, rngs=rngs)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def init_cache(self, batch_size: int, max_decode_length: int,
+                   encoded: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Zeroed self-attention KV cache [layers, B, max_len, heads, d_kv] per key/value.
+
+        With ``encoded``, also the cross-attention keys/values [layers, B, L, heads, d_kv], so
+        ``decode_step`` does not re-project the encoder output at every step.
+        """
+        c = self.config
+        shape = (c.num_decoder_layers, batch_size, max_decode_length, c.num_heads, c.d_kv)
+        cache = {"self_key": jnp.zeros(shape, L.dtype_of(c.dtype)),
+                 "self_value": jnp.zeros(shape, L.dtype_of(c.dtype))}
+        if encoded is not None:
+            def body(layer, carry, _):
+                return carry, layer.cross_attention.project_kv(encoded.astype(L.dtype_of(c.dtype)))
+
+            _, (cache["cross_key"], cache["cross_value"]) = self._run(
+                self.decoder.layers, jnp.zeros(()), None, body)
+        return cache
+
+    def decode_step(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+                    token_ids: jax.Array, cache: dict[str, jax.Array],
+                    position: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits [B, vocab] (float32) for ``token_ids`` [B] at ``position``, and the new cache.
+
+        Equal to ``decode(...)[:, position]`` when the cache holds positions < ``position``.
+        """
+        max_length = cache["self_key"].shape[2]
+        self_bias = self.decoder.relpos_bias.at_position(position, max_length)
+        self_mask = (jnp.arange(max_length) <= position)[None, None, None, :]
+        cross_mask = _padding_mask(encoder_input_tokens)
+        y = self.token_embedder(token_ids[:, None])
+
+        def body(layer, y, layer_cache):
+            return layer(y, encoded, self_bias=self_bias, self_mask=self_mask,
+                         cross_mask=cross_mask, cache=layer_cache, position=position)
+
+        y, (k, v) = self._run(self.decoder.layers, y, cache, body)
+        start = (0, 0, position, 0, 0)
+        new_cache = {
+            **cache,
+            "self_key": jax.lax.dynamic_update_slice(cache["self_key"], k, start),
+            "self_value": jax.lax.dynamic_update_slice(cache["self_value"], v, start),
+        }
+        return self._logits(self.decoder.final_norm(y))[:, 0], new_cache
