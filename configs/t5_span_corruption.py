@@ -29,15 +29,18 @@ def get_config(arg=None):
     c.model.update(dict(d_model=d_model, d_kv=d_kv, num_heads=heads, d_ff=d_ff,
                         num_encoder_layers=enc, num_decoder_layers=dec))
     if preset == "tiny":
+        # Sized for `make demo`: ~0.3 s a step on 2 CPU cores. Unrolled layers: on CPU a
+        # scanned stack is ~20% slower per step (benchmarks/RESULTS.md); compile stays short.
+        c.model.scan_layers = False
         c.data.inputs_length = 128
-        c.data.batch_size = 32
+        c.data.batch_size = 16
         c.optimizer.learning_rate = 0.01
         c.optimizer.warmup_steps = 200
-        c.train.num_steps = 1500
+        c.train.num_steps = 1000
         c.train.log_every = 25
         c.train.eval_every = 500
         c.train.eval_batches = 8
-        c.train.checkpoint_every = 500
+        c.train.checkpoint_every = 250
     else:
         c.data.inputs_length = 512
         c.data.batch_size = 128

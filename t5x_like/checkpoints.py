@@ -24,7 +24,9 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, *, keep: int = 3, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
         if read_only and not self.directory.is_dir():
-            raise UserError(f"{Path(workdir)} holds no checkpoints/ folder: is it a t5x-like workdir?")
+            raise UserError(
+                f"{Path(workdir)} holds no checkpoints/ folder: is it a t5x-like workdir?"
+            )
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -50,7 +52,9 @@ class Checkpoints:
             self.manager.reload()
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
         )
 
     def wait(self) -> None:

@@ -49,10 +49,16 @@ def _cmd_eval(args, overrides):
         overrides = [*overrides, f"data.task={args.task}"]
     if args.split:
         overrides = [*overrides, f"data.eval_split={args.split}"]
-    report = driver.evaluate_checkpoint(args.checkpoint, overrides=overrides,
-                                        num_batches=args.batches, baseline=not args.no_baseline)
-    print(f"checkpoint {args.checkpoint} step {report['step']} on {report['task']}/{report['split']}"
-          f" ({report['tokens']} target tokens)")
+    report = driver.evaluate_checkpoint(
+        args.checkpoint,
+        overrides=overrides,
+        num_batches=args.batches,
+        baseline=not args.no_baseline,
+    )
+    print(
+        f"checkpoint {args.checkpoint} step {report['step']} on {report['task']}/{report['split']}"
+        f" ({report['tokens']} target tokens)"
+    )
     print(f"  validation loss     {report['loss']:.4f}   token accuracy {report['accuracy']:.4f}")
     if "unigram_loss" in report:
         print(f"  unigram baseline    {report['unigram_loss']:.4f}")
@@ -60,8 +66,10 @@ def _cmd_eval(args, overrides):
         exp, params, _ = driver.load_checkpoint(args.checkpoint, overrides)
         print("\nheld-out text, masked spans <i>, the model's fills and the truth:")
         for sample in driver.fill_spans(exp, params, num_examples=args.samples):
-            print(f"\n  masked: {sample['masked']}\n  model:  {sample['model']}"
-                  f"\n  truth:  {sample['truth']}")
+            print(
+                f"\n  masked: {sample['masked']}\n  model:  {sample['model']}"
+                f"\n  truth:  {sample['truth']}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -69,8 +77,11 @@ def _cmd_eval(args, overrides):
 def _cmd_infer(args, overrides):
     from t5x_like.evaluation import driver
 
-    for text, output in zip(args.input, driver.infer(args.checkpoint, args.input,
-                                                     max_length=args.max_length), strict=True):
+    for text, output in zip(
+        args.input,
+        driver.infer(args.checkpoint, args.input, max_length=args.max_length),
+        strict=True,
+    ):
         print(f"{text}\n  -> {output}")
 
 
@@ -137,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("infer", help="greedy decoding of text by a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", action="append", required=True,
-                   help="text, e.g. 'To be, or <extra_id_0> to be'; repeat for a batch")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        help="text, e.g. 'To be, or <extra_id_0> to be'; repeat for a batch",
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.set_defaults(run=_cmd_infer)
 

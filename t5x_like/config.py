@@ -103,8 +103,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     path_text, _, arg = spec.partition(":")
     path = Path(path_text)
     if not path.is_file():
-        raise UserError(f"config file {path_text!r} does not exist; pass e.g. "
-                        "--config configs/t5_span_corruption.py:tiny")
+        raise UserError(
+            f"config file {path_text!r} does not exist; pass e.g. "
+            "--config configs/t5_span_corruption.py:tiny"
+        )
     module_spec = importlib.util.spec_from_file_location(f"_t5x_like_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -197,40 +199,69 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects values that would fail later, deep inside JAX, with a sentence naming the field."""
     from t5x_like.families import FAMILIES  # late: families import models
 
-    _check(c.family in FAMILIES, f"config field family={c.family!r} is not one of {sorted(FAMILIES)}")
+    _check(
+        c.family in FAMILIES, f"config field family={c.family!r} is not one of {sorted(FAMILIES)}"
+    )
     m = c.model
-    for name in ("d_model", "d_kv", "num_heads", "d_ff", "num_encoder_layers",
-                 "num_decoder_layers", "relative_attention_num_buckets",
-                 "relative_attention_max_distance"):
+    for name in (
+        "d_model",
+        "d_kv",
+        "num_heads",
+        "d_ff",
+        "num_encoder_layers",
+        "num_decoder_layers",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+    ):
         _check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
     _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-    _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    _check(
+        0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}"
+    )
     _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
-    _check(m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}")
-    _check(m.remat_policy in REMAT_POLICIES,
-           f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
-    _check(m.feed_forward_proj in ("gated-gelu", "relu"),
-           f"model.feed_forward_proj must be 'gated-gelu' or 'relu', got {m.feed_forward_proj!r}")
+    _check(
+        m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}"
+    )
+    _check(
+        m.remat_policy in REMAT_POLICIES,
+        f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}",
+    )
+    _check(
+        m.feed_forward_proj in ("gated-gelu", "relu"),
+        f"model.feed_forward_proj must be 'gated-gelu' or 'relu', got {m.feed_forward_proj!r}",
+    )
     o = c.objective
     _check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
-    _check(0.0 < o.noise_density < 1.0,
-           f"objective.noise_density must be in (0, 1), got {o.noise_density}")
-    _check(o.mean_noise_span_length >= 1.0,
-           f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}")
+    _check(
+        0.0 < o.noise_density < 1.0,
+        f"objective.noise_density must be in (0, 1), got {o.noise_density}",
+    )
+    _check(
+        o.mean_noise_span_length >= 1.0,
+        f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}",
+    )
     d = c.data
     _check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
     _check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
     opt = c.optimizer
     _check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
-    _check(opt.schedule in SCHEDULES,
-           f"optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
-    _check(opt.learning_rate > 0, f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
+    _check(
+        opt.schedule in SCHEDULES,
+        f"optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}",
+    )
+    _check(
+        opt.learning_rate > 0, f"optimizer.learning_rate must be positive, got {opt.learning_rate}"
+    )
     _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
-    _check(opt.grad_accum_steps >= 1,
-           f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}")
-    _check(d.batch_size % opt.grad_accum_steps == 0,
-           f"data.batch_size={d.batch_size} is not divisible by "
-           f"optimizer.grad_accum_steps={opt.grad_accum_steps}")
+    _check(
+        opt.grad_accum_steps >= 1,
+        f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}",
+    )
+    _check(
+        d.batch_size % opt.grad_accum_steps == 0,
+        f"data.batch_size={d.batch_size} is not divisible by "
+        f"optimizer.grad_accum_steps={opt.grad_accum_steps}",
+    )
     t = c.train
     for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
@@ -238,8 +269,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in ("data", "fsdp", "tensor"):
         size = c.mesh[name]
         _check(size == -1 or size > 0, f"mesh.{name} must be positive or -1 (fill), got {size}")
-    _check(sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
-           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _check(
+        sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
+        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+    )
 
 
 # --------------------------------------------------------------------------- resolution
@@ -250,8 +283,10 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
     resolved = ml_collections.ConfigDict(c.to_dict())
     if resolved.model.vocab_size == 0:
         resolved.model.vocab_size = int(math.ceil(vocab_size / 128) * 128)
-    _check(resolved.model.vocab_size >= vocab_size,
-           f"model.vocab_size={resolved.model.vocab_size} is smaller than the vocabulary "
-           f"({vocab_size} ids); set it to 0 to derive it")
+    _check(
+        resolved.model.vocab_size >= vocab_size,
+        f"model.vocab_size={resolved.model.vocab_size} is smaller than the vocabulary "
+        f"({vocab_size} ids); set it to 0 to derive it",
+    )
     resolved.lock()
     return resolved

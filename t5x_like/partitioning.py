@@ -88,7 +88,9 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_R
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     shapes = nnx.to_pure_dict(abstract_params)
     return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, _fit(logical_to_mesh(spec, rules), leaf.shape, mesh)),
+        lambda spec, leaf: NamedSharding(
+            mesh, _fit(logical_to_mesh(spec, rules), leaf.shape, mesh)
+        ),
         logical,
         shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),

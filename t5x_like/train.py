@@ -55,7 +55,9 @@ def make_train_step(exp: Experiment):
                 g, s = grad_fn(params, mb, jax.random.fold_in(dropout_key, index))
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), dropout_key)
+            zeros = jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro), dropout_key
+            )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, sums), _ = jax.lax.scan(add_micro, zeros, (jnp.arange(accum), micro))
         weight = jnp.maximum(sums["weight"], 1.0)
@@ -95,14 +97,17 @@ def make_eval_step(exp: Experiment):
         _, sums = family.loss_fn(params, features, key, train=False)
         return sums
 
-    return jax.jit(eval_step, in_shardings=(exp.state_shardings["params"], exp.batch_sharding, None))
+    return jax.jit(
+        eval_step, in_shardings=(exp.state_shardings["params"], exp.batch_sharding, None)
+    )
 
 
 # --------------------------------------------------------------------------- data
 
 
-def device_batches(exp: Experiment, *, split: str, skip_batches: int = 0, repeat: bool = True,
-                   shuffle: bool = True) -> Iterator[dict]:
+def device_batches(
+    exp: Experiment, *, split: str, skip_batches: int = 0, repeat: bool = True, shuffle: bool = True
+) -> Iterator[dict]:
     """Global batches of raw chunks, each host reading only its own shard of the stream."""
     config = exp.config
     processes = jax.process_count()
@@ -124,8 +129,9 @@ def device_batches(exp: Experiment, *, split: str, skip_batches: int = 0, repeat
         )
 
 
-def evaluate(exp: Experiment, params: dict, *, split: str | None = None,
-             num_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    exp: Experiment, params: dict, *, split: str | None = None, num_batches: int | None = None
+) -> dict[str, float]:
     """Mean loss and token accuracy over the first ``num_batches`` of a split (0 = all)."""
     split = split or exp.config.data.eval_split
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
@@ -138,7 +144,9 @@ def evaluate(exp: Experiment, params: dict, *, split: str | None = None,
         sums = eval_step(params, batch, jax.random.fold_in(key, i))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
-        raise UserError(f"split {split!r} of task {exp.config.data.task!r} gave no batch to evaluate")
+        raise UserError(
+            f"split {split!r} of task {exp.config.data.task!r} gave no batch to evaluate"
+        )
     totals = jax.device_get(totals)
     weight = max(float(totals["weight"]), 1.0)
     return {
@@ -204,8 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
             pending.append(metrics)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
-                scalars = {f"train/{k}": float(np.mean(v))
-                           for k, v in jax.device_get(_stack(pending)).items()}
+                scalars = {
+                    f"train/{k}": float(np.mean(v))
+                    for k, v in jax.device_get(_stack(pending)).items()
+                }
                 pending.clear()
                 if not np.isfinite(scalars["train/loss"]):
                     raise UserError(
@@ -218,20 +228,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 tick, tick_step = now, done
                 log.write(done, scalars)
                 result.update(scalars)
-                progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                                     tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{scalars['train/loss']:.3f}",
+                    tok_s=f"{scalars['train/tokens_per_s']:.0f}",
+                )
             progress.update(1)
-            if cfg.train.eval_batches and (done % cfg.train.eval_every == 0
-                                           or done == cfg.train.num_steps):
+            if cfg.train.eval_batches and (
+                done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
+            ):
                 scores = evaluate(exp, state["params"])
                 scalars = {f"eval/{k}": v for k, v in scores.items()}
                 log.write(done, scalars)
                 result.update(scalars)
-                progress.write(f"step {done}: eval loss {scores['loss']:.4f} "
-                               f"accuracy {scores['accuracy']:.4f}")
+                progress.write(
+                    f"step {done}: eval loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f}"
+                )
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
-                checkpoints.save(done, state, {"batches_consumed": done, "step": done,
-                                               "config": cfg.to_dict()})
+                checkpoints.save(
+                    done, state, {"batches_consumed": done, "step": done, "config": cfg.to_dict()}
+                )
     finally:
         progress.close()
         checkpoints.close()

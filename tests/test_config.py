@@ -33,7 +33,9 @@ def test_overrides_parse_python_literals_and_text():
         ["model.d_model=64", "model.dtype=bfloat16", "optimizer.learning_rate=3", "seed=7"],
     )
     assert config.model.d_model == 64 and config.model.dtype == "bfloat16"
-    assert config.optimizer.learning_rate == 3.0 and isinstance(config.optimizer.learning_rate, float)
+    assert config.optimizer.learning_rate == 3.0 and isinstance(
+        config.optimizer.learning_rate, float
+    )
     assert config.seed == 7
 
 
@@ -79,8 +81,14 @@ def test_config_json_round_trip(tmp_path: Path):
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
-    result = run_cli("train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "w"),
-                     "--config.model.num_heads=zero")
+    result = run_cli(
+        "train",
+        "--config",
+        TINY_CONFIG,
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.model.num_heads=zero",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: config field model.num_heads must be int (like 4), got str 'zero'"

@@ -19,8 +19,9 @@ def _losses(workdir):
 
 
 def _train(workdir, *extra):
-    result = run_cli("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
-                     *TINY_OVERRIDES, *extra)
+    result = run_cli(
+        "train", "--config", TINY_CONFIG, "--workdir", str(workdir), *TINY_OVERRIDES, *extra
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -68,8 +69,7 @@ def test_resume_is_bit_identical_and_consumes_the_same_data(straight_and_resumed
     assert [la[s] for s in range(11, 21)] == [lb[s] for s in range(11, 21)]
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_and_says_so(straight_and_resumed, tmp_path,
-                                                             capsys):
+def test_a_corrupt_latest_checkpoint_falls_back_and_says_so(straight_and_resumed, tmp_path, capsys):
     import shutil
 
     from t5x_like.evaluation.driver import load_checkpoint
@@ -89,8 +89,15 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_says_so(straight_and_resumed
 
 def test_eval_reports_loss_accuracy_and_beats_nothing_silently(straight_and_resumed):
     straight, _ = straight_and_resumed
-    result = run_cli("eval", "--checkpoint", str(straight), "--batches", "2", "--json",
-                     str(straight / "eval.json"))
+    result = run_cli(
+        "eval",
+        "--checkpoint",
+        str(straight),
+        "--batches",
+        "2",
+        "--json",
+        str(straight / "eval.json"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((straight / "eval.json").read_text())
     assert report["step"] == 20 and report["tokens"] > 0
@@ -100,8 +107,15 @@ def test_eval_reports_loss_accuracy_and_beats_nothing_silently(straight_and_resu
 
 
 def test_mesh_that_does_not_divide_the_devices_is_one_sentence(tmp_path):
-    result = run_cli("train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "w"),
-                     *TINY_OVERRIDES, "--config.mesh.data=3")
+    result = run_cli(
+        "train",
+        "--config",
+        TINY_CONFIG,
+        "--workdir",
+        str(tmp_path / "w"),
+        *TINY_OVERRIDES,
+        "--config.mesh.data=3",
+    )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices")
@@ -132,9 +146,9 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
         if name == "eight":
             out["batch_spec"] = str(batch["tokens"].sharding.spec)
             out["batch_shards"] = len(batch["tokens"].addressable_shards)
-            out["replicated"] = all(all(a is None for a in x.sharding.spec)
-                                    for x in jax.tree.leaves(state))
-            out["param_devices"] = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(state)})
+            leaves = jax.tree.leaves(state)
+            out["replicated"] = all(all(a is None for a in x.sharding.spec) for x in leaves)
+            out["param_devices"] = sorted({len(x.sharding.device_set) for x in leaves})
     print("RESULT" + json.dumps(out))
     """
 )
@@ -144,8 +158,14 @@ def test_data_parallel_on_8_devices_matches_one_device():
     overrides = [o.removeprefix("--") for o in TINY_OVERRIDES]
     script = f"CONFIG = {TINY_CONFIG!r}\nOVERRIDES = {overrides!r}\n" + DATA_PARALLEL_SCRIPT
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT", 1)[1])
     np.testing.assert_allclose(out["eight"], out["one"], rtol=0, atol=1e-5)

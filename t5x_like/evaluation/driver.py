@@ -59,14 +59,19 @@ def unigram_baseline(exp: Experiment, *, train_batches: int = 32, eval_batches: 
     return total / max(n, 1)
 
 
-def evaluate_checkpoint(workdir: str | Path, *, overrides=(), num_batches: int | None = None,
-                        baseline: bool = True) -> dict:
+def evaluate_checkpoint(
+    workdir: str | Path, *, overrides=(), num_batches: int | None = None, baseline: bool = True
+) -> dict:
     """Validation loss / token accuracy of the newest checkpoint, beside the unigram baseline."""
     exp, params, step = load_checkpoint(workdir, overrides)
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
     scores = train_lib.evaluate(exp, params, num_batches=num_batches)
-    report = {"step": step, "task": exp.config.data.task, "split": exp.config.data.eval_split,
-              **scores}
+    report = {
+        "step": step,
+        "task": exp.config.data.task,
+        "split": exp.config.data.eval_split,
+        **scores,
+    }
     if baseline:
         report["unigram_loss"] = unigram_baseline(exp, eval_batches=num_batches)
     return report
@@ -91,49 +96,66 @@ def _span_pieces(tokens: np.ndarray, vocab) -> dict[int, list[int]]:
     return spans
 
 
-def fill_spans(exp: Experiment, params: dict, *, num_examples: int = 5, length: int = 48,
-               seed: int = 1) -> list[dict[str, str]]:
+def fill_spans(
+    exp: Experiment, params: dict, *, num_examples: int = 5, length: int = 48, seed: int = 1
+) -> list[dict[str, str]]:
     """Held-out text with spans masked, the model's greedy fills and the truth, as text.
 
     Uses the first rows of the validation split, cut to ``length`` tokens so a line fits on
     screen; the spans come from the same span corruption the model was trained with.
     """
     vocab = exp.vocabulary
-    batch = next(train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False,
-                                          shuffle=False))
+    batch = next(
+        train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False, shuffle=False)
+    )
     raw = np.asarray(jax.device_get(batch["tokens"]))[:num_examples, :length]
     features = exp.family.features({"tokens": raw}, jax.random.key(seed))
-    predicted = np.asarray(exp.family.predict_batch(
-        params, {"inputs": features["inputs"]}, max_length=features["targets"].shape[1] + 8))
+    predicted = np.asarray(
+        exp.family.predict_batch(
+            params, {"inputs": features["inputs"]}, max_length=features["targets"].shape[1] + 8
+        )
+    )
     samples = []
-    for inputs, truth, guess in zip(np.asarray(features["inputs"]),
-                                    np.asarray(features["targets"]), predicted, strict=True):
-        true_spans = _span_pieces(truth, vocab)
-        guess_spans = _span_pieces(guess, vocab)
-        masked, model, reference = [], [], []
-        pending: list[int] = []
-
-        def flush():
-            text = vocab.decode(pending) if pending else ""
-            for out in (masked, model, reference):
-                out.append(text)
-            pending.clear()
-
-        for t in inputs.tolist():
-            if t in (0, 1):
-                break
-            if _is_sentinel(vocab, t):
-                flush()
-                i = vocab.vocab_size - 1 - t
-                masked.append(f" <{i}> ")
-                model.append(f" [{vocab.decode(guess_spans.get(i, []))}] ")
-                reference.append(f" [{vocab.decode(true_spans.get(i, []))}] ")
-            else:
-                pending.append(t)
-        flush()
-        samples.append({"masked": "".join(masked), "model": "".join(model),
-                        "truth": "".join(reference)})
+    for inputs, truth, guess in zip(
+        np.asarray(features["inputs"]), np.asarray(features["targets"]), predicted, strict=True
+    ):
+        segments = _segments(vocab, inputs.tolist())
+        true_spans, guess_spans = _span_pieces(truth, vocab), _span_pieces(guess, vocab)
+        samples.append(
+            {
+                "masked": _render(segments, lambda i: f"<{i}>"),
+                "model": _render(
+                    segments, lambda i, g=guess_spans: f"[{vocab.decode(g.get(i, []))}]"
+                ),
+                "truth": _render(
+                    segments, lambda i, t=true_spans: f"[{vocab.decode(t.get(i, []))}]"
+                ),
+            }
+        )
     return samples
+
+
+def _segments(vocab, ids: list[int]) -> list[str | int]:
+    """Ids up to EOS as decoded text runs and sentinel indices: ``['text', 0, 'text', 1]``."""
+    out: list[str | int] = []
+    run: list[int] = []
+    for t in ids:
+        if t in (0, 1):
+            break
+        if _is_sentinel(vocab, t):
+            if run:
+                out.append(vocab.decode(run))
+                run = []
+            out.append(vocab.vocab_size - 1 - t)
+        else:
+            run.append(t)
+    if run:
+        out.append(vocab.decode(run))
+    return out
+
+
+def _render(segments: list[str | int], fill) -> str:
+    return " ".join(fill(s) if isinstance(s, int) else s for s in segments)
 
 
 def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64) -> list[str]:
@@ -156,16 +178,4 @@ def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64) -> lis
 
 def _decode_with_sentinels(vocab, ids: list[int]) -> str:
     """Text with sentinel ids written as ``<extra_id_N>`` (as T5 prints them)."""
-    parts, pending = [], []
-    for t in ids:
-        if _is_sentinel(vocab, t):
-            if pending:
-                parts.append(vocab.decode(pending))
-                pending = []
-            parts.append(f"<extra_id_{vocab.vocab_size - 1 - t}>")
-        else:
-            pending.append(t)
-    if pending:
-        parts.append(vocab.decode(pending))
-    return " ".join(p.strip() for p in parts if p.strip())
-
+    return _render(_segments(vocab, ids), lambda i: f"<extra_id_{i}>")
