@@ -82,18 +82,23 @@ def _is_sentinel(vocab, token: int) -> bool:
 
 
 def _span_pieces(tokens: np.ndarray, vocab) -> dict[int, list[int]]:
-    """Target tokens grouped by sentinel index: ``{0: [...], 1: [...]}``."""
+    """Target tokens grouped by sentinel index: ``{0: [...], 1: [...]}``; padding ends it."""
     spans: dict[int, list[int]] = {}
     current = None
-    for t in tokens.tolist():
-        if t in (0, 1):
-            break
+    for t in _strip_final_eos(tokens.tolist()):
         if _is_sentinel(vocab, t):
             current = vocab.vocab_size - 1 - t
             spans[current] = []
         elif current is not None:
             spans[current].append(t)
     return spans
+
+
+def _strip_final_eos(ids: list[int]) -> list[int]:
+    """Ids before padding, without the EOS the objective appends (EOS inside a chunk marks a
+    document boundary in the packed stream and is kept)."""
+    ids = ids[: ids.index(0)] if 0 in ids else ids
+    return ids[:-1] if ids and ids[-1] == 1 else ids
 
 
 def fill_spans(
@@ -136,21 +141,23 @@ def fill_spans(
 
 
 def _segments(vocab, ids: list[int]) -> list[str | int]:
-    """Ids up to EOS as decoded text runs and sentinel indices: ``['text', 0, 'text', 1]``."""
+    """Ids as decoded text runs and sentinel indices: ``['text', 0, 'text', 1]``.
+
+    A document boundary (EOS inside the packed chunk) is shown as ``|``.
+    """
     out: list[str | int] = []
     run: list[int] = []
-    for t in ids:
-        if t in (0, 1):
-            break
-        if _is_sentinel(vocab, t):
+    for t in [*_strip_final_eos(ids), None]:
+        if t is None or t == 1 or _is_sentinel(vocab, t):
             if run:
                 out.append(vocab.decode(run))
                 run = []
-            out.append(vocab.vocab_size - 1 - t)
+            if t == 1:
+                out.append("|")
+            elif t is not None:
+                out.append(vocab.vocab_size - 1 - t)
         else:
             run.append(t)
-    if run:
-        out.append(vocab.decode(run))
     return out
 
 
@@ -171,8 +178,8 @@ def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64) -> lis
     results = []
     for row in out:
         ids = row.tolist()
-        ids = ids[: ids.index(1)] if 1 in ids else ids
-        results.append(_decode_with_sentinels(vocab, [t for t in ids if t > 0]))
+        ids = ids[: ids.index(1)] if 1 in ids else ids  # decoding stops at the first EOS
+        results.append(_decode_with_sentinels(vocab, ids))
     return results
 
 

@@ -41,6 +41,8 @@ def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
               "differ from the model's — pass --config.data.vocab_path when training")
     config_lib.apply_overrides(config, [o.removeprefix("--") for o in overrides])
     config_lib.validate(config)
+    if config.model.scan_layers != model_config.scan_layers:  # the layout of the layer params
+        model, model_config = hf.load(src, scan_layers=config.model.scan_layers)
     exp = build(config)
     exp.write_config(out)
     state = exp.init_state()
