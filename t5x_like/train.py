@@ -33,11 +33,32 @@ EVAL_KEY_SALT = 0x5EED  # folded into the seed key so evaluation masks never dep
 # --------------------------------------------------------------------------- step functions
 
 
+def accumulate_gradients(family, params: dict, features: dict, key: jax.Array, accum: int):
+    """(summed gradients, summed metrics) over ``accum`` equal micro-batches of ``features``.
+
+    Sums, not means: divided once by the total weight, they equal the whole batch's gradient
+    whatever the split. Micro-batch i gets dropout key ``fold_in(key, i)``.
+    """
+    grad_fn = jax.grad(family.loss_fn, has_aux=True)
+    if accum == 1:
+        return grad_fn(params, features, key)
+    micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), features)
+
+    def add_micro(carry, inputs):
+        index, mb = inputs
+        g, s = grad_fn(params, mb, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, sums), _ = jax.lax.scan(add_micro, zeros, (jnp.arange(accum), micro))
+    return grads, sums
+
+
 def make_train_step(exp: Experiment):
     """A jitted ``(state, batch) -> (state, metrics)`` with donated state."""
     family, tx, schedule = exp.family, exp.tx, exp.schedule
     accum = exp.config.optimizer.grad_accum_steps
-    grad_fn = jax.grad(family.loss_fn, has_aux=True)
 
     def train_step(state: dict, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -45,21 +66,7 @@ def make_train_step(exp: Experiment):
         # The objective runs on the whole batch first, so micro-batching changes no mask.
         features = family.features(batch, noise_key)
         params = state["params"]
-        if accum == 1:
-            grads, sums = grad_fn(params, features, dropout_key)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), features)
-
-            def add_micro(carry, inputs):
-                index, mb = inputs
-                g, s = grad_fn(params, mb, jax.random.fold_in(dropout_key, index))
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = jax.eval_shape(
-                grad_fn, params, jax.tree.map(lambda x: x[0], micro), dropout_key
-            )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grads, sums), _ = jax.lax.scan(add_micro, zeros, (jnp.arange(accum), micro))
+        grads, sums = accumulate_gradients(family, params, features, dropout_key, accum)
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -144,10 +144,11 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
             losses.append(float(metrics["loss"]))
         out[name] = losses
         if name == "eight":
-            out["batch_spec"] = str(batch["tokens"].sharding.spec)
+            out["batch_spec"] = [list(a) if isinstance(a, tuple) else a
+                                 for a in batch["tokens"].sharding.spec]
             out["batch_shards"] = len(batch["tokens"].addressable_shards)
             leaves = jax.tree.leaves(state)
-            out["replicated"] = all(all(a is None for a in x.sharding.spec) for x in leaves)
+            out["replicated"] = all(x.sharding.is_fully_replicated for x in leaves)
             out["param_devices"] = sorted({len(x.sharding.device_set) for x in leaves})
     print("RESULT" + json.dumps(out))
     """
@@ -170,31 +171,31 @@ def test_data_parallel_on_8_devices_matches_one_device():
     out = json.loads(result.stdout.split("RESULT", 1)[1])
     np.testing.assert_allclose(out["eight"], out["one"], rtol=0, atol=1e-5)
     assert out["batch_shards"] == 8
-    assert out["batch_spec"] == "PartitionSpec(('data', 'fsdp'),)"
+    assert out["batch_spec"] == [["data", "fsdp"]]
     # Pure data parallelism: every state array is replicated on all 8 devices.
     assert out["param_devices"] == [8]
     assert out["replicated"]
 
 
-def test_gradient_accumulation_gives_the_same_update(tiny_config):
-    """Two micro-batches of 4 sum to the same gradient as one batch of 8 (masks included)."""
-    from t5x_like import config as config_lib
+def test_gradient_accumulation_gives_the_same_gradient(tiny_config):
+    """Two or four micro-batches sum to the gradient of the whole batch."""
     from t5x_like.experiment import build
-    from t5x_like.train import device_batches, make_train_step
+    from t5x_like.train import accumulate_gradients, device_batches
 
-    results = []
-    for accum in (1, 2):
-        config = config_lib.load_config(
-            TINY_CONFIG,
-            [o.removeprefix("--") for o in TINY_OVERRIDES]
-            + [f"optimizer.grad_accum_steps={accum}", "optimizer.name=adamw"],
-        )
-        exp = build(config)
-        batch = next(device_batches(exp, split="train"))
-        state, metrics = make_train_step(exp)(exp.init_state(), batch)
-        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
-    (p1, m1), (p2, m2) = results
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    exp = build(tiny_config)
+    params = exp.init_state()["params"]
+    batch = next(device_batches(exp, split="train"))
+    features = exp.family.features(batch, jax.random.key(3))
+    key = jax.random.key(4)
+    grads = {}
+    for accum in (1, 2, 4):
+        fn = jax.jit(lambda p, f, k, a=accum: accumulate_gradients(exp.family, p, f, k, a))
+        grads[accum] = jax.device_get(fn(params, features, key))
+    g1, s1 = grads[1]
+    assert s1["weight"] > 0
+    for accum in (2, 4):
+        g, s = grads[accum]
+        assert s["weight"] == s1["weight"]
+        np.testing.assert_allclose(s["loss"], s1["loss"], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
