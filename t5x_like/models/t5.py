@@ -130,26 +130,16 @@ class DecoderLayer(nnx.Module):
         return x + L.dropout(y, self.dropout_rate, keys[5]), new_kv
 
 
-class Encoder(nnx.Module):
-    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
+class Stack(nnx.Module):
+    """A T5 stack: one relative position bias shared by its layers, the layers, a final norm."""
+
+    def __init__(self, c: T5Config, make_layer, num_layers: int, *, bidirectional: bool,
+                 rngs: nnx.Rngs):
         self.relpos_bias = L.RelativePositionBias(
             c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
-            bidirectional=True, init_std=c.d_model**-0.5, param_dtype=L.dtype_of(c.param_dtype),
-            rngs=rngs)
-        self.layers = L.make_stack(lambda r: EncoderLayer(c, rngs=r), c.num_encoder_layers, rngs,
-                                   scan=c.scan_layers)
-        self.final_norm = L.RMSNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
-                                    param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
-
-
-class Decoder(nnx.Module):
-    def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
-        self.relpos_bias = L.RelativePositionBias(
-            c.relative_attention_num_buckets, c.relative_attention_max_distance, c.num_heads,
-            bidirectional=False, init_std=c.d_model**-0.5, param_dtype=L.dtype_of(c.param_dtype),
-            rngs=rngs)
-        self.layers = L.make_stack(lambda r: DecoderLayer(c, rngs=r), c.num_decoder_layers, rngs,
-                                   scan=c.scan_layers)
+            bidirectional=bidirectional, init_std=c.d_model**-0.5,
+            param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
+        self.layers = L.make_stack(make_layer, num_layers, rngs, scan=c.scan_layers)
         self.final_norm = L.RMSNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
                                     param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
 
@@ -167,8 +157,11 @@ class T5(nnx.Module):
         self.config = c
         self.token_embedder = L.Embed(c.vocab_size, c.d_model, dtype=L.dtype_of(c.dtype),
                                       param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
-        self.encoder = Encoder(c, rngs=rngs)
-        self.decoder = Decoder(c, rngs=rngs)
+        # Bidirectional buckets in the encoder, causal (past-only) buckets in the decoder.
+        self.encoder = Stack(c, lambda r: EncoderLayer(c, rngs=r), c.num_encoder_layers,
+                             bidirectional=True, rngs=rngs)
+        self.decoder = Stack(c, lambda r: DecoderLayer(c, rngs=r), c.num_decoder_layers,
+                             bidirectional=False, rngs=rngs)
         if not c.tie_word_embeddings:
             # std 1/sqrt(d_model) keeps initial logits O(1); std 1.0 starts the loss near 66.
             self.lm_head = L.make_param(rngs, L.normal(c.d_model**-0.5), (c.d_model, c.vocab_size),
