@@ -24,17 +24,16 @@ def cross_entropy_with_z_loss(
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    vocab = logits.shape[-1]
-    on = 1.0 - label_smoothing
-    off = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = log_z - target_logit  # no [batch, length, vocab] log-probabilities materialised
     if label_smoothing:
-        ce = -(on - off) * target_log_prob - off * log_probs.sum(axis=-1)
-        # Subtract the entropy of the smoothed target so a perfect model scores 0.
+        vocab = logits.shape[-1]
+        on, off = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+        mean_log_prob = jnp.mean(logits, axis=-1) - log_z
+        # -sum(soft * log p) = on*ce + off*(sum_v -log p_v - ce), minus the soft target's
+        # entropy so that a perfect model scores 0.
+        ce = (on - off) * ce - off * vocab * mean_log_prob
         ce -= -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))
-    else:
-        ce = -target_log_prob
     z = z_loss * jnp.square(log_z)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {

@@ -1,0 +1,564 @@
+"""Training throughput of our T5 against transformers' PyTorch and Flax T5, on one config.
+
+    make bench                                    # = .venv/bin/python benchmarks/t5_peers.py
+    .venv/bin/python benchmarks/t5_peers.py --steps 3 --warmup 1 --only ours   # a quick look
+
+Each implementation runs in its own subprocess, one after another, and reports one JSON line:
+the median wall time of ``--steps`` training steps (forward + backward + AdamW update, float32,
+lr 1e-4, no weight decay) after ``--warmup`` steps, each step synchronised
+(``jax.block_until_ready`` on the new state and the loss; ``loss.item()`` in PyTorch, which
+computes eagerly on CPU anyway). The JAX steps are timed through the executable that
+``jitted.lower(...).compile()`` returns (the same one a call would build; calling the jitted
+function after ``compile()`` would compile it a second time).
+
+Rows: ``ours``, ``flax``, ``torch``, and ``ours_unrolled``, a diagnostic: ours with
+``model.scan_layers=False``. Before each one the driver waits (``--quiet-wait`` seconds at
+most) for other processes to leave the CPUs, and each row reports the share of the cores
+other processes took during its timed steps (``others' CPU``): other engineers' test suites
+share this machine.
+
+The config is T5 v1.1 (gated-gelu, untied embeddings, no dropout): d_model 256, d_kv 64,
+4 heads, d_ff 1024, 4 + 4 layers, vocab 32128, batch 8, inputs 512, targets 114. Tokens/s
+counts ``batch * (512 + 114)`` tokens per step for all three. Ours receives raw 568-token chunks
+and span-corrupts them inside its jitted step (inputs 512 / targets 114); the peers receive
+ready random inputs and targets of those shapes.
+
+Memory, per process: ``peak RSS delta`` is ``ru_maxrss`` at the end minus the RSS just before
+the model is built (imports and the synthetic batch excluded; weights, optimizer state,
+compilation and activations included). For the two JAX implementations we also report XLA's
+``memory_analysis()`` of the compiled train step: argument + output + temp bytes (the
+donated state is counted in both argument and output; ``alias`` says how much of it is shared).
+
+Results: a table on stdout and ``benchmarks/results.json``; the record is ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "T5_PEERS_RESULT "
+# ours_unrolled is a diagnostic row: our model with its layers unrolled instead of scanned.
+IMPLEMENTATIONS = ("ours", "flax", "torch", "ours_unrolled")
+TITLES = {
+    "ours": "t5x_like (NNX, span corruption in step)",
+    "ours_unrolled": "t5x_like, model.scan_layers=False (diagnostic)",
+    "flax": "transformers FlaxT5 + optax adamw (jit)",
+    "torch": "transformers PyTorch T5 + torch AdamW",
+}
+SEED = 0
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.0  # our config's default; the peers' defaults (1e-4, 1e-2) differ
+MODEL = dict(d_model=256, d_kv=64, num_heads=4, d_ff=1024, num_encoder_layers=4,
+             num_decoder_layers=4, vocab_size=32128)
+BATCH, INPUTS_LENGTH, TARGETS_LENGTH, RAW_LENGTH = 8, 512, 114, 568
+TOKEN_RANGE = (2, 32000)  # synthetic ids: no pad (0) and no EOS (1)
+TOKENS_PER_STEP = BATCH * (INPUTS_LENGTH + TARGETS_LENGTH)
+MB = 1 << 20
+QUIET_SHARE = 0.10  # a step counts as quiet when other processes took under 10% of the cores
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine spent busy, CPU seconds this process used) so far."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(fields[:8]) - idle) / ticks, usage.ru_utime + usage.ru_stime
+
+
+def time_steps(run_step, *, warmup: int, steps: int) -> dict:
+    """Calls ``run_step()`` (which must block until its step is done) warmup + steps times.
+
+    Also reports how busy the rest of the machine was during the timed steps: the CPU time
+    other processes took, as a fraction of all cores (0 = we had the machine to ourselves).
+    """
+    start = time.perf_counter()
+    run_step()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        run_step()
+    cores = len(os.sched_getaffinity(0))
+    times, shares = [], []
+    first_machine, first_ours = busy_cpu_seconds()
+    machine, ours = first_machine, first_ours
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+        machine_after, ours_after = busy_cpu_seconds()
+        others = (machine_after - machine) - (ours_after - ours)
+        shares.append(max(others, 0.0) / (cores * times[-1]))
+        machine, ours = machine_after, ours_after
+    loop_s = sum(times)
+    median = statistics.median(times)
+    quiet = [t for t, share in zip(times, shares, strict=True) if share < QUIET_SHARE]
+    return {
+        "other_processes_cpu_share": max(
+            (machine - first_machine) - (ours - first_ours), 0.0) / (cores * loop_s),
+        "other_processes_cpu_share_per_step": shares,
+        "step_ms_median_quiet_steps": 1000 * statistics.median(quiet) if quiet else None,
+        "quiet_steps": len(quiet),
+        "own_cpu_cores_used": (ours - first_ours) / loop_s,
+        "first_step_s": first,
+        "step_times_s": times,
+        "step_ms_median": 1000 * median,
+        "step_ms_min": 1000 * min(times),
+        "step_ms_max": 1000 * max(times),
+        "tokens_per_s": TOKENS_PER_STEP / median,
+    }
+
+
+def synthetic_batch(shape: tuple[int, ...], salt: int):
+    import numpy as np
+
+    rng = np.random.default_rng([SEED, salt])
+    return rng.integers(*TOKEN_RANGE, size=shape, dtype=np.int64).astype(np.int32)
+
+
+def xla_memory(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    out = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+           for name in ("argument", "output", "alias", "temp", "generated_code")}
+    out["argument_output_temp"] = out["argument"] + out["output"] + out["temp"]
+    return out
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def stub_missing_modules() -> list[str]:
+    """Stand-ins, in this process only, for modules that fail to import but that the training
+    step never calls; each one used is reported with the results.
+
+    ``families/t5.py`` imports ``t5x_like.decoding`` for ``predict_batch`` only; ``train.py``
+    imports ``clu.metric_writers`` (which needs ``tensorboard``) for its metrics log only.
+    """
+    import importlib
+    import types
+
+    stubbed = []
+    for name in ("t5x_like.decoding", "clu.metric_writers"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            parent_name, _, child = name.rpartition(".")
+            module = types.ModuleType(name)
+            sys.modules[name] = module
+            setattr(importlib.import_module(parent_name), child, module)
+            stubbed.append(f"{name} failed to import ({type(e).__name__}: {e}); stubbed here, "
+                           "unused by the train step")
+    return stubbed
+
+
+def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
+    import jax
+    import numpy as np
+
+    workarounds = stub_missing_modules()
+    from t5x_like import config as config_lib
+    from t5x_like.experiment import build
+    from t5x_like.train import make_train_step
+
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        f"data.inputs_length={INPUTS_LENGTH}", f"data.batch_size={BATCH}",
+        "optimizer.name=adamw", f"optimizer.learning_rate={LEARNING_RATE}",
+        "optimizer.schedule=constant", "loss.z_loss=0.0", "model.dropout_rate=0.0",
+        *extra_overrides,
+    ]
+    config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"), overrides)
+    tokens = synthetic_batch((BATCH, RAW_LENGTH), salt=1)
+    # build() imports the seqio tasks (TensorFlow) and loads the default vocabulary, training
+    # it on first use: both happen here, before the memory baseline, as the peers' imports do.
+    import t5x_like.tasks  # noqa: F401
+    from t5x_like.data.vocab import get_vocabulary
+
+    get_vocabulary(config.data.vocab_path or None)
+    rss_before = current_rss_bytes()
+
+    exp = build(config)
+    family = exp.family
+    if family.raw_length != RAW_LENGTH or family.targets_length != TARGETS_LENGTH:
+        raise RuntimeError(f"expected raw length {RAW_LENGTH} -> targets {TARGETS_LENGTH}, "
+                           f"got {family.raw_length} -> {family.targets_length}")
+    state = exp.init_state()
+    batch = jax.device_put({"tokens": tokens}, exp.batch_sharding)
+    step = make_train_step(exp)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        holder["loss"] = float(metrics["loss"])
+
+    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+
+    # The objective alone: its share of the step.
+    features = jax.jit(family.features)
+    key = jax.random.key(SEED)
+    out = features(batch, key)
+    if out["inputs"].shape != (BATCH, INPUTS_LENGTH) or out["targets"].shape != (
+            BATCH, TARGETS_LENGTH):
+        raise RuntimeError(f"span corruption gave {jax.tree.map(np.shape, out)}")
+    jax.block_until_ready(out)
+    corruption = []
+    for i in range(args.corruption_calls):
+        k = jax.random.fold_in(key, i)
+        start = time.perf_counter()
+        jax.block_until_ready(features(batch, k))
+        corruption.append(time.perf_counter() - start)
+    corruption_ms = 1000 * statistics.median(corruption)
+    return {
+        **timing,
+        "compile_s": compile_s,
+        "final_loss": holder["loss"],
+        "num_params": int(family.num_params),
+        "rss_before_model_mb": rss_before / MB,
+        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
+        "xla_memory_bytes": xla_memory(compiled),
+        "span_corruption_ms_median": corruption_ms,
+        "span_corruption_share": corruption_ms / timing["step_ms_median"],
+        "timed_via": "step.lower(state, batch).compile() of make_train_step(exp); state donated",
+        "workarounds": workarounds,
+    }
+
+
+# --------------------------------------------------------------------------- transformers, Flax
+
+
+def shim_jnp_clip() -> None:
+    """transformers 4.x Flax T5 calls ``jnp.clip(x, a_max=...)``; jax 0.10 only has min/max."""
+    import functools
+    import inspect
+
+    import jax.numpy as jnp
+
+    if "a_max" in inspect.signature(jnp.clip).parameters:
+        return
+    clip = jnp.clip
+
+    @functools.wraps(clip)
+    def clip_with_a_min_a_max(arr=None, min=None, max=None, *, a_min=None, a_max=None):
+        return clip(arr, a_min if min is None else min, a_max if max is None else max)
+
+    jnp.clip = clip_with_a_min_a_max
+
+
+def hf_config():
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=MODEL["vocab_size"], d_model=MODEL["d_model"], d_kv=MODEL["d_kv"],
+        d_ff=MODEL["d_ff"], num_layers=MODEL["num_encoder_layers"],
+        num_decoder_layers=MODEL["num_decoder_layers"], num_heads=MODEL["num_heads"],
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+
+
+def peer_batch() -> dict:
+    return {"inputs": synthetic_batch((BATCH, INPUTS_LENGTH), salt=2),
+            "targets": synthetic_batch((BATCH, TARGETS_LENGTH), salt=3)}
+
+
+def run_flax(args) -> dict:
+    shim_jnp_clip()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from transformers import FlaxT5ForConditionalGeneration
+
+    data = peer_batch()
+    decoder_inputs = np.pad(data["targets"], ((0, 0), (1, 0)))[:, :-1]  # start token 0
+    rss_before = current_rss_bytes()
+
+    model = FlaxT5ForConditionalGeneration(hf_config(), seed=SEED, dtype=jnp.float32)
+    params = model.params
+    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    opt_state = tx.init(params)
+    batch = jax.device_put({"inputs": data["inputs"], "decoder_inputs": decoder_inputs,
+                            "targets": data["targets"]})
+
+    def loss_fn(params, batch, dropout_rng):
+        logits = model(input_ids=batch["inputs"], decoder_input_ids=batch["decoder_inputs"],
+                       params=params, dropout_rng=dropout_rng, train=False).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    def train_step(params, opt_state, batch, dropout_rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = jax.random.key(SEED)
+    start = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"params": params, "opt_state": opt_state}
+
+    def run_step():
+        holder["params"], holder["opt_state"], loss = compiled(
+            holder["params"], holder["opt_state"], batch, rng)
+        jax.block_until_ready((holder["params"], holder["opt_state"], loss))
+        holder["loss"] = float(loss)
+
+    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+    return {
+        **timing,
+        "compile_s": compile_s,
+        "final_loss": holder["loss"],
+        "num_params": int(sum(x.size for x in jax.tree.leaves(holder["params"]))),
+        "rss_before_model_mb": rss_before / MB,
+        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
+        "xla_memory_bytes": xla_memory(compiled),
+        "timed_via": "jax.jit(train_step, donate params + opt_state).lower().compile(); "
+                     "model(..., train=False) (dropout is 0 either way); jnp.clip shimmed",
+    }
+
+
+# --------------------------------------------------------------------------- transformers, PyTorch
+
+
+def run_torch(args) -> dict:
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    data = peer_batch()
+    inputs = torch.from_numpy(data["inputs"]).long()
+    labels = torch.from_numpy(data["targets"]).long()
+    rss_before = current_rss_bytes()
+
+    model = T5ForConditionalGeneration(hf_config())
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE,
+                                  weight_decay=WEIGHT_DECAY)
+    holder = {}
+
+    def run_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=inputs, labels=labels).loss  # shifts labels right itself
+        loss.backward()
+        optimizer.step()
+        holder["loss"] = loss.item()
+
+    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+    return {
+        **timing,
+        "final_loss": holder["loss"],
+        "num_params": int(sum(p.numel() for p in model.parameters())),
+        "rss_before_model_mb": rss_before / MB,
+        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
+        "torch_threads": torch.get_num_threads(),
+        "timed_via": "eager; model.train(); loss from labels; torch.optim.AdamW (default foreach)",
+    }
+
+
+RUNNERS = {
+    "ours": run_ours,
+    "flax": run_flax,
+    "torch": run_torch,
+    "ours_unrolled": lambda args: run_ours(args, ("model.scan_layers=False",)),
+}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def worker(args) -> None:
+    """One implementation in this process; prints one JSON line (or the error) at the end."""
+    try:
+        result = {"ok": True, **RUNNERS[args.worker](args)}
+    except Exception as e:  # reported in the table, not hidden
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def wait_for_quiet(budget_s: float, *, threshold: float = 0.15, window_s: float = 3.0) -> float:
+    """Waits (up to ``budget_s``) until other processes use under ``threshold`` of the cores;
+    returns the seconds waited. Other engineers' test suites share this machine."""
+    cores = len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+    while True:
+        before = busy_cpu_seconds()[0]
+        time.sleep(window_s)
+        busy = (busy_cpu_seconds()[0] - before) / (cores * window_s)
+        waited = time.perf_counter() - start
+        if busy < threshold or waited >= budget_s:
+            return waited
+        print(f"  machine {100 * busy:.0f}% busy with other work; waiting", flush=True)
+
+
+def run_in_subprocess(name: str, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--corruption-calls", str(args.corruption_calls)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {args.timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {"ok": False,
+                "error": f"exit code {proc.returncode}, no result; stderr tail:\n{tail}"}
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["wall_s"] = time.perf_counter() - start
+    result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
+    return result
+
+
+def environment() -> dict:
+    from importlib.metadata import version
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / (1 << 20), 1),
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("jax", "jaxlib", "flax", "optax", "torch",
+                                        "transformers")},
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def format_table(results: dict) -> str:
+    rows = [("implementation", "step ms (median)", "tokens/s", "peak RSS delta MiB",
+             "XLA arg+out+temp MiB (temp)", "others' CPU")]
+    for name, r in results.items():
+        if not r.get("ok"):
+            rows.append((f"{name}: {TITLES[name]}", "FAILED", "-", "-", "-", "-"))
+            continue
+        xla = r.get("xla_memory_bytes")
+        xla_text = (f"{xla['argument_output_temp'] / MB:.0f} ({xla['temp'] / MB:.0f})"
+                    if xla else "n/a")
+        rows.append((f"{name}: {TITLES[name]}", f"{r['step_ms_median']:.0f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_delta_mb']:.0f}", xla_text,
+                     f"{100 * r['other_processes_cpu_share']:.0f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def ratios(results: dict) -> dict:
+    speed = {n: r["tokens_per_s"] for n, r in results.items() if r.get("ok")}
+    out = {}
+    peers = {n: s for n, s in speed.items() if n in ("flax", "torch")}
+    if peers:
+        fastest = max(peers, key=peers.get)
+        for name in ("ours", "ours_unrolled"):
+            if name in speed:
+                out[f"{name} / {fastest} (faster peer)"] = speed[name] / peers[fastest]
+    if "flax" in speed and "torch" in speed:
+        out["flax / torch"] = speed["flax"] / speed["torch"]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    parser.add_argument("--only", choices=IMPLEMENTATIONS, action="append",
+                        help="run only this implementation (repeatable)")
+    parser.add_argument("--corruption-calls", type=int, default=50,
+                        help="calls of the span corruption alone (median reported)")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per implementation")
+    parser.add_argument("--quiet-wait", type=float, default=45,
+                        help="seconds to wait, per implementation, for other load to pass")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results.json")
+    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    if args.worker:
+        worker(args)
+        return
+
+    env = environment()
+    print(f"{env['nproc']} x {env['cpu']}, load average {env['loadavg_at_start'][0]:.2f}; "
+          f"{BATCH} x ({INPUTS_LENGTH} + {TARGETS_LENGTH}) = {TOKENS_PER_STEP} tokens/step, "
+          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    results = {}
+    for name in args.only or IMPLEMENTATIONS:
+        print(f"running {name} ...", flush=True)
+        waited = wait_for_quiet(args.quiet_wait)
+        results[name] = r = run_in_subprocess(name, args)
+        r["waited_for_quiet_s"] = waited
+        if r.get("ok"):
+            print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+                  f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other processes "
+                  f"took {100 * r['other_processes_cpu_share']:.0f}% of the cores", flush=True)
+        else:
+            print(f"  FAILED: {r['error']}", flush=True)
+    print()
+    print(format_table(results))
+    for label, value in ratios(results).items():
+        print(f"{label}: {value:.2f}x")
+    for name in ("ours", "ours_unrolled"):
+        r = results.get(name, {})
+        if r.get("ok"):
+            print(f"span corruption alone: {r['span_corruption_ms_median']:.2f} ms = "
+                  f"{100 * r['span_corruption_share']:.2f}% of the {name} step")
+    report = {
+        "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
+        "environment": env,
+        "config": {**MODEL, "batch": BATCH, "inputs_length": INPUTS_LENGTH,
+                   "targets_length": TARGETS_LENGTH, "raw_length_ours": RAW_LENGTH,
+                   "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
+                   "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
+                   "warmup_steps": args.warmup, "timed_steps": args.steps},
+        "results": results,
+        "ratios": ratios(results),
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
