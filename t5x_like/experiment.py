@@ -19,6 +19,7 @@ from t5x_like import config as config_lib
 from t5x_like import optim, partitioning
 from t5x_like.checkpoints import Checkpoints
 from t5x_like.data.vocab import get_vocabulary
+from t5x_like.errors import UserError
 from t5x_like.families import get_family
 
 
@@ -84,7 +85,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     dp = partitioning.data_parallel_size(mesh)
     micro = batch // resolved.optimizer.grad_accum_steps
     if micro % dp:
-        raise config_lib.UserError(
+        raise UserError(
             f"data.batch_size={batch} / optimizer.grad_accum_steps="
             f"{resolved.optimizer.grad_accum_steps} = {micro} examples per micro-batch cannot be "
             f"split evenly over {dp} data-parallel devices; make it a multiple of {dp}"
