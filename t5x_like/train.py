@@ -137,12 +137,20 @@ def device_batches(
 
 
 def evaluate(
-    exp: Experiment, params: dict, *, split: str | None = None, num_batches: int | None = None
+    exp: Experiment,
+    params: dict,
+    *,
+    split: str | None = None,
+    num_batches: int | None = None,
+    eval_step=None,
 ) -> dict[str, float]:
-    """Mean loss and token accuracy over the first ``num_batches`` of a split (0 = all)."""
+    """Mean loss and token accuracy over the first ``num_batches`` of a split (0 = all).
+
+    Pass the ``eval_step`` from ``make_eval_step`` when evaluating repeatedly, so it compiles once.
+    """
     split = split or exp.config.data.eval_split
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
-    eval_step = make_eval_step(exp)
+    eval_step = eval_step or make_eval_step(exp)
     key = jax.random.fold_in(exp.root_key, EVAL_KEY_SALT)
     totals = None
     for i, batch in enumerate(device_batches(exp, split=split, repeat=False, shuffle=False)):
@@ -207,6 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     batches = device_batches(exp, split="train", skip_batches=int(meta["batches_consumed"]))
     # 4. steps
     train_step = make_train_step(exp)
+    eval_step = make_eval_step(exp)
     log = MetricsLog(workdir)
     tokens_per_batch = cfg.data.batch_size * exp.family.raw_length
     pending: list[dict] = []
@@ -243,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
             if cfg.train.eval_batches and (
                 done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
             ):
-                scores = evaluate(exp, state["params"])
+                scores = evaluate(exp, state["params"], eval_step=eval_step)
                 scalars = {f"eval/{k}": v for k, v in scores.items()}
                 log.write(done, scalars)
                 result.update(scalars)
