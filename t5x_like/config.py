@@ -21,41 +21,23 @@ import ml_collections
 
 from t5x_like.errors import UserError
 
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "minimal", "full")
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "linear", "cosine")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every field a run may read, with defaults (T5 v1.1 small on the default corpus)."""
+def base_config(family: str = "t5") -> ml_collections.ConfigDict:
+    """Every field a run may read, with defaults; ``model`` and ``objective`` come from the family.
+
+    With the defaults this is T5 v1.1 small pretrained with span corruption on the default corpus.
+    """
+    from t5x_like.families import family_class  # late: families import models
+
+    cls = family_class(family)
     c = ml_collections.ConfigDict()
-    c.family = "t5"
+    c.family = family
     c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            vocab_size=0,  # embedding rows; 0 = the vocabulary's size rounded up to 128
-            d_model=512,
-            d_kv=64,
-            num_heads=6,
-            d_ff=1024,
-            num_encoder_layers=8,
-            num_decoder_layers=8,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            layer_norm_epsilon=1e-6,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            dtype="float32",
-            param_dtype="float32",
-            scan_layers=True,
-            remat_policy="none",
-        )
-    )
-    c.objective = ml_collections.ConfigDict(
-        dict(name="span_corruption", noise_density=0.15, mean_noise_span_length=3.0)
-    )
+    c.model = ml_collections.ConfigDict(cls.model_defaults())
+    c.objective = ml_collections.ConfigDict(cls.objective_defaults())
     c.data = ml_collections.ConfigDict(
         dict(
             task="shakespeare",  # a registered seqio task or mixture
@@ -133,7 +115,8 @@ def config_from_json(path: Path) -> ml_collections.ConfigDict:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or pass --config") from e
-    config = base_config()
+    family = values.get("family", "t5") if isinstance(values, dict) else "t5"
+    config = base_config(family)
     for dotted, value in _flatten(values):
         _assign(config, dotted, value)
     validate(config)
@@ -197,49 +180,9 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects values that would fail later, deep inside JAX, with a sentence naming the field."""
-    from t5x_like.families import FAMILIES  # late: families import models
+    from t5x_like.families import family_class  # late: families import models
 
-    _check(
-        c.family in FAMILIES, f"config field family={c.family!r} is not one of {sorted(FAMILIES)}"
-    )
-    m = c.model
-    for name in (
-        "d_model",
-        "d_kv",
-        "num_heads",
-        "d_ff",
-        "num_encoder_layers",
-        "num_decoder_layers",
-        "relative_attention_num_buckets",
-        "relative_attention_max_distance",
-    ):
-        _check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
-    _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-    _check(
-        0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}"
-    )
-    _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
-    _check(
-        m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}"
-    )
-    _check(
-        m.remat_policy in REMAT_POLICIES,
-        f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}",
-    )
-    _check(
-        m.feed_forward_proj in ("gated-gelu", "relu"),
-        f"model.feed_forward_proj must be 'gated-gelu' or 'relu', got {m.feed_forward_proj!r}",
-    )
-    o = c.objective
-    _check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
-    _check(
-        0.0 < o.noise_density < 1.0,
-        f"objective.noise_density must be in (0, 1), got {o.noise_density}",
-    )
-    _check(
-        o.mean_noise_span_length >= 1.0,
-        f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}",
-    )
+    family_class(c.family).validate_config(c)
     d = c.data
     _check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
     _check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")

@@ -79,7 +79,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
 
     vocabulary = get_vocabulary(config.data.vocab_path or None)
     resolved = config_lib.resolve(config, vocabulary.vocab_size)
-    family = get_family(resolved, vocabulary.vocab_size)
+    family = get_family(resolved, vocabulary)
     mesh = partitioning.make_mesh(resolved.mesh, devices)
     batch = resolved.data.batch_size
     dp = partitioning.data_parallel_size(mesh)

@@ -23,9 +23,9 @@ import optax
 from clu import metric_writers
 
 from t5x_like.checkpoints import Checkpoints
-from t5x_like.data.pipeline import raw_token_batches
 from t5x_like.errors import UserError
 from t5x_like.experiment import Experiment, build
+from t5x_like.families.base import summarize
 
 EVAL_KEY_SALT = 0x5EED  # folded into the seed key so evaluation masks never depend on the step
 
@@ -77,10 +77,8 @@ def make_train_step(exp: Experiment):
             "rng": state["rng"],
         }
         metrics = {
+            **summarize(sums),
             "loss": sums["loss"] / weight,
-            "cross_entropy": sums["cross_entropy"] / weight,
-            "z_loss": sums["z_loss"] / weight,
-            "accuracy": sums["correct"] / weight,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state["step"]),
         }
@@ -116,20 +114,15 @@ def device_batches(
     exp: Experiment, *, split: str, skip_batches: int = 0, repeat: bool = True, shuffle: bool = True
 ) -> Iterator[dict]:
     """Global batches of raw chunks, each host reading only its own shard of the stream."""
-    config = exp.config
     processes = jax.process_count()
-    for local in raw_token_batches(
-        config.data.task,
+    for local in exp.family.batches(
         split=split,
-        raw_length=exp.family.raw_length,
-        batch_size=config.data.batch_size // processes,
-        seed=config.seed,
+        batch_size=exp.config.data.batch_size // processes,
         shuffle=shuffle,
         repeat=repeat,
         skip_batches=skip_batches,
         shard_index=jax.process_index(),
         num_shards=processes,
-        vocabulary=exp.vocabulary,
     ):
         yield jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(exp.batch_sharding, x), local
@@ -144,7 +137,7 @@ def evaluate(
     num_batches: int | None = None,
     eval_step=None,
 ) -> dict[str, float]:
-    """Mean loss and token accuracy over the first ``num_batches`` of a split (0 = all).
+    """Mean metrics (loss, token accuracy, ...) over the first ``num_batches`` of a split (0 = all).
 
     Pass the ``eval_step`` from ``make_eval_step`` when evaluating repeatedly, so it compiles once.
     """
@@ -163,12 +156,10 @@ def evaluate(
             f"split {split!r} of task {exp.config.data.task!r} gave no batch to evaluate"
         )
     totals = jax.device_get(totals)
-    weight = max(float(totals["weight"]), 1.0)
-    return {
-        "loss": float(totals["cross_entropy"]) / weight,
-        "accuracy": float(totals["correct"]) / weight,
-        "tokens": int(totals["weight"]),
-    }
+    scores = {k: float(v) for k, v in summarize(totals).items()}
+    # The reported loss is the cross-entropy: the z-loss is a regulariser, not a model score.
+    scores["loss"] = scores.pop("cross_entropy", float(totals["loss"]) / max(totals["weight"], 1))
+    return {**scores, "tokens": int(totals["weight"])}
 
 
 # --------------------------------------------------------------------------- the loop

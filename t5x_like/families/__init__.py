@@ -1,18 +1,30 @@
 """Families by name: where an objective, a module and a loss meet (T5X's BaseModel contract).
 
-The trainer only ever calls a family's ``init``, ``loss_fn``, ``score_batch`` and
-``predict_batch``; adding a family is a new file here plus one line in ``FAMILIES``.
+The trainer only ever calls a family's ``init``, ``features``, ``loss_fn``, ``score_batch``,
+``predict_batch`` and ``batches``; adding a family is a new file here plus one line in
+``FAMILIES``. Classes are imported on first use, so a run loads only its own model code.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 
-from t5x_like.families.t5 import T5Family
+from t5x_like.errors import UserError
 
-FAMILIES = {"t5": T5Family}
+FAMILIES = {
+    "t5": "t5x_like.families.t5:T5Family",
+}
 
 
-def get_family(config: ml_collections.ConfigDict, vocab_size: int):
+def family_class(name: str) -> type:
+    if name not in FAMILIES:
+        raise UserError(f"config field family={name!r} is not one of {sorted(FAMILIES)}")
+    module, _, attr = FAMILIES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_family(config: ml_collections.ConfigDict, vocabulary):
     """The family object for a resolved config."""
-    return FAMILIES[config.family](config, vocab_size)
+    return family_class(config.family)(config, vocabulary)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from t5x_like import decoding, losses
+from t5x_like.errors import UserError
+from t5x_like.families.base import Family
 from t5x_like.models.t5 import T5, T5Config
 from t5x_like.objectives import span_corruption, span_corruption_lengths
+
+_POSITIVE = ("d_model", "d_kv", "num_heads", "d_ff", "num_encoder_layers", "num_decoder_layers",
+             "relative_attention_num_buckets", "relative_attention_max_distance")
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -19,29 +22,52 @@ def shift_right(targets: jax.Array) -> jax.Array:
     return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
 
 
-class T5Family:
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+class T5Family(Family):
     """T5 v1.1 pretrained with span corruption (or trained on given inputs/targets)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
-        self.config = config
-        self.vocab_size = vocab_size  # the vocabulary's own size: sentinels count down from it
-        self.model_config = T5Config.from_dict(config.model.to_dict())
-        self.raw_length, self.targets_length = span_corruption_lengths(
+    module_class = T5
+    config_class = T5Config
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        self._raw_length, self.targets_length = span_corruption_lengths(
             config.data.inputs_length,
             config.objective.noise_density,
             config.objective.mean_noise_span_length,
         )
-        abstract = nnx.eval_shape(lambda: T5(self.model_config, rngs=nnx.Rngs(0)))
-        self.graphdef, self.abstract_params = nnx.split(abstract, nnx.Param)
 
-    # ------------------------------------------------------------------ parameters
-    def init(self, key: jax.Array) -> dict:
-        """Fresh parameters as a pure dict (call under jax.jit with out_shardings)."""
-        model = T5(self.model_config, rngs=nnx.Rngs(params=key))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # ------------------------------------------------------------------ schema
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
 
-    def model(self, params: dict) -> T5:
-        return nnx.merge(self.graphdef, params)
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return dict(name="span_corruption", noise_density=0.15, mean_noise_span_length=3.0)
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        m, o = c.model, c.objective
+        for name in _POSITIVE:
+            _check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
+        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        _check(0.0 <= m.dropout_rate < 1.0,
+               f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+        _check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
+        _check(0.0 < o.noise_density < 1.0,
+               f"objective.noise_density must be in (0, 1), got {o.noise_density}")
+        _check(o.mean_noise_span_length >= 1.0,
+               f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}")
+        super().validate_config(c)  # the module's own choices (dtype, remat, feed-forward)
+
+    @property
+    def raw_length(self) -> int:
+        return self._raw_length
 
     # ------------------------------------------------------------------ objective
     def features(self, batch: dict, key: jax.Array) -> dict:
@@ -60,14 +86,12 @@ class T5Family:
     # ------------------------------------------------------------------ contract
     def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
         """(summed loss, summed metrics); the caller divides by ``metrics['weight']``."""
-        noise_key, dropout_key = jax.random.split(key)
-        features = self.features(batch, noise_key)
-        targets = features["targets"]
+        targets = batch["targets"]
         logits = self.model(params)(
-            features["inputs"],
+            batch["inputs"],
             shift_right(targets),
             enable_dropout=train and self.model_config.dropout_rate > 0,
-            rngs=nnx.Rngs(dropout=dropout_key),
+            rngs=nnx.Rngs(dropout=key),
         )
         sums = losses.cross_entropy_with_z_loss(
             logits,
@@ -89,7 +113,3 @@ class T5Family:
     def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
         """Greedy decoding with the KV cache."""
         return decoding.greedy_decode(self.model(params), features["inputs"], max_length=max_length)
-
-    @functools.cached_property
-    def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(self.abstract_params)))
