@@ -16,7 +16,11 @@ from typing import Any
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common
 
-ARCHITECTURES = ("t5x_like.interop.hf_t5",)
+ARCHITECTURES = (
+    "t5x_like.interop.hf_t5",
+    "t5x_like.interop.hf_bart",
+    "t5x_like.interop.hf_xlnet",
+)
 
 
 def _modules():

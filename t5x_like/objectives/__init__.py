@@ -7,3 +7,12 @@ from t5x_like.objectives.span_corruption import (
 )
 
 __all__ = ["noise_span_counts", "span_corruption", "span_corruption_lengths"]
+
+from t5x_like.objectives.permutation import (  # noqa: E402
+    num_predictions,
+    permutation_lm,
+    sample_spans,
+    stream_masks,
+)
+
+__all__ += ["num_predictions", "permutation_lm", "sample_spans", "stream_masks"]

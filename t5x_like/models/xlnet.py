@@ -1,0 +1,337 @@
+"""XLNet as a Flax NNX module: two-stream relative attention with segment-level recurrence.
+
+Two streams share every weight. The content stream h starts from the token embeddings and may
+see its own token; the query stream g starts from one learned mask embedding per target and
+sees the context but never its target's token (masks from ``objectives.permutation``). Each
+layer is Transformer-XL attention: scores ``(q + r_w_bias)·k`` (content), ``(q + r_r_bias)·r``
+(position, sinusoid relative encodings realigned by the rel-shift) and ``(q + r_s_bias)·s``
+(same / different segment), scaled by 1/sqrt(d_head); then post-LN and a GELU feed-forward,
+also post-LN. The previous segment's content states (``mems``, one per layer, stop-gradient)
+are prepended to keys and values; each layer's input is cached as the next segment's memory.
+The LM head is the word embedding (tied) plus a bias.
+
+Numerically equal to ``transformers.XLNetLMHeadModel`` with ``attn_type="bi"``
+(tests/test_xlnet_model.py), except that the query stream never sees its own token even where a
+hand-made ``perm_mask`` would let it (transformers trusts the mask's diagonal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t5x_like.errors import UserError
+from t5x_like.models import layers as L
+from t5x_like.objectives.permutation import stream_masks
+
+FF_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+ATTN_TYPES = ("bi",)  # "uni" (causal XLNet) is not implemented
+
+
+@dataclasses.dataclass(frozen=True)
+class XLNetConfig:
+    vocab_size: int = 32000
+    d_model: int = 768  # XLNet-base; large is 1024 / 24 layers / 16 heads / 4096
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 3072
+    ff_activation: str = "gelu"
+    attn_type: str = "bi"
+    mem_len: int = 0  # memory slots returned per layer; 0 = no memory is returned
+    reuse_len: int = 0  # cache only the first reuse_len tokens of a segment (0 = all)
+    clamp_len: int = -1  # clip relative distances to +-clamp_len (-1 = never)
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-12
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        choices = {
+            "ff_activation": tuple(FF_ACTIVATIONS),
+            "attn_type": ATTN_TYPES,
+            "dtype": tuple(L.DTYPES),
+            "param_dtype": tuple(L.DTYPES),
+            "remat_policy": tuple(L.REMAT_POLICIES),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"XLNet config field {name}={getattr(self, name)!r} is not one "
+                                f"of {allowed}")
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff"):
+            if getattr(self, name) < 1:
+                raise UserError(f"XLNet config field {name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.num_heads:
+            raise UserError(f"XLNet d_model={self.d_model} is not divisible by num_heads="
+                            f"{self.num_heads}; pick num_heads dividing d_model")
+        if self.mem_len < 0 or self.reuse_len < 0:
+            raise UserError(f"XLNet mem_len={self.mem_len} and reuse_len={self.reuse_len} must "
+                            "be >= 0 (0 turns them off)")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> XLNetConfig:
+        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown XLNet config key {key!r}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+class XLNetOutput(NamedTuple):
+    logits: jax.Array  # float32 [B, P, V] (query stream at the targets) or [B, L, V] (content)
+    hidden: jax.Array  # the content stream's last hidden states [B, L, d_model]
+    mems: jax.Array | None  # next segment's memory [layers, B, M, d_model], or None
+
+
+class LayerNorm(nnx.Module):
+    """Standard layer norm with scale and bias; statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",),
+                                 param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+                ).astype(self.dtype)
+
+
+def rel_shift(x: jax.Array, key_length: int) -> jax.Array:
+    """[B, N, T, R] scores against R = klen + T relative encodings -> [B, N, T, klen].
+
+    Row i of the input is indexed by relative-encoding slot r (distance ``klen - r``); the
+    output at (i, j) is the input at (i, T - i + j), i.e. distance ``mlen + i - j``. Done as
+    Transformer-XL does, by a reshape that skews the rows, instead of a gather.
+    """
+    b, n, t, r = x.shape
+    x = x.reshape(b, n, r, t)[:, :, 1:, :].reshape(b, n, t, r - 1)
+    return x[..., :key_length]
+
+
+def relative_encodings(query_length: int, key_length: int, d_model: int,
+                       clamp_len: int) -> np.ndarray:
+    """Sinusoids [klen + qlen, d_model] for distances klen, klen-1, ..., -qlen+1 ("bi")."""
+    inv_freq = 1.0 / np.power(10000.0, np.arange(0, d_model, 2.0, dtype=np.float32) / d_model,
+                              dtype=np.float32)
+    pos = np.arange(key_length, -query_length, -1.0, dtype=np.float32)
+    if clamp_len > 0:
+        pos = np.clip(pos, -clamp_len, clamp_len)
+    angles = np.einsum("i,d->id", pos, inv_freq.astype(np.float32))
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
+
+
+class RelativeAttention(nnx.Module):
+    """Transformer-XL attention with segment terms; kernels [embed, heads, kv], as XLNet's."""
+
+    def __init__(self, c: XLNetConfig, *, rngs: nnx.Rngs):
+        pdt, init = L.dtype_of(c.param_dtype), L.normal(c.initializer_range)
+        shape, names = (c.d_model, c.num_heads, c.d_head), ("embed", "heads", "kv")
+        self.query, self.key, self.value, self.out, self.position = (
+            L.make_param(rngs, init, shape, names, pdt) for _ in range(5))
+        bias_shape, bias_names = (c.num_heads, c.d_head), ("heads", "kv")
+        self.r_w_bias, self.r_r_bias, self.r_s_bias = (
+            L.make_param(rngs, init, bias_shape, bias_names, pdt) for _ in range(3))
+        self.seg_embed = L.make_param(rngs, init, (2, c.num_heads, c.d_head),
+                                      ("segments", "heads", "kv"), pdt)
+        self.scale = c.d_head**-0.5
+        self.dropout_rate = c.dropout_rate
+        self.dtype = L.dtype_of(c.dtype)
+
+    def project(self, x: jax.Array, name: str) -> jax.Array:
+        return jnp.einsum("bsd,dnh->bsnh", x, getattr(self, name)[...].astype(self.dtype))
+
+    def attend(self, q, k, v, pos_key, segment_diff, mask, dropout_key):
+        """Attention of queries q [B, T, N, H] over keys/values [B, K, N, H]."""
+        w = {name: getattr(self, name)[...].astype(self.dtype)
+             for name in ("r_w_bias", "r_r_bias", "r_s_bias", "seg_embed")}
+        position = jnp.einsum("btnh,rnh->bntr", q + w["r_r_bias"], pos_key,
+                              preferred_element_type=jnp.float32)
+        bias = rel_shift(position, k.shape[1])
+        if segment_diff is not None:
+            seg = jnp.einsum("btnh,snh->bnts", q + w["r_s_bias"], w["seg_embed"],
+                             preferred_element_type=jnp.float32)
+            bias = bias + jnp.where(segment_diff[:, None], seg[..., 1:], seg[..., :1])
+        mask = None if mask is None else mask[:, None]
+        return L.attention((q + w["r_w_bias"]) * self.scale, k, v, bias=bias * self.scale,
+                           mask=mask, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+
+    def output(self, y: jax.Array) -> jax.Array:
+        return jnp.einsum("btnh,dnh->btd", y, self.out[...].astype(self.dtype))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, c: XLNetConfig, *, rngs: nnx.Rngs):
+        pdt, init = L.dtype_of(c.param_dtype), L.normal(c.initializer_range)
+        zeros = jax.nn.initializers.zeros
+        self.wi = L.make_param(rngs, init, (c.d_model, c.d_ff), ("embed", "mlp"), pdt)
+        self.bi = L.make_param(rngs, zeros, (c.d_ff,), ("mlp",), pdt)
+        self.wo = L.make_param(rngs, init, (c.d_ff, c.d_model), ("mlp", "embed"), pdt)
+        self.bo = L.make_param(rngs, zeros, (c.d_model,), ("embed",), pdt)
+        self.activation = FF_ACTIVATIONS[c.ff_activation]
+        self.dropout_rate = c.dropout_rate
+        self.dtype = L.dtype_of(c.dtype)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        dt = self.dtype
+        h = self.activation(jnp.einsum("btd,df->btf", x, self.wi[...].astype(dt))
+                            + self.bi[...].astype(dt))
+        h = L.dropout(h, self.dropout_rate, dropout_key)
+        return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+
+
+class XLNetLayer(nnx.Module):
+    """Two-stream attention then the feed-forward, each post-LN, on both streams."""
+
+    def __init__(self, c: XLNetConfig, *, rngs: nnx.Rngs):
+        dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
+        norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.attention = RelativeAttention(c, rngs=rngs)
+        self.attention_norm = LayerNorm(c.d_model, **norm)
+        self.mlp = FeedForward(c, rngs=rngs)
+        self.mlp_norm = LayerNorm(c.d_model, **norm)
+        self.dropout_rate = c.dropout_rate
+
+    def __call__(self, h, g, mem, *, pos_enc, segment_diff, content_mask, query_mask,
+                 target_mapping, dropout_key):
+        keys = L.split_key(dropout_key, 8)
+        att = self.attention
+        context = h if mem is None else jnp.concatenate([mem.astype(h.dtype), h], axis=1)
+        k, v = att.project(context, "key"), att.project(context, "value")
+        pos_key = jnp.einsum("rd,dnh->rnh", pos_enc.astype(h.dtype),
+                             att.position[...].astype(h.dtype))
+
+        def finish(x, y, i):
+            y = L.dropout(att.output(y), self.dropout_rate, keys[i])
+            x = self.attention_norm(x + y)
+            y = L.dropout(self.mlp(x, keys[i + 1]), self.dropout_rate, keys[i + 2])
+            return self.mlp_norm(x + y)
+
+        y = att.attend(att.project(h, "query"), k, v, pos_key, segment_diff, content_mask,
+                       keys[0])
+        new_h = finish(h, y, 1)
+        if g is None:
+            return new_h, None
+        # Each target's query sits at its position (for the relative distances), then back.
+        tm = target_mapping.astype(h.dtype)
+        q = jnp.einsum("bpnh,bpl->blnh", att.project(g, "query"), tm)
+        y = att.attend(q, k, v, pos_key, segment_diff, query_mask, keys[4])
+        return new_h, finish(g, jnp.einsum("blnh,bpl->bpnh", y, tm), 5)
+
+
+class XLNet(nnx.Module):
+    """XLNet with its LM head; ``__call__`` returns an ``XLNetOutput``."""
+
+    def __init__(self, config: XLNetConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pdt, init = L.dtype_of(c.param_dtype), L.normal(c.initializer_range)
+        self.word_embedding = L.make_param(rngs, init, (c.vocab_size, c.d_model),
+                                           ("vocab", "embed"), pdt)
+        self.mask_emb = L.make_param(rngs, init, (c.d_model,), ("embed",), pdt)
+        self.layers = L.make_stack(lambda r: XLNetLayer(c, rngs=r), c.num_layers, rngs,
+                                   scan=c.scan_layers)
+        self.lm_bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,),
+                                    ("vocab",), pdt)
+
+    def _cache(self, h: jax.Array, mem: jax.Array | None) -> jax.Array:
+        """This layer's memory for the next segment: the last mem_len of [mem; h], no grad."""
+        c = self.config
+        if c.reuse_len:
+            h = h[:, :c.reuse_len]
+        cat = h if mem is None else jnp.concatenate([mem.astype(h.dtype), h], axis=1)
+        return jax.lax.stop_gradient(cat[:, -c.mem_len:])
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        perm_mask: jax.Array | None = None,
+        target_mapping: jax.Array | None = None,
+        mems: jax.Array | None = None,
+        enable_dropout: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> XLNetOutput:
+        """Runs both streams (the query stream only with ``target_mapping``).
+
+        ``attention_mask`` [B, L] is 0 on padding; ``perm_mask`` [B, L, L] is non-zero where i
+        cannot see j; ``target_mapping`` [B, P, L] one-hot picks the P predicted positions;
+        ``mems`` [layers, B, M, d_model] is the previous segment's memory (always visible).
+        Without perm_mask, attention_mask and target_mapping, attention is fully bidirectional.
+        """
+        c = self.config
+        dt = L.dtype_of(c.dtype)
+        batch, length = input_ids.shape
+        mem_length = 0 if mems is None else mems.shape[2]
+        if mems is not None and mems.shape[0] != c.num_layers:
+            raise UserError(f"mems has {mems.shape[0]} layers but the model has {c.num_layers}")
+        keys = [None] * 5
+        if enable_dropout and c.dropout_rate > 0:
+            if rngs is None:
+                raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
+            keys = L.split_key(rngs.dropout(), 5)
+        k_h, k_g, k_pos, k_layers, k_out = keys
+
+        if perm_mask is None and attention_mask is None and target_mapping is None:
+            content_mask = query_mask = None
+        else:
+            if perm_mask is None:
+                perm_mask = jnp.zeros((batch, length, length), bool)
+            content_mask, query_mask = stream_masks(perm_mask, attention_mask, mem_length)
+
+        segment_diff = None
+        if token_type_ids is not None:  # memory slots count as segment 0, as in the reference
+            all_ids = jnp.concatenate(
+                [jnp.zeros((batch, mem_length), token_type_ids.dtype), token_type_ids], axis=1)
+            segment_diff = token_type_ids[:, :, None] != all_ids[:, None, :]
+
+        table = self.word_embedding[...]
+        h = L.dropout(jnp.take(table, input_ids, axis=0).astype(dt), c.dropout_rate, k_h)
+        g = None
+        if target_mapping is not None:
+            g = jnp.broadcast_to(self.mask_emb[...].astype(dt),
+                                 (batch, target_mapping.shape[1], c.d_model))
+            g = L.dropout(g, c.dropout_rate, k_g)
+        pos_enc = relative_encodings(length, mem_length + length, c.d_model, c.clamp_len)
+        pos_enc = L.dropout(jnp.asarray(pos_enc, dt), c.dropout_rate, k_pos)
+
+        def body(layer, carry, xs):
+            h, g = carry
+            mem, key = xs
+            new_mem = self._cache(h, mem) if c.mem_len else None
+            h, g = layer(h, g, mem, pos_enc=pos_enc, segment_diff=segment_diff,
+                         content_mask=content_mask, query_mask=query_mask,
+                         target_mapping=target_mapping, dropout_key=key)
+            return (h, g), new_mem
+
+        layer_keys = None if k_layers is None else jax.random.split(k_layers, c.num_layers)
+        (h, g), new_mems = L.run_stack(self.layers, (h, g), (mems, layer_keys), body,
+                                       scan=c.scan_layers, remat_policy=c.remat_policy)
+        out = L.dropout(h if g is None else g, c.dropout_rate, k_out)
+        logits = jnp.einsum("btd,vd->btv", out, table.astype(dt),
+                            preferred_element_type=jnp.float32)
+        return XLNetOutput(logits + self.lm_bias[...].astype(jnp.float32), h, new_mems)
