@@ -18,6 +18,8 @@ from t5x_like.interop import hf_common
 
 ARCHITECTURES = (
     "t5x_like.interop.hf_t5",
+    "t5x_like.interop.hf_gpt2",
+    "t5x_like.interop.hf_bart",
     "t5x_like.interop.hf_xlnet",
 )
 

@@ -1,0 +1,456 @@
+"""GPT-style decoder-only Transformer LM: GPT-2 by default; rotary / RMSNorm / gated MLP by config.
+
+Pre-LN layers (LayerNorm with bias, or RMSNorm), learned absolute positions or rotary ones
+(RoPE, rotate-half convention as GPT-NeoX and Llama), attention scaled by 1/sqrt(d_kv) with
+optional biases, GELU-tanh ("gelu_new") feed-forward or a gated one (SwiGLU with ``silu``),
+final norm, tied or untied head. Equal to ``transformers.GPT2LMHeadModel`` (and, by config, to
+GPT-NeoX and Llama): tests/test_decoder_lm.py.
+
+Attention is causal, restricted to a document when ``segment_ids`` are given (packed rows;
+segment 0 = padding), or given outright by ``attention_mask`` [B, L, L] (prefix LM / UniLM).
+The blocks with biases (``LayerNorm``, ``MultiHeadAttention``, ``FeedForward``) are shared with
+BART (models/bart.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t5x_like.errors import UserError
+from t5x_like.models import layers as L
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf): BART, GPT-NeoX
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # with gated_mlp: Llama's SwiGLU
+}
+POSITION_EMBEDDINGS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+POSITION_AXIS = "position"  # rows of a learned position table (replicated: no rule maps it)
+
+
+def check_choices(kind: str, config: Any, choices: Mapping[str, tuple]) -> None:
+    """UserError naming the first field of ``config`` whose value is not among its choices."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} is not one of "
+                            f"{tuple(allowed)}")
+
+
+def check_sizes(kind: str, config: Any, positive: tuple[str, ...], rates: tuple[str, ...]):
+    for name in positive:
+        if not (isinstance(getattr(config, name), int) and getattr(config, name) > 0):
+            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} must be a "
+                            "positive integer")
+    for name in rates:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} must be in "
+                            "[0, 1)")
+
+
+def strict_from_dict(cls: type, kind: str, d: Mapping[str, Any]) -> Any:
+    """Strict: an unknown key is a typo or a different architecture, so it is refused."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in known:
+            raise UserError(f"unknown {kind} config key {key!r}; known keys: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLMConfig:
+    vocab_size: int = 50257
+    d_model: int = 768
+    num_heads: int = 12
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_layers: int = 12
+    max_length: int = 1024  # rows of the learned position table (the longest sequence)
+    position_embedding: str = "learned"  # "learned" (GPT-2) | "rotary" (RoPE)
+    rotary_base: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" (scale + bias) | "rmsnorm" (scale only)
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_new"
+    gated_mlp: bool = False  # act(x W0) * (x W1), then Wo (SwiGLU with activation="silu")
+    use_bias: bool = True  # biases in attention and MLP projections (GPT-2: yes, Llama: no)
+    tie_word_embeddings: bool = True  # logits = y @ E^T (GPT-2); else a separate lm_head
+    dropout_rate: float = 0.0  # embeddings and residual branches
+    attention_dropout_rate: float = 0.0
+    init_std: float = 0.02  # GPT-2: N(0, 0.02); residual projections / sqrt(2 * num_layers)
+    dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"  # "none" | "minimal" | "full"
+
+    def __post_init__(self):
+        check_choices("decoder LM", self, {
+            "position_embedding": POSITION_EMBEDDINGS, "norm": NORMS,
+            "activation": tuple(ACTIVATIONS), "dtype": tuple(L.DTYPES),
+            "param_dtype": tuple(L.DTYPES), "remat_policy": tuple(L.REMAT_POLICIES)})
+        check_sizes("decoder LM", self,
+                    ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers",
+                     "max_length"), ("dropout_rate", "attention_dropout_rate"))
+        if self.position_embedding == "rotary" and self.d_kv % 2:
+            raise UserError(f"decoder LM config: rotary positions rotate pairs of dimensions, so "
+                            f"d_kv={self.d_kv} must be even")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DecoderLMConfig:
+        return strict_from_dict(cls, "decoder LM", d)
+
+
+# --------------------------------------------------------------------------- shared blocks
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (GPT-2, BART); statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _zeros_param(rngs, shape, names, dtype):
+    return L.make_param(rngs, jax.nn.initializers.zeros, shape, names, dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Attention with optional biases and softmax(q k^T / sqrt(d_kv)) (GPT-2 and BART's scale).
+
+    Kernels as ``layers.Attention``: q/k/v [embed, heads, kv], out [heads, kv, embed]; biases
+    q/k/v [heads, kv], out [embed]. The scale is applied to the projected query.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, use_bias: bool,
+                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        qkv, shape = ("embed", "heads", "kv"), (d_model, num_heads, d_kv)
+        self.query = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
+        self.key = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
+        self.value = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
+        self.out = L.make_param(rngs, L.normal(out_init_std), (num_heads, d_kv, d_model),
+                                ("heads", "kv", "embed"), param_dtype)
+        if use_bias:
+            self.query_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.key_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.value_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.out_bias = _zeros_param(rngs, (d_model,), ("embed",), param_dtype)
+        self.use_bias = use_bias
+        self.scale = d_kv**-0.5
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
+        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
+
+    def project_q(self, x: jax.Array) -> jax.Array:
+        """Scaled queries [B, T, N, H]."""
+        return self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, N, H] (what a KV cache stores)."""
+        return self._project(x, "key"), self._project(x, "value")
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+        y = L.attention(q, k, v, bias=None, mask=mask, dropout_rate=self.dropout_rate,
+                        dropout_key=dropout_key)
+        y = jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
+        return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
+
+
+class FeedForward(nnx.Module):
+    """act(x Wi + b) Wo + b, or gated act(x W0) * (x W1) Wo; dropout on the hidden activations."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, gated: bool, use_bias: bool,
+                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.inputs = ("wi_0", "wi_1") if gated else ("wi",)
+        for name in self.inputs:
+            setattr(self, name, L.make_param(rngs, L.normal(init_std), (d_model, d_ff),
+                                             ("embed", "mlp"), param_dtype))
+            if use_bias:
+                setattr(self, f"{name}_bias", _zeros_param(rngs, (d_ff,), ("mlp",), param_dtype))
+        self.wo = L.make_param(rngs, L.normal(out_init_std), (d_ff, d_model), ("mlp", "embed"),
+                               param_dtype)
+        if use_bias:
+            self.wo_bias = _zeros_param(rngs, (d_model,), ("embed",), param_dtype)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+
+    def _dense(self, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("...d,df->...f", x, getattr(self, name)[...].astype(self.dtype))
+        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        h = ACTIVATIONS[self.activation](self._dense(x, self.inputs[0]))
+        if len(self.inputs) == 2:
+            h = h * self._dense(x, self.inputs[1])
+        return self._dense(L.dropout(h, self.dropout_rate, dropout_key), "wo")
+
+
+def dropout_keys(rate_used: bool, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:
+    """n dropout keys from ``rngs`` when dropout is on, else n Nones."""
+    if not enable_dropout or not rate_used:
+        return [None] * n
+    if rngs is None:
+        raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
+    return L.split_key(rngs.dropout(), n)
+
+
+def layer_keys(key: jax.Array | None, n: int) -> jax.Array | None:
+    return None if key is None else jax.random.split(key, n)
+
+
+# --------------------------------------------------------------------------- positions, masks
+
+
+def rotary_angles(positions: jax.Array, d_kv: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, d_kv] (float32) for integer ``positions`` [B, T]: dims i and
+    i + d_kv/2 form a pair rotated by ``position * base**(-2i / d_kv)``."""
+    inv_freq = 1.0 / (base ** (np.arange(0, d_kv, 2, dtype=np.float32) / d_kv))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [B, T, N, H] by the angles of ``rotary_angles`` (rotate-half convention)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def positions_in_segments(segment_ids: jax.Array) -> jax.Array:
+    """[B, L] index of each token within its run of equal segment ids (packed documents)."""
+    index = jnp.arange(segment_ids.shape[1])[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def self_attention_mask(length: int, segment_ids: jax.Array | None,
+                        attention_mask: jax.Array | None) -> jax.Array:
+    """[B or 1, 1, L, L] bool: the given mask ([B, L, L], True = may attend) or causal, and,
+    with ``segment_ids``, only keys of the query's own non-padding (> 0) segment."""
+    if attention_mask is None:
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    else:
+        mask = jnp.asarray(attention_mask, bool)
+        if mask.ndim == 3:
+            mask = mask[:, None]
+        if mask.shape[-2:] != (length, length):
+            raise UserError(f"attention_mask has shape {mask.shape}; expected [batch, {length}, "
+                            f"{length}] for inputs of length {length}")
+    if segment_ids is not None:
+        same = ((segment_ids[:, :, None] == segment_ids[:, None, :])
+                & (segment_ids[:, None, :] > 0))
+        mask = mask & same[:, None]
+    return mask
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _norm(c: DecoderLMConfig, rngs: nnx.Rngs) -> nnx.Module:
+    kind = LayerNorm if c.norm == "layernorm" else L.RMSNorm
+    return kind(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
+                param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: DecoderLMConfig, *, rngs: nnx.Rngs):
+        dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
+        out_std = c.init_std / (2 * c.num_layers) ** 0.5  # GPT-2's scaled residual projections
+        self.pre_attention_norm = _norm(c, rngs)
+        self.attention = MultiHeadAttention(
+            c.d_model, c.num_heads, c.d_kv, use_bias=c.use_bias, init_std=c.init_std,
+            out_init_std=out_std, dropout_rate=c.attention_dropout_rate, dtype=dt,
+            param_dtype=pdt, rngs=rngs)
+        self.pre_mlp_norm = _norm(c, rngs)
+        self.mlp = FeedForward(c.d_model, c.d_ff, activation=c.activation, gated=c.gated_mlp,
+                               use_bias=c.use_bias, init_std=c.init_std, out_init_std=out_std,
+                               dropout_rate=0.0, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.dropout_rate = c.dropout_rate
+
+    def __call__(self, x, *, mask, rotary, dropout_key=None, cache=None, start=None):
+        """One pre-LN layer; with ``cache`` (this layer's ``key``/``value`` [B, S, N, H]) the
+        new tokens' keys/values go in at slot ``start`` and are returned too."""
+        keys = L.split_key(dropout_key, 3)
+        h = self.pre_attention_norm(x)
+        q = self.attention.project_q(h)
+        k, v = self.attention.project_kv(h)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        new_kv = None
+        if cache is not None:
+            new_kv = (k, v)
+            k = jax.lax.dynamic_update_slice(cache["key"], k, (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["value"], v, (0, start, 0, 0))
+        y = self.attention.attend(q, k, v, mask=mask, dropout_key=keys[0])
+        x = x + L.dropout(y, self.dropout_rate, keys[1])
+        y = self.mlp(self.pre_mlp_norm(x))
+        return x + L.dropout(y, self.dropout_rate, keys[2]), new_kv
+
+
+class DecoderLM(nnx.Module):
+    """Causal LM; ``__call__`` gives float32 next-token logits [B, L, vocab]."""
+
+    def __init__(self, config: DecoderLMConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pdt = L.dtype_of(c.param_dtype)
+        self.token_embedding = L.make_param(rngs, L.normal(c.init_std), (c.vocab_size, c.d_model),
+                                            ("vocab", "embed"), pdt)
+        if c.position_embedding == "learned":
+            self.position_embedding = L.make_param(
+                rngs, L.normal(c.init_std), (c.max_length, c.d_model), (POSITION_AXIS, "embed"),
+                pdt)
+        self.layers = L.make_stack(lambda r: DecoderLayer(c, rngs=r), c.num_layers, rngs,
+                                   scan=c.scan_layers)
+        self.final_norm = _norm(c, rngs)
+        if not c.tie_word_embeddings:
+            self.lm_head = L.make_param(rngs, L.normal(c.init_std), (c.d_model, c.vocab_size),
+                                        ("embed", "vocab"), pdt)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_length(self, length: int) -> None:
+        c = self.config
+        if c.position_embedding == "learned" and length > c.max_length:
+            raise UserError(f"sequence length {length} exceeds the decoder LM's max_length="
+                            f"{c.max_length} (its learned position table); shorten the inputs")
+
+    def _embed(self, ids: jax.Array, positions: jax.Array, key: jax.Array | None):
+        """Embeddings [B, T, D] and the rotary (cos, sin) or None."""
+        c = self.config
+        x = jnp.take(self.token_embedding[...], ids, axis=0)
+        rotary = None
+        if c.position_embedding == "learned":
+            x = x + jnp.take(self.position_embedding[...], positions, axis=0)
+        else:
+            rotary = rotary_angles(positions, c.d_kv, c.rotary_base)
+        return L.dropout(x.astype(L.dtype_of(c.dtype)), c.dropout_rate, key), rotary
+
+    def _run(self, x, per_layer, body):
+        return L.run_stack(self.layers, x, per_layer, body, scan=self.config.scan_layers,
+                           remat_policy=self.config.remat_policy)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits from final hidden states (tied: h @ E^T, no scaling, as GPT-2)."""
+        dt = L.dtype_of(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", hidden, self.token_embedding[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ public API
+    def hidden(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               enable_dropout: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Final (normed) hidden states [B, L, d_model] in the compute dtype.
+
+        ``segment_ids`` [B, L]: packed documents (0 = padding); a token attends within its
+        document only and positions restart at each document. ``positions`` [B, L] override
+        them (e.g. left padding). ``attention_mask`` [B, L, L] (True = may attend) replaces
+        the causal mask (prefix LM, UniLM); segments still apply.
+        """
+        c = self.config
+        length = ids.shape[1]
+        self._check_length(length)
+        if positions is None:
+            positions = (positions_in_segments(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(length), ids.shape))
+        mask = self_attention_mask(length, segment_ids, attention_mask)
+        k_embed, k_layers = dropout_keys(c.dropout_rate > 0 or c.attention_dropout_rate > 0,
+                                         enable_dropout, rngs, 2)
+        x, rotary = self._embed(ids, positions, k_embed)
+
+        def body(layer, x, key):
+            return layer(x, mask=mask, rotary=rotary, dropout_key=key)[0], None
+
+        x, _ = self._run(x, layer_keys(k_layers, c.num_layers), body)
+        return self.final_norm(x)
+
+    def __call__(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 enable_dropout: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Float32 logits [B, L, vocab]; arguments as ``hidden``."""
+        return self.logits(self.hidden(ids, segment_ids=segment_ids, positions=positions,
+                                       attention_mask=attention_mask,
+                                       enable_dropout=enable_dropout, rngs=rngs))
+
+    # ------------------------------------------------------------------ incremental decoding
+    def init_cache(self, batch_size: int, max_decode_length: int) -> dict[str, jax.Array]:
+        """Zeroed KV cache: ``key``/``value`` [layers, B, max_len, heads, d_kv]; ``valid``
+        [B, max_len] marks slots holding real tokens; ``offset`` [B] = slot - position."""
+        c = self.config
+        self._check_length(max_decode_length)
+        shape = (c.num_layers, batch_size, max_decode_length, c.num_heads, c.d_kv)
+        dt = L.dtype_of(c.dtype)
+        return {"key": jnp.zeros(shape, dt), "value": jnp.zeros(shape, dt),
+                "valid": jnp.zeros((batch_size, max_decode_length), bool),
+                "offset": jnp.zeros((batch_size,), jnp.int32)}
+
+    def prefill(self, ids: jax.Array, cache: dict[str, jax.Array], *,
+                valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits [B, T, vocab] for a prompt in cache slots 0..T-1, and the filled cache.
+
+        ``valid`` [B, T] marks real tokens; padding (left or right) is never attended and
+        positions count real tokens only, so generation continues at slot T for every row.
+        """
+        length = ids.shape[1]
+        valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid, bool)
+        counts = jnp.cumsum(valid.astype(jnp.int32), axis=1)
+        positions = jnp.maximum(counts - 1, 0)
+        cache = {**cache, "offset": (length - counts[:, -1]).astype(jnp.int32)}
+        return self._extend(ids, cache, 0, valid, positions)
+
+    def decode_step(self, token_ids: jax.Array, cache: dict[str, jax.Array],
+                    position: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits [B, vocab] (float32) for ``token_ids`` [B] written at slot ``position``, and
+        the new cache. Equal to the full forward's logits at that token."""
+        positions = (position - cache["offset"])[:, None]
+        logits, cache = self._extend(token_ids[:, None], cache, position,
+                                     jnp.ones((token_ids.shape[0], 1), bool), positions)
+        return logits[:, 0], cache
+
+    def _extend(self, ids, cache, start, valid, positions):
+        slots = cache["key"].shape[2]
+        key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
+        query_slots = start + jnp.arange(ids.shape[1])
+        mask = key_valid[:, None, None, :] & (
+            jnp.arange(slots)[None, None, None, :] <= query_slots[None, None, :, None])
+        x, rotary = self._embed(ids, positions, None)
+
+        def body(layer, x, layer_cache):
+            return layer(x, mask=mask, rotary=rotary, cache=layer_cache, start=start)
+
+        y, (k, v) = self._run(x, {"key": cache["key"], "value": cache["value"]}, body)
+        at = (0, 0, start, 0, 0)
+        new_cache = {**cache, "valid": key_valid,
+                     "key": jax.lax.dynamic_update_slice(cache["key"], k, at),
+                     "value": jax.lax.dynamic_update_slice(cache["value"], v, at)}
+        return self.logits(self.final_norm(y)), new_cache
