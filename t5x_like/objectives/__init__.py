@@ -16,3 +16,30 @@ from t5x_like.objectives.permutation import (  # noqa: E402
 )
 
 __all__ += ["num_predictions", "permutation_lm", "sample_spans", "stream_masks"]
+
+from t5x_like.objectives.masking import (  # noqa: E402
+    MaskingConfig,
+    albert_masking,
+    bert_masking,
+    electra_masking,
+    mask,
+    mask_batch,
+    spanbert_masking,
+    word_start_table,
+)
+from t5x_like.objectives.replaced_tokens import sample_replacements  # noqa: E402
+from t5x_like.objectives.spans import SpanLengths, sample_span_lengths  # noqa: E402
+
+__all__ += [
+    "MaskingConfig",
+    "SpanLengths",
+    "albert_masking",
+    "bert_masking",
+    "electra_masking",
+    "mask",
+    "mask_batch",
+    "sample_replacements",
+    "sample_span_lengths",
+    "spanbert_masking",
+    "word_start_table",
+]

@@ -1,0 +1,156 @@
+"""Which positions an MLM objective predicts: whole words, n-grams or geometric spans, in jnp.
+
+One selector serves BERT (single tokens or whole words), ALBERT (n-grams, p(n) ~ 1/n) and
+SpanBERT (truncated geometric span lengths). It works on one sequence of static length L with
+O(L) memory and no data-dependent Python loops, so it runs vmapped inside the jitted step:
+
+1. Eligible tokens are the non-special, non-padding ones. A *word* is a word-start token plus
+   the continuation pieces after it; without word starts every eligible token is a word. A
+   token right after an ineligible one (after [SEP], say) always starts a word.
+2. The words are tiled by consecutive spans of i.i.d. random lengths (counted in words). The
+   first span's length is drawn size-biased and cut at a uniform offset, so the tiling is
+   stationary: every word is equally likely to open a span. Spans are also cut at special
+   tokens, so a span is always a run of adjacent positions.
+3. Spans get a uniformly random priority. In that order they fill the token budget
+   ``k = min(max_predictions, max(1, round(rate * n)), n)`` (n = eligible tokens): a span
+   that would overflow keeps its leading whole words that still fit (ALBERT shortens an
+   n-gram the same way; SpanBERT cuts its last span at the budget).
+
+With single-token spans this is exactly "k of the n eligible tokens, uniformly without
+replacement". With words or longer spans the budget may be under-filled by less than one
+word, since words are never split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like.errors import UserError
+
+SPAN_KINDS = ("single", "ngram", "geometric")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanLengths:
+    """The distribution of span lengths in words (hashable: static under jit).
+
+    ``single``: always 1 (BERT). ``ngram``: n in 1..max_length with p(n) ~ 1/n (ALBERT,
+    max_length 3). ``geometric``: p(n) ~ p (1-p)^(n-1) for n in 1..max_length, renormalised
+    (SpanBERT, p 0.2, max 10: mean 3.797, the paper's "mean 3.8"; clipping the tail onto 10
+    instead would give a mean of 4.46).
+    """
+
+    kind: str = "single"
+    max_length: int = 1
+    p: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPAN_KINDS:
+            raise UserError(f"span length kind {self.kind!r} is unknown; use one of "
+                            f"{', '.join(SPAN_KINDS)}.")
+        if self.max_length < 1 or (self.kind == "single" and self.max_length != 1):
+            raise UserError(f"span max_length must be >= 1 (and 1 for 'single'), got "
+                            f"{self.max_length}.")
+        if self.kind == "geometric" and not 0.0 < self.p <= 1.0:
+            raise UserError(f"geometric span p must be in (0, 1], got {self.p}.")
+
+    def probabilities(self) -> np.ndarray:
+        """p(n) for n = 1..max_length, float64, summing to 1."""
+        n = np.arange(1, self.max_length + 1, dtype=np.float64)
+        if self.kind == "single":
+            weights = np.ones(1)
+        elif self.kind == "ngram":
+            weights = 1.0 / n
+        else:
+            weights = self.p * (1.0 - self.p) ** (n - 1)
+        return weights / weights.sum()
+
+    def mean(self) -> float:
+        return float(np.dot(np.arange(1, self.max_length + 1), self.probabilities()))
+
+
+def sample_span_lengths(key: jax.Array, shape: tuple[int, ...], lengths: SpanLengths,
+                        size_biased: bool = False) -> jax.Array:
+    """int32 span lengths drawn from ``lengths`` (``size_biased``: p(n) ~ n p(n) instead)."""
+    probs = lengths.probabilities()
+    if size_biased:
+        probs = probs * np.arange(1, lengths.max_length + 1)
+        probs = probs / probs.sum()
+    if lengths.max_length == 1:
+        return jnp.ones(shape, jnp.int32)
+    cdf = np.cumsum(probs)[:-1]  # inverse CDF: count the thresholds a uniform passes
+    u = jax.random.uniform(key, shape)
+    return (1 + jnp.searchsorted(jnp.asarray(cdf, jnp.float32), u, side="right")).astype(
+        jnp.int32)
+
+
+def prediction_budget(eligible: jax.Array, rate: float, max_predictions: int) -> jax.Array:
+    """``min(max_predictions, max(1, round(rate * n)), n)`` for n eligible tokens (BERT's count;
+    jnp.round is half to even, like Python's round in the reference)."""
+    n = eligible.sum(dtype=jnp.int32)
+    k = jnp.maximum(1, jnp.round(rate * n.astype(jnp.float32)).astype(jnp.int32))
+    return jnp.minimum(jnp.minimum(k, max_predictions), n)
+
+
+def select_spans(key: jax.Array, eligible: jax.Array, word_starts: jax.Array | None,
+                 lengths: SpanLengths, budget: jax.Array) -> dict[str, jax.Array]:
+    """Chooses up to ``budget`` eligible positions of one sequence in whole spans.
+
+    ``eligible`` is bool [L]; ``word_starts`` bool [L] or None (every token a word). Returns
+    per position: ``selected`` (bool), ``span`` (int32 span id, L for ineligible positions),
+    ``span_start`` (first position of the span), ``span_end`` (last *selected* position of the
+    span, -1 if none) and ``span_draw`` (uniform [0, 1) per span, for per-span decisions).
+    """
+    length = eligible.shape[0]
+    k_first, k_offset, k_lengths, k_priority, k_draw = jax.random.split(key, 5)
+    pos = jnp.arange(length, dtype=jnp.int32)
+    prev_eligible = jnp.concatenate([jnp.zeros((1,), bool), eligible[:-1]])
+    starts = eligible & ~prev_eligible  # a word never crosses a special token or padding
+    if word_starts is not None:
+        starts = starts | (eligible & word_starts.astype(bool))
+    else:
+        starts = eligible
+    word = jnp.cumsum(starts, dtype=jnp.int32) - 1  # word index of each eligible token
+
+    # A stationary tiling of the words by spans: span j covers words [ends[j-1], ends[j]).
+    if lengths.max_length == 1:
+        span_opens_word = jnp.ones((length,), bool)
+    else:
+        first = sample_span_lengths(k_first, (1,), lengths, size_biased=True)
+        offset = jnp.floor(jax.random.uniform(k_offset, (1,)) * first).astype(jnp.int32)
+        rest = sample_span_lengths(k_lengths, (length - 1,), lengths)
+        ends = jnp.cumsum(jnp.concatenate([first, rest])) - offset
+        span_opens_word = jnp.zeros((length,), bool).at[0].set(True)
+        span_opens_word = span_opens_word.at[ends].set(True, mode="drop")
+    opens = starts & (span_opens_word[jnp.clip(word, 0)] | ~prev_eligible)
+    span = jnp.where(eligible, jnp.cumsum(opens, dtype=jnp.int32) - 1, length)
+
+    # Span sizes in tokens, and where each span and each word begins and ends.
+    size = jax.ops.segment_sum(eligible.astype(jnp.int32), span, num_segments=length)
+    span_start = jax.ops.segment_min(pos, span, num_segments=length)
+    word_id = jnp.where(eligible, word, length)
+    word_end = jax.ops.segment_max(pos, word_id, num_segments=length)
+
+    # Random priority; spans fill the budget in that order.
+    priority = jnp.where(size > 0, jax.random.uniform(k_priority, (length,)), 2.0)
+    order = jnp.argsort(priority)
+    ordered = size[order]
+    before = jnp.zeros((length,), jnp.int32).at[order].set(jnp.cumsum(ordered) - ordered)
+
+    span_c = jnp.clip(span, 0, length - 1)
+    start_here = span_start[span_c]
+    through_word = word_end[jnp.clip(word, 0, length - 1)] - start_here + 1
+    selected = eligible & (before[span_c] + through_word <= budget)
+    span_end = jax.ops.segment_max(jnp.where(selected, pos, -1), span, num_segments=length)
+    span_draw = jax.random.uniform(k_draw, (length,))
+    return {
+        "selected": selected,
+        "span": span,
+        "span_start": jnp.where(eligible, start_here, 0),
+        "span_end": jnp.where(eligible, span_end[span_c], -1),
+        "span_draw": span_draw[span_c],
+    }
