@@ -1,0 +1,495 @@
+"""The BERT family as one Flax NNX encoder: BERT, RoBERTa, ALBERT, ELECTRA and SpanBERT by config.
+
+Post-LN Transformer layers (attention -> add -> LayerNorm, FFN -> add -> LayerNorm) with biases,
+softmax scale 1/sqrt(head size), GELU (exact erf, or tanh for ALBERT's ``gelu_new``); learned
+absolute positions (RoBERTa's start at ``position_offset``), token types, embedding LayerNorm.
+ALBERT: factorised embeddings (``embedding_size`` E != hidden H, then a dense E -> H) and
+cross-layer sharing. Heads: MLM (tied decoder), NSP/SOP (pooler + 2-way classifier), ELECTRA's
+discriminator, SpanBERT's span-boundary objective. ``ElectraPair`` is a generator and a
+discriminator sharing one embeddings module. Numerically equal to transformers' BERT, RoBERTa,
+ALBERT and ELECTRA models (tests/test_encoder_model.py).
+
+Layer sharing: the N layers are ``units`` distinct parameter sets, each applied ``N // units``
+times in a row (ALBERT's ``num_hidden_groups``): ``none`` = N units, ``all`` = 1, ``groups`` =
+``num_layer_groups``. ``attention``/``ffn`` share only that sub-layer: one ``shared`` copy plus N
+units holding the other sub-layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5x_like.errors import UserError
+from t5x_like.models import layers as L
+
+MODEL_TYPES = ("bert", "roberta", "albert", "electra")  # names the HF layout; math is by fields
+HIDDEN_ACTS = ("gelu", "gelu_new")  # exact erf GELU; tanh approximation (ALBERT's default)
+LAYER_SHARING = ("none", "all", "attention", "ffn", "groups")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    model_type: str = "bert"  # which transformers layout import/export uses
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    embedding_size: int = 0  # 0: tables are hidden_size wide; else E-wide tables + dense E -> H
+    max_position_embeddings: int = 512
+    position_offset: int = 0  # RoBERTa: positions start at padding_idx + 1 = 2
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    layer_sharing: str = "none"
+    num_layer_groups: int = 1  # distinct layers when layer_sharing == "groups"
+    pooler: bool = True  # tanh(dense([CLS])): needed by the NSP/SOP head
+    mlm_head: bool = True
+    nsp_head: bool = True  # NSP or SOP: the same 2-way classifier on the pooled [CLS]
+    discriminator_head: bool = False  # ELECTRA: one replaced-or-original logit per token
+    sbo_head: bool = False  # SpanBERT span-boundary objective
+    sbo_max_span_length: int = 10  # rows of the SBO relative position table
+    generator_fraction: float = 0.25  # ElectraPair only: generator width / discriminator width
+    hidden_dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        choices = {
+            "model_type": MODEL_TYPES,
+            "hidden_act": HIDDEN_ACTS,
+            "layer_sharing": LAYER_SHARING,
+            "dtype": tuple(L.DTYPES),
+            "param_dtype": tuple(L.DTYPES),
+            "remat_policy": tuple(L.REMAT_POLICIES),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"encoder config field {name}={getattr(self, name)!r} is not one "
+                                f"of {allowed}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "num_layer_groups", "sbo_max_span_length"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"encoder config field {name} must be positive, got "
+                                f"{getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"encoder hidden_size={self.hidden_size} is not divisible by "
+                            f"num_heads={self.num_heads}")
+        if self.layer_sharing == "groups" and self.num_layers % self.num_layer_groups:
+            raise UserError(f"encoder num_layers={self.num_layers} is not divisible by "
+                            f"num_layer_groups={self.num_layer_groups}")
+        if self.nsp_head and not self.pooler:
+            raise UserError("encoder nsp_head=True needs pooler=True (it classifies the pooled "
+                            "[CLS] vector)")
+        if self.embedding_size < 0 or self.position_offset < 0 or self.type_vocab_size < 0:
+            raise UserError("encoder embedding_size, position_offset and type_vocab_size must "
+                            "be >= 0")
+        if not 0.0 < self.generator_fraction <= 1.0:
+            raise UserError(f"encoder generator_fraction must be in (0, 1], got "
+                            f"{self.generator_fraction}")
+        for name in ("hidden_dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"encoder {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderConfig:
+        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown encoder config key {key!r}; known keys: "
+                                f"{sorted(known)}")
+        return cls(**d)
+
+    @property
+    def table_size(self) -> int:
+        """Width of the embedding tables (and of the MLM decoder's input)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def units(self) -> int:
+        """Distinct layer parameter sets in ``encoder.layers``; each runs N // units times."""
+        return {"all": 1, "groups": self.num_layer_groups}.get(self.layer_sharing,
+                                                               self.num_layers)
+
+
+def generator_config(config: EncoderConfig) -> EncoderConfig:
+    """ELECTRA's generator: the discriminator's depth, ``generator_fraction`` of its hidden size,
+    heads and FFN, the same embedding tables (projected when widths differ), an MLM head."""
+    f = config.generator_fraction
+    hidden = max(1, round(config.hidden_size * f))
+    heads = max(1, round(config.num_heads * f))
+    if hidden % heads:
+        raise UserError(f"the ELECTRA generator's hidden size {hidden} (= {f} x "
+                        f"{config.hidden_size}) is not divisible by its {heads} heads; change "
+                        "generator_fraction")
+    table = config.table_size
+    return dataclasses.replace(
+        config, hidden_size=hidden, num_heads=heads,
+        intermediate_size=max(1, round(config.intermediate_size * f)),
+        embedding_size=0 if table == hidden else table, pooler=False, mlm_head=True,
+        nsp_head=False, discriminator_head=False, sbo_head=False)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=name == "gelu_new")
+
+
+class Dense(nnx.Module):
+    """``x @ kernel + bias`` contracting x's last ``len(in_shape)`` dims; kernel [in..., out...]."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 in_names: tuple[str, ...], out_names: tuple[str, ...], c: EncoderConfig, *,
+                 rngs: nnx.Rngs):
+        pdt = L.dtype_of(c.param_dtype)
+        self.kernel = L.make_param(rngs, L.normal(c.initializer_range), (*in_shape, *out_shape),
+                                   (*in_names, *out_names), pdt)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, out_shape, out_names, pdt)
+        self.num_in = len(in_shape)
+        self.dtype = L.dtype_of(c.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                          axes=self.num_in)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Mean/variance LayerNorm with scale and bias; statistics in float32."""
+
+    def __init__(self, dim: int, c: EncoderConfig, *, rngs: nnx.Rngs):
+        pdt = L.dtype_of(c.param_dtype)
+        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), pdt)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), pdt)
+        self.eps = c.layer_norm_eps
+        self.dtype = L.dtype_of(c.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embeddings(nnx.Module):
+    """Word + position + token-type tables (E wide), summed and LayerNormed."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        pdt, init, e = L.dtype_of(c.param_dtype), L.normal(c.initializer_range), c.table_size
+        self.word_embeddings = L.make_param(rngs, init, (c.vocab_size, e), ("vocab", "embed"), pdt)
+        self.position_embeddings = L.make_param(rngs, init, (c.max_position_embeddings, e),
+                                                ("position", "embed"), pdt)
+        if c.type_vocab_size:
+            self.token_type_embeddings = L.make_param(rngs, init, (c.type_vocab_size, e),
+                                                      ("type", "embed"), pdt)
+        self.norm = LayerNorm(e, c, rngs=rngs)
+        self.position_offset = c.position_offset
+        self.dtype = L.dtype_of(c.dtype)
+
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        length = input_ids.shape[1]
+        table_rows = self.position_embeddings.shape[0]
+        if length + self.position_offset > table_rows:
+            raise UserError(f"sequence length {length} needs {length + self.position_offset} "
+                            f"position embeddings but the model has {table_rows}; shorten "
+                            "data.inputs_length or raise max_position_embeddings")
+        x = jnp.take(self.word_embeddings[...], input_ids, axis=0).astype(jnp.float32)
+        # RoBERTa numbers real tokens from padding_idx + 1; with right padding that is arange.
+        positions = self.position_embeddings[self.position_offset:self.position_offset + length]
+        x = x + positions[None].astype(jnp.float32)
+        if hasattr(self, "token_type_embeddings"):
+            x = x + jnp.take(self.token_type_embeddings[...], token_type_ids,
+                             axis=0).astype(jnp.float32)
+        return self.norm(x)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Float32 logits ``x @ word_embeddings^T`` (the tied MLM decoder)."""
+        table = self.word_embeddings[...].astype(x.dtype)
+        return jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)
+
+
+class SelfAttention(nnx.Module):
+    """Biased q/k/v/out projections, scaled dot-product attention, then LN(x + attention)."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        h, n = c.hidden_size, c.num_heads
+        heads = ((h,), (n, h // n), ("embed",), ("heads", "kv"))
+        self.query = Dense(*heads, c, rngs=rngs)
+        self.key = Dense(*heads, c, rngs=rngs)
+        self.value = Dense(*heads, c, rngs=rngs)
+        self.out = Dense((n, h // n), (h,), ("heads", "kv"), ("embed",), c, rngs=rngs)
+        self.norm = LayerNorm(h, c, rngs=rngs)
+        self.scale = (h // n) ** -0.5
+        self.rates = (c.attention_dropout_rate, c.hidden_dropout_rate)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+        k_probs, k_out = L.split_key(key, 2)
+        q = self.query(x) * jnp.asarray(self.scale, x.dtype)
+        y = L.attention(q, self.key(x), self.value(x), bias=None, mask=mask,
+                        dropout_rate=self.rates[0], dropout_key=k_probs)
+        return self.norm(x + L.dropout(self.out(y), self.rates[1], k_out))
+
+
+class FeedForward(nnx.Module):
+    """LN(x + W_out act(W_in x))."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        h, i = c.hidden_size, c.intermediate_size
+        self.wi = Dense((h,), (i,), ("embed",), ("mlp",), c, rngs=rngs)
+        self.wo = Dense((i,), (h,), ("mlp",), ("embed",), c, rngs=rngs)
+        self.norm = LayerNorm(h, c, rngs=rngs)
+        self.hidden_act = c.hidden_act
+        self.rate = c.hidden_dropout_rate
+
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        y = self.wo(_activation(self.hidden_act, self.wi(x)))
+        return self.norm(x + L.dropout(y, self.rate, key))
+
+
+class Layer(nnx.Module):
+    """One post-LN layer, or the part of it that is not shared (see the module docstring)."""
+
+    def __init__(self, c: EncoderConfig, *, attention: bool, ffn: bool, rngs: nnx.Rngs):
+        if attention:
+            self.attention = SelfAttention(c, rngs=rngs)
+        if ffn:
+            self.ffn = FeedForward(c, rngs=rngs)
+
+
+def _apply_layer(layer: Layer, shared: Layer | None, x: jax.Array, mask: jax.Array,
+                 key: jax.Array | None) -> jax.Array:
+    k_attn, k_ffn = L.split_key(key, 2)
+    attention = layer.attention if hasattr(layer, "attention") else shared.attention
+    ffn = layer.ffn if hasattr(layer, "ffn") else shared.ffn
+    return ffn(attention(x, mask, k_attn), k_ffn)
+
+
+class Transformer(nnx.Module):
+    """Optional E -> H projection, then the N layers (distinct, shared or grouped)."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        if c.embedding_size:
+            self.embedding_projection = Dense((c.embedding_size,), (c.hidden_size,), ("embed",),
+                                              ("mlp",), c, rngs=rngs)
+        share = c.layer_sharing
+        self.layers = L.make_stack(
+            lambda r: Layer(c, attention=share != "attention", ffn=share != "ffn", rngs=r),
+            c.units, rngs, scan=c.scan_layers)
+        if share in ("attention", "ffn"):
+            self.shared = Layer(c, attention=share == "attention", ffn=share == "ffn", rngs=rngs)
+        self.config = c
+
+    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None,
+                 output_hidden_states: bool) -> tuple[jax.Array, jax.Array | None]:
+        """Final hidden states and, if asked, every layer's input and output [N + 1, B, L, H]."""
+        c = self.config
+        if hasattr(self, "embedding_projection"):
+            x = self.embedding_projection(x)
+        units, repeats = c.units, c.num_layers // c.units
+        shared = getattr(self, "shared", None)
+        keys = None if key is None else jax.random.split(key, (units, repeats))
+
+        def run_one(layer, x, k):
+            y = _apply_layer(layer, shared, x, mask, k)
+            return y, (y if output_hidden_states else None)
+
+        def body(layer, x, unit_keys):
+            if repeats == 1:
+                y, out = run_one(layer, x, None if unit_keys is None else unit_keys[0])
+                return y, None if out is None else out[None]
+            # A shared layer runs `repeats` times; remat each run, not the whole unit.
+            step = lambda x, k: run_one(layer, x, k)  # noqa: E731
+            if c.remat_policy != "none":
+                step = jax.checkpoint(step, policy=L.REMAT_POLICIES[c.remat_policy],
+                                      prevent_cse=not c.scan_layers)
+            if c.scan_layers:
+                return jax.lax.scan(step, x, unit_keys, length=repeats)
+            outs = []
+            for i in range(repeats):
+                x, out = step(x, None if unit_keys is None else unit_keys[i])
+                outs.append(out)
+            return x, (jnp.stack(outs) if output_hidden_states else None)
+
+        x_final, outs = L.run_stack(self.layers, x, keys, body, scan=c.scan_layers,
+                                    remat_policy=c.remat_policy if repeats == 1 else "none")
+        if not output_hidden_states:
+            return x_final, None
+        outs = outs.reshape(c.num_layers, *outs.shape[2:])
+        return x_final, jnp.concatenate([x[None], outs])
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class MLMHead(nnx.Module):
+    """dense H -> E, activation, LayerNorm, tied decoder (word embeddings^T) + bias."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        e = c.table_size
+        self.transform = Dense((c.hidden_size,), (e,), ("mlp",), ("embed",), c, rngs=rngs)
+        self.norm = LayerNorm(e, c, rngs=rngs)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,), ("vocab",),
+                                 L.dtype_of(c.param_dtype))
+        self.hidden_act = c.hidden_act
+
+    def __call__(self, x: jax.Array, embeddings: Embeddings) -> jax.Array:
+        h = self.norm(_activation(self.hidden_act, self.transform(x)))
+        return embeddings.attend(h) + self.bias[...].astype(jnp.float32)
+
+
+class DiscriminatorHead(nnx.Module):
+    """ELECTRA: dense H -> H, activation, dense H -> 1: a replaced-token logit per position."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        h = c.hidden_size
+        self.dense = Dense((h,), (h,), ("embed",), ("mlp",), c, rngs=rngs)
+        self.prediction = Dense((h,), (), ("mlp",), (), c, rngs=rngs)
+        self.hidden_act = c.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.prediction(_activation(self.hidden_act, self.dense(x))).astype(jnp.float32)
+
+
+class SpanBoundaryHead(nnx.Module):
+    """SpanBERT's SBO: [x_{s-1}; x_{e+1}; p_i] -> 2 x (dense, GELU, LayerNorm) -> tied decoder."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
+        h, e = c.hidden_size, c.table_size
+        self.position_embeddings = L.make_param(
+            rngs, L.normal(c.initializer_range), (c.sbo_max_span_length, h), ("position", "embed"),
+            L.dtype_of(c.param_dtype))
+        self.dense1 = Dense((3, h), (h,), ("span_parts", "embed"), ("mlp",), c,
+                            rngs=rngs)
+        self.norm1 = LayerNorm(h, c, rngs=rngs)
+        self.dense2 = Dense((h,), (e,), ("mlp",), ("embed",), c, rngs=rngs)
+        self.norm2 = LayerNorm(e, c, rngs=rngs)
+        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,), ("vocab",),
+                                 L.dtype_of(c.param_dtype))
+        self.hidden_act = c.hidden_act
+
+    def __call__(self, hidden: jax.Array, span_boundaries: jax.Array,
+                 embeddings: Embeddings) -> jax.Array:
+        """``span_boundaries`` [B, P, 3]: (index of x_{s-1}, index of x_{e+1}, offset of the
+        predicted token inside its span, from 0); float32 logits [B, P, vocab]."""
+        left = _gather(hidden, span_boundaries[..., 0])
+        right = _gather(hidden, span_boundaries[..., 1])
+        offset = jnp.take(self.position_embeddings[...], span_boundaries[..., 2], axis=0)
+        x = jnp.stack([left, right, offset.astype(left.dtype)], axis=-2)  # [B, P, 3, H]
+        h = self.norm1(_activation(self.hidden_act, self.dense1(x)))
+        h = self.norm2(_activation(self.hidden_act, self.dense2(h)))
+        return embeddings.attend(h) + self.bias[...].astype(jnp.float32)
+
+
+def _gather(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x[b, positions[b, p]] -> [B, P, ...]."""
+    return jnp.take_along_axis(x, positions[:, :, None].astype(jnp.int32), axis=1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class EncoderModel(nnx.Module):
+    """Embeddings -> Transformer -> the heads the config asks for.
+
+    ``embeddings`` lets a second model share the first one's tables (ELECTRA's generator).
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs,
+                 embeddings: Embeddings | None = None):
+        c = config
+        self.config = c
+        self.embeddings = embeddings if embeddings is not None else Embeddings(c, rngs=rngs)
+        self.encoder = Transformer(c, rngs=rngs)
+        h = c.hidden_size
+        if c.pooler:
+            self.pooler = Dense((h,), (h,), ("embed",), ("mlp",), c, rngs=rngs)
+        if c.nsp_head:
+            self.nsp = Dense((h,), (2,), ("mlp",), ("classes",), c, rngs=rngs)
+        if c.mlm_head:
+            self.mlm = MLMHead(c, rngs=rngs)
+        if c.discriminator_head:
+            self.discriminator = DiscriminatorHead(c, rngs=rngs)
+        if c.sbo_head:
+            self.sbo = SpanBoundaryHead(c, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        masked_positions: jax.Array | None = None,
+        span_boundaries: jax.Array | None = None,
+        output_hidden_states: bool = False,
+        enable_dropout: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> dict[str, jax.Array]:
+        """Hidden states and head outputs for [B, L] ids (mask 1 = real token, 0 = padding).
+
+        Returns ``last_hidden_state`` [B, L, H], ``hidden_states`` [N + 1, B, L, H] (embedding
+        output, then each layer's; only with ``output_hidden_states``), ``pooled_output``,
+        ``nsp_logits`` [B, 2], ``mlm_logits`` [B, L, V] (or [B, P, V] at ``masked_positions``
+        [B, P], as the original BERT code does, so that unselected positions are never
+        projected onto the vocabulary), ``discriminator_logits`` [B, L] and ``sbo_logits``
+        [B, P, V] (with ``span_boundaries``, see ``SpanBoundaryHead``); logits are float32.
+        """
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if enable_dropout and (c.hidden_dropout_rate or c.attention_dropout_rate):
+            if rngs is None:
+                raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
+            k_embed, k_layers = L.split_key(rngs.dropout(), 2)
+        else:
+            k_embed = k_layers = None
+        x = L.dropout(self.embeddings(input_ids, token_type_ids), c.hidden_dropout_rate, k_embed)
+        mask = (attention_mask > 0)[:, None, None, :]
+        hidden, all_hidden = self.encoder(x, mask, k_layers, output_hidden_states)
+        out = {"last_hidden_state": hidden}
+        if all_hidden is not None:
+            out["hidden_states"] = all_hidden
+        if c.pooler:
+            out["pooled_output"] = jnp.tanh(self.pooler(hidden[:, 0]))
+        if c.nsp_head:
+            out["nsp_logits"] = self.nsp(out["pooled_output"]).astype(jnp.float32)
+        if c.mlm_head:
+            selected = hidden if masked_positions is None else _gather(hidden, masked_positions)
+            out["mlm_logits"] = self.mlm(selected, self.embeddings)
+        if c.discriminator_head:
+            out["discriminator_logits"] = self.discriminator(hidden)
+        if c.sbo_head and span_boundaries is not None:
+            out["sbo_logits"] = self.sbo(hidden, span_boundaries, self.embeddings)
+        return out
+
+
+class ElectraPair(nnx.Module):
+    """ELECTRA: a small MLM generator and a discriminator that share one embeddings module.
+
+    ``config`` describes the discriminator (with ``discriminator_head``); the generator is
+    ``generator_config(config)``. Each part is an ``EncoderModel`` called on its own; the
+    family samples the generator's tokens between the two calls. Parameter paths: the shared
+    tables live under ``discriminator.embeddings``.
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.discriminator = EncoderModel(config, rngs=rngs)
+        self.generator = EncoderModel(generator_config(config), rngs=rngs,
+                                      embeddings=self.discriminator.embeddings)
