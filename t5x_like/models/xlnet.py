@@ -305,8 +305,9 @@ class XLNet(nnx.Module):
 
         segment_diff = None
         if token_type_ids is not None:  # memory slots count as segment 0, as in the reference
+            token_type_ids = jnp.asarray(token_type_ids, jnp.int32)
             all_ids = jnp.concatenate(
-                [jnp.zeros((batch, mem_length), token_type_ids.dtype), token_type_ids], axis=1)
+                [jnp.zeros((batch, mem_length), jnp.int32), token_type_ids], axis=1)
             segment_diff = token_type_ids[:, :, None] != all_ids[:, None, :]
 
         table = self.word_embedding[...]
