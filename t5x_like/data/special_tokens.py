@@ -41,8 +41,10 @@ def special_tokens(vocabulary) -> SpecialTokens:
         if vocabulary.mask_id is None:
             raise UserError("the tokenizer has no mask token ([MASK] or <mask>); masked-LM "
                             "objectives need one")
-        specials = set(vocabulary.special_ids)
-        ordinary_low = max((i for i in specials if i < 1000), default=-1) + 1
+        # Tokenizers put their specials first (BERT: 0-103, RoBERTa: 0-3), except a few
+        # appended at the end (RoBERTa's <mask>), which the masking config excludes by id.
+        head = [i for i in vocabulary.special_ids if i < vocabulary.vocab_size // 2]
+        ordinary_low = max(head, default=-1) + 1
         return SpecialTokens(
             pad=vocabulary.pad_id, eos=vocabulary.eos_id, unk=vocabulary.unk_id,
             cls=vocabulary.cls_id, sep=vocabulary.sep_id, mask=vocabulary.mask_id,
