@@ -71,9 +71,26 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             checkpoint_every=200,
             keep_checkpoints=3,
             progress_bar=True,
+            # Reliability (README "Reliability"): a checkpoint also every N minutes (0 = off);
+            # updates with a non-finite loss or gradient are skipped, and more than
+            # max_skipped_steps in a row stop the run; a loss above loss_spike_factor x the
+            # running median is logged (0 = off); Cloud TPU/GCE maintenance notices are
+            # polled every maintenance_poll_seconds when running on GCE (0 = off).
+            checkpoint_every_minutes=0.0,
+            max_skipped_steps=10,
+            loss_spike_factor=2.0,
+            maintenance_poll_seconds=10.0,
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            tensor=1,
+            rules="fsdp_tensor",  # dp | fsdp | tensor | fsdp_tensor (partitioning.PRESETS)
+            rules_override="",  # e.g. "embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp"
+        )
+    )
     return c
 
 
@@ -209,6 +226,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
     _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
+    for name in ("checkpoint_every_minutes", "max_skipped_steps", "maintenance_poll_seconds"):
+        _check(t[name] >= 0, f"config field train.{name} must be >= 0, got {t[name]}")
+    _check(
+        t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
+        f"train.loss_spike_factor must be 0 (off) or greater than 1, got {t.loss_spike_factor}",
+    )
     for name in ("data", "fsdp", "tensor"):
         size = c.mesh[name]
         _check(size == -1 or size > 0, f"mesh.{name} must be positive or -1 (fill), got {size}")
@@ -216,6 +239,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
     )
+    from t5x_like import partitioning  # late: imports jax
+
+    partitioning.rules_from_config(c.mesh)  # unknown preset, axis or mesh axis: one sentence
 
 
 # --------------------------------------------------------------------------- resolution

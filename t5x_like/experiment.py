@@ -81,8 +81,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     resolved = config_lib.resolve(config, vocabulary.vocab_size)
     family = get_family(resolved, vocabulary)
     mesh = partitioning.make_mesh(resolved.mesh, devices)
+    rules = partitioning.rules_from_config(resolved.mesh)
+    partitioning.check_axes_used(mesh, rules)
     batch = resolved.data.batch_size
-    dp = partitioning.data_parallel_size(mesh)
+    dp = partitioning.data_parallel_size(mesh, rules)
     micro = batch // resolved.optimizer.grad_accum_steps
     if micro % dp:
         raise UserError(
@@ -91,20 +93,14 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
             f"split evenly over {dp} data-parallel devices; make it a multiple of {dp}"
         )
     tx, schedule = optim.make_optimizer(resolved.optimizer, resolved.train.num_steps)
-    params_sh = partitioning.param_shardings(family.abstract_params, mesh)
+    specs = partitioning.param_specs(family.abstract_params, mesh, rules)
     repl = partitioning.replicated(mesh)
     abstract_params = jax.eval_shape(family.init, jax.random.key(0))
-    opt_shapes = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer leaves shaped like their parameter follow its sharding; factored statistics
-    # (Adafactor's row/column vectors) and counters are small and replicated.
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda leaf, p, sh: sh if leaf.shape == p.shape else repl,
-        opt_shapes,
-        abstract_params,
-        params_sh,
-        transform_non_params=lambda _: repl,
-    )
+    # Moments follow their parameter; Adafactor's factored statistics keep the sharding of
+    # the parameter dims they keep; counters are replicated (partitioning.opt_state_specs).
+    params_sh = partitioning.named(mesh, specs)
+    opt_sh = partitioning.named(mesh, partitioning.opt_state_specs(tx, abstract_params, specs,
+                                                                    mesh))
     state_shardings = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
     return Experiment(
         config=resolved,
@@ -114,5 +110,5 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
         tx=tx,
         schedule=schedule,
         state_shardings=state_shardings,
-        batch_sharding=partitioning.batch_sharding(mesh),
+        batch_sharding=partitioning.batch_sharding(mesh, rules),
     )

@@ -1,39 +1,219 @@
-"""The device mesh and the one table that maps logical axis names to mesh axes.
+"""The device mesh and the rules that map logical axis names to mesh axes.
 
-Modules only name their axes (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``layers``);
-everything about placement lives here. The mesh is always ``(data, fsdp, tensor)``: with the
-default rules and ``fsdp = tensor = 1`` this is plain data parallelism, and the fsdp/tensor
-axes are already in every PartitionSpec, so scaling out is a change of config, not of code.
+Modules only name their axes (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``layers``, ...);
+everything about placement lives here. The mesh is always ``(data, fsdp, tensor)``. A preset
+(``mesh.rules``) says which logical axes go over which mesh axes; ``mesh.rules_override``
+changes single names (``"embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp"``):
+
+- ``dp``: every weight replicated, batches split over ``data`` (and ``fsdp``, if it is > 1).
+- ``fsdp``: ZeRO-3. Weights and optimizer state sharded over ``fsdp``; XLA gathers each layer's
+  weights where they are used. ``embed`` carries ``fsdp``; a weight without an ``embed`` dim
+  (or whose ``embed`` dim ``fsdp`` does not divide) is sharded on its largest dim that ``fsdp``
+  divides, never on the stacked ``layers`` dim that ``scan`` walks.
+- ``tensor``: Megatron. ``heads``, ``mlp`` and ``vocab`` over ``tensor``; batches over ``data``.
+- ``fsdp_tensor`` (the default): both. With ``fsdp = tensor = 1`` it is plain data parallelism.
+
+Batches always split over ``data`` and ``fsdp``: an fsdp group holds different examples and
+shares weights, as in ZeRO. Optimizer state takes the shardings JAX's own rules give its
+leaves (``opt_state_shardings``), so Adam's moments follow their parameter and Adafactor's
+factored statistics keep the sharding of the parameter dims they keep.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from t5x_like.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axis (or axes, or None = replicated). Batch goes over every axis that
-# holds a different slice of the data; weights shard their large dims over fsdp (ZeRO-3) and
-# heads/mlp/vocab over tensor (Megatron).
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("relpos_buckets", None),
+# Every logical axis name a module or a batch may use. A name missing here is a typo or a new
+# axis: it is refused (``logical_to_mesh``) rather than silently replicated.
+LOGICAL_AXES = (
+    "batch",  # examples in a batch
+    "length",  # positions in a sequence (activations only)
+    "embed",  # the model width
+    "mlp",  # feed-forward hidden units
+    "heads",  # attention heads
+    "kv",  # per-head width
+    "vocab",  # embedding / output rows
+    "layers",  # stacked layers (scan)
+    "relpos_buckets",  # T5 relative-position buckets
+    "position",  # learned absolute positions
+    "type",  # token-type (segment) embeddings
+    "segments",  # XLNet relative segment encodings
+    "span_parts",  # SpanBERT's (left, right, position) inputs
+    "classes",  # classification outputs
 )
+
+Rules = Mapping[str, tuple[str, ...]]  # logical name -> mesh axes (empty = replicated)
+
+_NONE: dict[str, tuple[str, ...]] = {name: () for name in LOGICAL_AXES}
+_BATCH = {"batch": ("data", "fsdp")}
+_FSDP = {"embed": ("fsdp",)}
+_TENSOR = {"mlp": ("tensor",), "heads": ("tensor",), "vocab": ("tensor",)}
+PRESETS: dict[str, Rules] = {
+    "dp": {**_NONE, **_BATCH},
+    "fsdp": {**_NONE, **_BATCH, **_FSDP},
+    "tensor": {**_NONE, **_BATCH, **_TENSOR},
+    "fsdp_tensor": {**_NONE, **_BATCH, **_FSDP, **_TENSOR},
+}
+DEFAULT_RULES = PRESETS["fsdp_tensor"]
+_ACTIVATION_AXES = ("batch", "length")  # never on a weight
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def parse_override(text: str) -> dict[str, tuple[str, ...]]:
+    """``"embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp"`` -> {name: mesh axes}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise UserError(
+                f"mesh.rules_override item {item!r} has no '='; write e.g. "
+                "'embed=fsdp,mlp=tensor,heads=none' (join several mesh axes with '+')"
+            )
+        if name not in LOGICAL_AXES:
+            raise UserError(
+                f"mesh.rules_override names an unknown logical axis {name!r}; known: "
+                f"{', '.join(LOGICAL_AXES)}"
+            )
+        axes = () if value.lower() in ("", "none") else tuple(value.split("+"))
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise UserError(
+                    f"mesh.rules_override maps {name!r} to {axis!r}, which is not a mesh axis; "
+                    f"use {', '.join(MESH_AXES)} or none"
+                )
+        if len(set(axes)) != len(axes):
+            raise UserError(f"mesh.rules_override maps {name!r} to {value!r}: an axis twice")
+        out[name] = axes
+    return out
+
+
+def rules_from_config(mesh_config) -> dict[str, tuple[str, ...]]:
+    """The preset ``mesh.rules`` with ``mesh.rules_override`` applied."""
+    preset = mesh_config.get("rules", "fsdp_tensor")
+    if preset not in PRESETS:
+        raise UserError(f"mesh.rules must be one of {sorted(PRESETS)}, got {preset!r}")
+    return {**PRESETS[preset], **parse_override(mesh_config.get("rules_override", ""))}
+
+
+def logical_to_mesh(spec: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES,
+                    *, what: str = "an array") -> PartitionSpec:
+    """Maps one logical spec (a name or None per array dim) through the rules.
+
+    A mesh axis shards one dim only: a later dim asking for an axis already used gets less.
+    """
+    used: set[str] = set()
+    out = []
+    for name in spec or ():
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise UserError(
+                f"{what} names the logical axis {name!r}, which partitioning.LOGICAL_AXES does "
+                f"not know; use one of {', '.join(LOGICAL_AXES)} or add it there"
+            )
+        axes = tuple(a for a in rules[name] if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], sizes: Mapping[str, int],
+         logical: Sequence[str | None], rules: Rules, what: str) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide; ZeRO-3 puts ``fsdp`` somewhere.
+
+    JAX needs every sharded dim divisible by its mesh axes, so a dim they do not divide is
+    kept whole along them (reported once, to stderr). If the rules shard weights over
+    ``fsdp`` and this one did not get it, it goes on the largest free dim that ``fsdp``
+    divides (not ``layers``): every large weight is then split, whatever its names.
+    """
+    entries = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+    for i, (dim, entry) in enumerate(zip(shape, entries, strict=True)):
+        names = tuple(a for a in _names(entry) if sizes[a] > 1)
+        if names and dim % math.prod(sizes[a] for a in names):
+            print(f"note: {what} dim {i} (size {dim}) is not divisible by mesh axes {names} "
+                  f"of size {math.prod(sizes[a] for a in names)}; it stays whole along them",
+                  file=sys.stderr)
+            names = ()
+        entries[i] = None if not names else names[0] if len(names) == 1 else names
+    zero3 = any("fsdp" in axes for name, axes in rules.items() if name not in _ACTIVATION_AXES)
+    used = {a for e in entries for a in _names(e)}
+    if zero3 and sizes["fsdp"] > 1 and "fsdp" not in used:
+        free = [i for i, (dim, e, n) in enumerate(zip(shape, entries, logical, strict=True))
+                if e is None and n != "layers" and dim % sizes["fsdp"] == 0]
+        if free:
+            entries[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+    return PartitionSpec(*entries)
+
+
+def param_specs(abstract_params: nnx.State, mesh: Mesh | AbstractMesh,
+                rules: Rules = DEFAULT_RULES) -> dict:
+    """Mesh PartitionSpecs (a pure dict like the params) from the logical names modules attach."""
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+    sizes = dict(mesh.shape)
+
+    def one(path, spec, leaf):
+        what = "parameter " + "/".join(str(getattr(k, "key", k)) for k in path)
+        names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        return _fit(logical_to_mesh(names, rules, what=what), leaf.shape, sizes, names, rules,
+                    what)
+
+    return jax.tree_util.tree_map_with_path(
+        one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """NamedShardings (a pure dict like the params)."""
+    return named(mesh, param_specs(abstract_params, mesh, rules))
+
+
+def opt_state_specs(tx: optax.GradientTransformation, abstract_params, specs: dict,
+                    mesh: Mesh | AbstractMesh):
+    """PartitionSpecs of ``tx.init(params)``'s leaves, as JAX's sharding-in-types rules derive them.
+
+    ``tx.init`` is traced on an abstract mesh with Explicit axes, where every array carries
+    its sharding: moments shaped like a parameter get its spec, a reduction (Adafactor's
+    row/column statistics are means over one dim) keeps the specs of the dims it keeps, and
+    counters and placeholders come out replicated. Nothing is guessed from shapes.
+    """
+    explicit = AbstractMesh(tuple(mesh.shape.values()), tuple(mesh.shape),
+                            axis_types=(AxisType.Explicit,) * len(mesh.shape))
+    typed = jax.tree.map(
+        lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                sharding=NamedSharding(explicit, spec)),
+        abstract_params, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    with jax.sharding.use_abstract_mesh(explicit):
+        shapes = jax.eval_shape(tx.init, typed)
+    return jax.tree.map(
+        lambda s: s.sharding.spec if s.sharding is not None else PartitionSpec(), shapes)
+
+
+def named(mesh: Mesh, specs):
+    """NamedShardings on ``mesh`` for a tree of PartitionSpecs."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+# --------------------------------------------------------------------------- mesh and batches
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -59,55 +239,28 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     )
 
 
-def logical_to_mesh(spec: Sequence[str | None] | None, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """Maps one logical spec (a name per array dim) through the rules; unknown names replicate."""
-    table = dict(rules)
-    used: set[str] = set()
-    out = []
-    for name in spec or ():
-        axes = table.get(name)
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if a not in used)  # a mesh axis shards one dim only
-        used.update(axes)
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*out)
+def check_axes_used(mesh: Mesh, rules: Rules) -> None:
+    """A mesh axis of size > 1 that no rule uses would only repeat the same work."""
+    used = {a for axes in rules.values() for a in axes}
+    for axis in MESH_AXES:
+        if mesh.shape[axis] > 1 and axis not in used:
+            raise UserError(
+                f"mesh.{axis}={mesh.shape[axis]} but no logical axis is sharded over {axis!r} "
+                f"with these rules (mesh.rules / mesh.rules_override): set mesh.{axis}=1 or "
+                f"pick rules that use it"
+            )
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes from dims they do not divide (e.g. a vocab of 100 over 8 devices)."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        fitted.append(axes if names and dim % size == 0 else None)
-    return PartitionSpec(*fitted)
-
-
-def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
-    """NamedShardings (a pure dict like the params) from the logical names modules attached."""
-    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    shapes = nnx.to_pure_dict(abstract_params)
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(
-            mesh, _fit(logical_to_mesh(spec, rules), leaf.shape, mesh)
-        ),
-        logical,
-        shapes,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
-def batch_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Batches split their leading dim over the data axes; every other dim is whole."""
-    return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
+    return NamedSharding(mesh, logical_to_mesh(("batch",), rules, what="the batch"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def data_parallel_size(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> int:
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     """How many different slices of each batch the mesh holds."""
-    (axes,) = logical_to_mesh(("batch",), rules)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    (axes,) = logical_to_mesh(("batch",), rules, what="the batch")
+    return int(np.prod([mesh.shape[a] for a in _names(axes)]))
