@@ -34,6 +34,9 @@ def _quiet_backends() -> None:
 
 def _cmd_train(args, overrides):
     from t5x_like import config as config_lib
+    from t5x_like import distributed
+
+    distributed.initialize(args)  # before any JAX computation; a no-op for one process
 
     config = config_lib.load_config(args.config, overrides)
     from t5x_like.train import train
@@ -43,6 +46,9 @@ def _cmd_train(args, overrides):
 
 
 def _cmd_eval(args, overrides):
+    from t5x_like import distributed
+
+    distributed.initialize(args)
     from t5x_like.evaluation import driver
 
     if args.task:
@@ -123,7 +129,17 @@ def _cmd_export_hf(args, overrides):
     print(f"wrote {args.out}")
 
 
+def _cmd_launch(args, overrides):
+    from t5x_like import launch
+
+    status = launch.main(args, overrides)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from t5x_like import distributed, launch
+
     parser = argparse.ArgumentParser(
         prog="t5x-like",
         description="Pretrain, evaluate and use BERT-era models in JAX. Config fields can be "
@@ -134,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train or resume a model")
     p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and config go here")
+    distributed.add_arguments(p)
     p.set_defaults(run=_cmd_train)
 
     p = verbs.add_parser("eval", help="validation metrics of a checkpoint")
@@ -144,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, help="show N held-out spans filled in")
     p.add_argument("--no-baseline", action="store_true", help="skip the unigram baseline")
     p.add_argument("--json", help="also write the report to this file")
+    distributed.add_arguments(p)
     p.set_defaults(run=_cmd_eval)
 
     p = verbs.add_parser("infer", help="greedy decoding of text by a checkpoint")
@@ -178,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a workdir written by train or import-hf")
     p.add_argument("out", help="folder to write config.json and model.safetensors to")
     p.set_defaults(run=_cmd_export_hf)
+
+    p = verbs.add_parser(
+        "launch", help="run train/eval on N local processes, a Cloud TPU VM, GKE or SLURM"
+    )
+    launch.add_targets(p)
+    p.set_defaults(run=_cmd_launch)
     return parser
 
 
