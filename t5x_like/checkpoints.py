@@ -2,20 +2,121 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``. ``state`` is the pytree
 ``{params, opt_state, step, rng}`` saved sharded (each host writes its shards, restore places
-them on whatever mesh the abstract state asks for); ``meta`` is JSON. Saves are asynchronous
-and atomic (orbax writes a temporary directory and renames it when complete), so an
-interrupted save is never mistaken for a checkpoint. Nothing is ever unpickled.
+them on whatever mesh the abstract state asks for); ``meta`` is JSON (batches consumed, the
+config). Nothing is ever unpickled.
+
+Crash safety. orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` (state and meta
+together) and renames it to ``<step>/`` only when every file is written, so the data position
+in ``meta`` is committed atomically with the state it belongs to, and a process killed at any
+moment (SIGKILL mid-save included) leaves complete steps plus at most one temporary folder.
+Such leftovers are reported and removed when a run opens the folder. orbax checksums only its
+index, not the (zstd-compressed) array data, so a flipped byte can restore silently as a wrong
+number: ``meta`` therefore also holds a fingerprint of every array (two wrapping sums of its
+bits, computed on device), checked after each restore. Steps that do not restore or do not
+match (truncated files, flipped bytes, deleted metadata) are reported, moved aside when
+training (never deleted) and skipped in favour of the step before. A save that fails (full
+disk, unwritable folder) stops the run with a message while the previous step stays intact.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from t5x_like.errors import UserError
+
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
+
+
+def _say(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _reason(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def check_writable(workdir: str | Path) -> None:
+    """UserError unless ``workdir`` can be created and takes a small write, fsynced and removed.
+
+    Runs before anything is built or compiled, so a read-only or missing mount fails in one
+    sentence instead of at the first checkpoint an hour later.
+    """
+    workdir = Path(workdir)
+    probe = workdir / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"t5x-like write test\n" * 64)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"workdir {workdir} is not writable ({_reason(e)}); choose another --workdir or fix "
+            f"its permissions and free space"
+        ) from e
+
+
+def check_free_space(workdir: str | Path, checkpoint_bytes: int) -> None:
+    """UserError when the workdir's disk cannot hold one more checkpoint of this size."""
+    free = shutil.disk_usage(workdir).free
+    if free < checkpoint_bytes:
+        raise UserError(
+            f"the disk of {workdir} has {free / 2**20:.1f} MiB free but one checkpoint of this "
+            f"model needs about {checkpoint_bytes / 2**20:.1f} MiB; free space or choose "
+            f"another --workdir"
+        )
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """Two wrapping uint32 sums of ``x``'s bits: plain, and weighted by odd position numbers
+    (so swapped or shifted words change it too)."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _all_sums(leaves: list) -> list:
+    return [_leaf_sums(x) for x in leaves]
+
+
+def fingerprint(state: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of a state pytree, computed where the arrays live."""
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state), strict=True)
+    sums = _all_sums(list(leaves))
+    if jax.process_count() > 1:  # replicated results: this host's copy is the whole value
+        sums = [x.addressable_data(0) for x in sums]
+    return {
+        jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)]
+        for path, s in zip(paths, sums, strict=True)
+    }
+
+
+def _check_fingerprint(state: Any, meta: dict) -> None:
+    expected = meta.get("fingerprint")
+    if not expected:  # written before fingerprints existed
+        return
+    actual = fingerprint(state)
+    bad = [k for k in expected if actual.get(k) != expected[k]]
+    if bad or set(actual) != set(expected):
+        raise ValueError(
+            f"the restored arrays do not match the fingerprint saved with them "
+            f"({len(bad)} differ, e.g. {bad[:1]}): files were changed after they were written"
+        )
 
 
 class Checkpoints:
@@ -23,18 +124,44 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise UserError(
                 f"{Path(workdir)} holds no checkpoints/ folder: is it a t5x-like workdir?"
             )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=not read_only, read_only=read_only
-            ),
-            item_names=("state", "meta"),
-        )
+        self.incomplete = self._report_incomplete()
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep,
+                    create=not read_only,
+                    read_only=read_only,
+                    cleanup_tmp_directories=not read_only,
+                ),
+                item_names=("state", "meta"),
+            )
+        except OSError as e:
+            raise UserError(
+                f"cannot open the checkpoint folder {self.directory} ({_reason(e)}); check that "
+                f"the workdir is writable"
+            ) from e
         self.unreadable: set[int] = set()
+        self.pending: int | None = None  # the step whose asynchronous save may still run
+        self.last_saved: int | None = None  # the newest step known to be complete on disk
+
+    def _report_incomplete(self) -> list[str]:
+        """Names of temporary step folders a killed save left behind (removed by orbax)."""
+        if not self.directory.is_dir():
+            return []
+        names = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+        for name in names:
+            action = "ignoring it" if self.read_only else "removing it"
+            _say(
+                f"warning: checkpoint {self.directory / name} is incomplete (a save that never "
+                f"finished, e.g. the process was killed while writing); {action}"
+            )
+        return names
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -42,29 +169,69 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts an asynchronous save; training continues while it is written.
 
+        The previous save is awaited first, so its failure is reported here, naming its step.
         A step that exists but was unreadable at restore is moved aside (never deleted) first.
         """
+        self.wait()
         if step in self.unreadable:
-            aside = self.directory / f"unreadable-{step}-{int(time.time())}"
-            (self.directory / str(step)).rename(aside)
-            print(f"note: moved unreadable checkpoint step {step} to {aside}", flush=True)
-            self.unreadable.discard(step)
-            self.manager.reload()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+            self._move_aside(step)
+        meta = {**meta, "fingerprint": fingerprint(state)}
+        try:
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:  # OSError, tensorstore and orbax errors alike
+            raise self._save_error(step, e) from e
+        if not started:
+            raise UserError(f"orbax declined to save checkpoint step {step} in {self.directory}")
+        self.pending = step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is complete; a failed one becomes a UserError."""
+        if self.pending is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            step, self.pending = self.pending, None
+            raise self._save_error(step, e) from e
+        self.last_saved, self.pending = self.pending, None
+
+    def _save_error(self, step: int, e: BaseException) -> UserError:
+        before = [s for s in self.steps() if s < step]
+        if self.last_saved is not None or before:
+            kept = f"checkpoint step {max([*before, self.last_saved or 0])} is intact"
+        else:
+            kept = "no earlier checkpoint exists"
+        return UserError(
+            f"saving checkpoint step {step} in {self.directory} failed ({_reason(e)}); {kept}: "
+            f"free disk space or fix the folder, then run the same command to resume"
+        )
+
+    def _move_aside(self, step: int) -> None:
+        aside = self.directory / f"unreadable-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+            _say(f"note: moved unreadable checkpoint step {step} to {aside}")
+        if jax.process_count() > 1:  # the others reload only after process 0 renamed it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"t5x_like_move_aside_{step}")
+        self.unreadable.discard(step)
+        self.manager.reload()
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest readable (state, meta), or None when there is none.
 
         A step that fails to restore (truncated files, flipped bytes, missing metadata) is
-        reported and skipped in favour of the one before it; its files are left untouched.
+        reported and skipped in favour of the one before it. A writable manager moves it aside
+        at once (orbax would otherwise refuse to save any step below it); a read-only one
+        leaves its files untouched.
         """
         for step in reversed(self.steps()):
             try:
@@ -75,18 +242,22 @@ class Checkpoints:
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
+                _check_fingerprint(restored["state"], restored["meta"])
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                print(
+                _say(
                     f"warning: checkpoint step {step} in {self.directory} is unreadable "
-                    f"({type(e).__name__}: {reason}); falling back to an earlier step",
-                    flush=True,
+                    f"({_reason(e)}); falling back to an earlier step"
                 )
                 self.unreadable.add(step)
+                if not self.read_only:
+                    self._move_aside(step)
                 continue
+            self.last_saved = step
             return restored["state"], dict(restored["meta"])
         return None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

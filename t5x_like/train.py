@@ -1,11 +1,16 @@
 """The training loop. It knows no model family: it calls ``family.features`` and ``loss_fn``.
 
 Resume order (every run, fresh or not):
+  0. test-write the workdir (a read-only or missing mount fails before anything compiles);
   1. build the experiment from the config (vocabulary, family, mesh, shardings, optimizer);
-  2. restore the newest readable checkpoint in WORKDIR/checkpoints, else initialise;
+  2. restore the newest readable checkpoint in WORKDIR/checkpoints, else initialise
+     (incomplete saves of a killed process and unreadable steps are reported and skipped);
   3. reopen the data stream and skip the batches the checkpoint says were consumed;
   4. step from ``state['step']`` to ``train.num_steps`` with key = fold_in(seed key, step),
-     so masks, dropout and data are the same as in a run that never stopped.
+     so masks, dropout and data are the same as in a run that never stopped; updates with a
+     non-finite loss or gradient are skipped; SIGTERM or a maintenance notice checkpoints the
+     step in flight and stops (exit 0);
+  5. report skipped updates, skipped data and a preemption.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import numpy as np
 import optax
 from clu import metric_writers
 
-from t5x_like.checkpoints import Checkpoints
+from t5x_like import faults, preemption
+from t5x_like.checkpoints import Checkpoints, check_free_space, check_writable
+from t5x_like.data.corpus import data_report_lines
 from t5x_like.errors import UserError
 from t5x_like.experiment import Experiment, build
 from t5x_like.families.base import summarize
@@ -56,9 +63,14 @@ def accumulate_gradients(family, params: dict, features: dict, key: jax.Array, a
 
 
 def make_train_step(exp: Experiment):
-    """A jitted ``(state, batch) -> (state, metrics)`` with donated state."""
+    """A jitted ``(state, batch) -> (state, metrics)`` with donated state.
+
+    An update whose loss or gradient is not finite is skipped (``faults``): parameters and
+    optimizer state stay as they were, the step counter advances, ``metrics['skipped']`` is 1.
+    """
     family, tx, schedule = exp.family, exp.tx, exp.schedule
     accum = exp.config.optimizer.grad_accum_steps
+    nan_steps = faults.injected_nan_steps()  # () outside fault-injection tests
 
     def train_step(state: dict, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -69,18 +81,28 @@ def make_train_step(exp: Experiment):
         grads, sums = accumulate_gradients(family, params, features, dropout_key, accum)
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
+        if nan_steps:
+            grads = faults.inject_nan(grads, state["step"], nan_steps)
+        loss = sums["loss"] / weight
+        ok = faults.finite(loss, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params, opt_state = faults.keep_if(
+            ok,
+            (optax.apply_updates(params, updates), opt_state),
+            (params, state["opt_state"]),
+        )
         new_state = {
-            "params": optax.apply_updates(params, updates),
+            "params": new_params,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
         metrics = {
             **summarize(sums),
-            "loss": sums["loss"] / weight,
+            "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state["step"]),
+            "skipped": 1.0 - ok.astype(jnp.float32),
         }
         return new_state, metrics
 
@@ -173,7 +195,10 @@ class MetricsLog:
         self.writer = metric_writers.create_default_writer(
             str(workdir / "tensorboard"), just_logging=not self.primary
         )
-        self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
+        path = workdir / "metrics.jsonl"
+        if self.primary:
+            _drop_partial_last_line(path)
+        self.jsonl = open(path, "a") if self.primary else None  # noqa: SIM115
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         self.writer.write_scalars(step, scalars)
@@ -187,17 +212,35 @@ class MetricsLog:
             self.jsonl.close()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write leaves half a JSON line; cut it so the file stays parseable."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) -> dict:
-    """Trains (or resumes) to ``train.num_steps``; returns the last logged and eval metrics."""
+    """Trains (or resumes) to ``train.num_steps``; returns the last logged and eval metrics.
+
+    On SIGTERM or a maintenance notice it checkpoints the step in flight and returns early,
+    with ``result['preempted_at_step']``; running it again resumes there.
+    """
     workdir = Path(workdir)
+    # 0. the workdir takes a write before anything is built or compiled
+    check_writable(workdir)
     # 1. experiment
     exp = build(config, devices)
     cfg = exp.config
-    workdir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
     if jax.process_index() == 0:
         exp.write_config(workdir)
     # 2. state
-    checkpoints = Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
+    checkpoints = Checkpoints(workdir, keep=tc.keep_checkpoints)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(exp.abstract_state()))
+    check_free_space(workdir, state_bytes)
     state, meta = exp.restore_or_init(checkpoints)
     start = int(jax.device_get(state["step"]))
     if start:
@@ -208,28 +251,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     train_step = make_train_step(exp)
     eval_step = make_eval_step(exp)
     log = MetricsLog(workdir)
+    health = faults.StepHealth(tc.max_skipped_steps, tc.loss_spike_factor)
+    stop = preemption.Preemption(tc.maintenance_poll_seconds)
+    clock = preemption.Clock(tc.checkpoint_every_minutes)
     tokens_per_batch = cfg.data.batch_size * exp.family.raw_length
     pending: list[dict] = []
     result: dict[str, float] = {}
+    preempted: tuple[int, str] | None = None
     progress = _progress(cfg, start)
     tick, tick_step = time.perf_counter(), start
     try:
-        for step in range(start, cfg.train.num_steps):
+        for step in range(start, tc.num_steps):
             state, metrics = train_step(state, next(batches))
             pending.append(metrics)
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
-                scalars = {
-                    f"train/{k}": float(np.mean(v))
-                    for k, v in jax.device_get(_stack(pending)).items()
-                }
+            at_log_step = done % tc.log_every == 0 or done == tc.num_steps
+            if at_log_step:
+                host = jax.device_get(_stack(pending))
+                # Raises (before any save below) when too many updates in a row were skipped.
+                for line in health.observe(done - len(pending) + 1, host["loss"], host["skipped"]):
+                    progress.write(line)
                 pending.clear()
-                if not np.isfinite(scalars["train/loss"]):
-                    raise UserError(
-                        f"the training loss became non-finite by step {done}; the last checkpoint "
-                        f"is intact: lower optimizer.learning_rate or enable "
-                        f"optimizer.grad_clip_norm and resume"
-                    )
+                scalars = _means_of_applied_steps(host)
+                scalars["train/skipped_steps"] = health.skipped_total
+                scalars["train/loss_spikes"] = health.spikes
                 now = time.perf_counter()
                 scalars["train/tokens_per_s"] = tokens_per_batch * (done - tick_step) / (now - tick)
                 tick, tick_step = now, done
@@ -240,9 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                     tok_s=f"{scalars['train/tokens_per_s']:.0f}",
                 )
             progress.update(1)
-            if cfg.train.eval_batches and (
-                done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
-            ):
+            if tc.eval_batches and (done % tc.eval_every == 0 or done == tc.num_steps):
                 scores = evaluate(exp, state["params"], eval_step=eval_step)
                 scalars = {f"eval/{k}": v for k, v in scores.items()}
                 log.write(done, scalars)
@@ -250,16 +293,44 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 progress.write(
                     f"step {done}: eval loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f}"
                 )
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+            reason = stop.requested(done, at_log_step=at_log_step)
+            if (
+                done % tc.checkpoint_every == 0
+                or done == tc.num_steps
+                or reason
+                or (at_log_step and preemption.agree(clock.due()))
+            ):
                 checkpoints.save(
                     done, state, {"batches_consumed": done, "step": done, "config": cfg.to_dict()}
                 )
+                clock.reset()
+            if reason:
+                preempted = (done, reason)
+                break
     finally:
         progress.close()
-        checkpoints.close()
+        stop.close()
         log.close()
+        checkpoints.close()  # waits for the last save; a failed one raises UserError here
+    # 5. report
+    if health.skipped_total:
+        print(f"note: {health.skipped_total} update(s) skipped for a non-finite loss or "
+              f"gradient; {health.spikes} loss spike(s) logged", flush=True)
+    for line in data_report_lines():
+        print(line, flush=True)
+    if preempted:
+        print(f"stopped at step {preempted[0]} on {preempted[1]}: checkpoint {preempted[0]} is "
+              f"saved in {workdir}; run the same command to resume", flush=True)
+        result["preempted_at_step"] = preempted[0]
     result["step"] = int(jax.device_get(state["step"]))
     return result
+
+
+def _means_of_applied_steps(host: dict) -> dict[str, float]:
+    """Per-metric means over the steps whose update was applied (all steps if none was)."""
+    applied = host["skipped"] == 0
+    rows = applied if applied.any() else np.ones_like(applied)
+    return {f"train/{k}": float(np.mean(v[rows])) for k, v in host.items() if k != "skipped"}
 
 
 def _stack(items: list[dict]) -> dict:

@@ -140,28 +140,74 @@ def read_text_source(path: str | Path) -> Iterator[str]:
     """One example per non-blank line of a .txt file, or of every .txt file under a folder
     (sorted by path, so the order is the same on every host).
 
-    Lines that are not valid UTF-8 are skipped and counted, with one warning per file; a
-    missing path, a folder without .txt files or a source without any text raises UserError.
-    A missing path fails at the call; "no text" fails when the iterator is exhausted.
+    Bad lines are skipped and counted per source (``data_report_lines`` reports them at the
+    end of a run): lines that are not valid UTF-8 (a truncated file usually ends in one),
+    blank lines (empty documents) and lines over ``MAX_LINE_BYTES`` (never read whole into
+    memory). A missing path, a folder without .txt files, an unreadable file or a source
+    without any usable line raises UserError; a missing path fails at the call, the others
+    when the iterator gets there.
     """
     return _read_lines(_text_files(Path(path)), path)
 
 
+MAX_LINE_BYTES = 1 << 20  # a longer "line" is a binary or unsplit file, not a document
+SKIP_REASONS = {
+    "not_utf8": "not valid UTF-8",
+    "blank": "blank (empty documents)",
+    "too_long": f"longer than {MAX_LINE_BYTES} bytes",
+}
+# {source: {reason: count}} for every text source read in this process.
+SKIPPED: dict[str, dict[str, int]] = {}
+
+
+def data_report_lines() -> list[str]:
+    """One line per text source read in this process that had lines skipped."""
+    lines = []
+    for source, counts in SKIPPED.items():
+        parts = [f"{n} {SKIP_REASONS[k]}" for k, n in counts.items() if n]
+        if parts:
+            lines.append(f"data: text source {source}: skipped lines: {', '.join(parts)}")
+    return lines
+
+
+def _lines_of(file: Path, counts: dict[str, int]) -> Iterator[str]:
+    """Decoded, stripped, non-blank lines of ``file``, counting the ones skipped."""
+    with open(file, "rb") as f:
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                counts["too_long"] += 1
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                continue
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                counts["not_utf8"] += 1
+                continue
+            if not line:
+                counts["blank"] += 1
+                continue
+            yield line
+
+
 def _read_lines(files: list[Path], source: str | Path) -> Iterator[str]:
+    counts = SKIPPED.setdefault(str(source), dict.fromkeys(SKIP_REASONS, 0))
+    counts.update(dict.fromkeys(SKIP_REASONS, 0))
     found = False
     for file in files:
-        bad = 0
-        with open(file, "rb") as f:
-            for raw in f:
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    bad += 1
-                    continue
-                if line:
-                    found = True
-                    yield line
-        if bad:
-            log.warning("%s: skipped %d line(s) that are not valid UTF-8", file, bad)
+        bad = counts["not_utf8"]
+        try:
+            for line in _lines_of(file, counts):
+                found = True
+                yield line
+        except OSError as e:
+            raise UserError(f"cannot read {file} of text source {source} ({e}); fix its "
+                            "permissions or remove it") from e
+        if counts["not_utf8"] > bad:
+            log.warning("%s: skipped %d line(s) that are not valid UTF-8", file,
+                        counts["not_utf8"] - bad)
     if not found:
-        raise UserError(f"text source {source} contains no text; it needs non-blank UTF-8 lines")
+        parts = [f"{n} {SKIP_REASONS[k]}" for k, n in counts.items() if n]
+        why = f" (skipped lines: {', '.join(parts)})" if parts else ""
+        raise UserError(f"text source {source} contains no text{why}; it needs non-blank "
+                        "UTF-8 lines")

@@ -11,6 +11,7 @@ but is exact.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator
 
@@ -32,7 +33,8 @@ def _check_one_batch(task: seqio.Task, split: str, raw_length: int, batch_size: 
         return
     ds = task.get_dataset({"targets": raw_length}, split=split, shuffle=False,
                           shard_info=shard_info, num_epochs=1, try_in_mem_cache=False)
-    chunks = sum(1 for _ in ds.take(batch_size))
+    with _read_errors(task.name, split):
+        chunks = sum(1 for _ in ds.take(batch_size))
     if chunks < batch_size:
         where = f" (shard {shard_info.index} of {shard_info.num_shards})" if shard_info else ""
         raise UserError(
@@ -102,4 +104,27 @@ def raw_token_batches(
     )
     ds = ds.map(lambda ex: ex["targets"])
     ds = ds.skip(skip_batches * batch_size).batch(batch_size, drop_remainder=True).prefetch(2)
-    return ({"tokens": tokens.astype(np.int32, copy=False)} for tokens in ds.as_numpy_iterator())
+    return _numpy_batches(ds, name, split)
+
+
+def _numpy_batches(ds, name: str, split: str) -> Iterator[dict[str, np.ndarray]]:
+    with _read_errors(name, split):
+        for tokens in ds.as_numpy_iterator():
+            yield {"tokens": tokens.astype(np.int32, copy=False)}
+
+
+@contextlib.contextmanager
+def _read_errors(name: str, split: str):
+    """A data file that vanished or is damaged (a missing or truncated shard) mid-stream:
+    one sentence naming the task and TensorFlow's own first line, not a TF traceback."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError,
+            tf.errors.InvalidArgumentError) as e:
+        first = (e.message or type(e).__name__).strip().splitlines()[0][:300]
+        raise UserError(
+            f"reading split {split!r} of task {name!r} failed: {type(e).__name__}: {first}; a "
+            "data file is missing, truncated or damaged: restore it or remove it from the task"
+        ) from None
