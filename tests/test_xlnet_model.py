@@ -123,6 +123,32 @@ def test_query_stream_never_sees_its_own_token(hf_xlnet_model):
         assert np.abs(ours - theirs(perm_mask)).max() > 0.1
 
 
+def test_reuse_len_clamp_len_relu_match_transformers_and_bf16_is_close(tmp_path):
+    """Memory from only the first reuse_len tokens, clamped distances and a ReLU FFN, over two
+    segments; bfloat16 compute stays within 5% of the float32 logits' range (a wrong cast or a
+    bf16 softmax would be far off)."""
+    torch.manual_seed(1)
+    config = transformers.XLNetConfig(**{**HF_SMALL, "reuse_len": 8, "clamp_len": 5,
+                                         "ff_activation": "relu"})
+    torch_model = transformers.XLNetLMHeadModel(config).eval()
+    torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    model, ours_config = hf.load(tmp_path)
+    assert (ours_config.reuse_len, ours_config.clamp_len) == (8, 5)
+    first, second, _, _ = _segments(5)
+    with torch.no_grad():
+        ref1 = torch_model(torch.tensor(first), use_mems=True)
+        ref2 = torch_model(torch.tensor(second), mems=ref1.mems, use_mems=True)
+    apply = _jit_apply(model)
+    out1 = apply(first)
+    out2 = apply(second, mems=out1.mems)
+    np.testing.assert_allclose(out1.mems, _torch_mems(ref1.mems), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out2.mems, _torch_mems(ref2.mems), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out2.logits, ref2.logits.numpy(), atol=1e-4, rtol=0)
+    bf16 = _jit_apply(hf.load(tmp_path, dtype="bfloat16")[0])(second, mems=out1.mems).logits
+    assert bf16.dtype == jnp.float32
+    assert np.abs(bf16 - out2.logits).max() <= 0.05 * np.abs(out2.logits).max()
+
+
 def test_rel_shift_aligns_scores_to_distances():
     """out[i, j] = in[i, T - i + j]: slot r of the encodings is distance klen - r, so query i
     (absolute mlen + i) and key j land on distance mlen + i - j."""
