@@ -17,6 +17,42 @@ from t5x_like.objectives.permutation import (  # noqa: E402
 
 __all__ += ["num_predictions", "permutation_lm", "sample_spans", "stream_masks"]
 
+from t5x_like.objectives.denoising import (  # noqa: E402
+    BART_PAPER,
+    BartNoise,
+    TokenIds,
+    bart_noise,
+    document_rotation,
+    sentence_permutation,
+    text_infilling,
+    token_deletion,
+    token_masking,
+)
+from t5x_like.objectives.mass import mass_fragment  # noqa: E402
+from t5x_like.objectives.unilm import (  # noqa: E402
+    attention_mask,
+    prefix_lm_mask,
+    sample_mode,
+    unilm_example,
+)
+
+__all__ += [
+    "BART_PAPER",
+    "BartNoise",
+    "TokenIds",
+    "bart_noise",
+    "document_rotation",
+    "sentence_permutation",
+    "text_infilling",
+    "token_deletion",
+    "token_masking",
+    "mass_fragment",
+    "attention_mask",
+    "prefix_lm_mask",
+    "sample_mode",
+    "unilm_example",
+]
+
 from t5x_like.objectives.masking import (  # noqa: E402
     MaskingConfig,
     albert_masking,
