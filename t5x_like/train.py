@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from clu import metric_writers
 
-from t5x_like import faults, preemption
+from t5x_like import distributed, faults, preemption
 from t5x_like.checkpoints import Checkpoints, check_free_space, check_writable
 from t5x_like.data.corpus import data_report_lines
 from t5x_like.errors import UserError
@@ -137,7 +137,7 @@ def device_batches(
 ) -> Iterator[dict]:
     """Global batches of raw chunks, each host reading only its own shard of the stream."""
     processes = jax.process_count()
-    for local in exp.family.batches(
+    stream = exp.family.batches(
         split=split,
         batch_size=exp.config.data.batch_size // processes,
         shuffle=shuffle,
@@ -145,7 +145,10 @@ def device_batches(
         skip_batches=skip_batches,
         shard_index=jax.process_index(),
         num_shards=processes,
-    ):
+    )
+    if not repeat:  # hosts' shards of a finite split end at different batches: stop together
+        stream = distributed.until_any_exhausted(stream)
+    for local in stream:
         yield jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(exp.batch_sharding, x), local
         )
