@@ -21,18 +21,20 @@ from t5x_like.objectives import (
     sample_mode,
     unilm_example,
 )
+from t5x_like.objectives.masking import mask
 from t5x_like.objectives.unilm import (
     BIDIRECTIONAL,
     LEFT_TO_RIGHT,
     MODE_PROBS,
     RIGHT_TO_LEFT,
     SEQ2SEQ,
-    mlm_corrupt,
+    unilm_masking,
 )
 
 PAD, EOS, BOS, MASK = 0, 1, 2, 3
 VOCAB = 500
 IDS = TokenIds(mask=MASK, eos=EOS, bos=BOS, pad=PAD, vocab_size=VOCAB)
+MASKING = unilm_masking(VOCAB, MASK, special_ids=(BOS, EOS), max_predictions=20)
 
 
 def rows_of(seed: int, count: int, length: int, low: int, high: int) -> np.ndarray:
@@ -179,7 +181,7 @@ def test_padding_rows_do_not_make_attention_nan():
 @functools.cache
 def examples(**kwargs):
     return jax.jit(
-        jax.vmap(lambda k, t, s: unilm_example(k, t, s, IDS, **kwargs), in_axes=(0, 0, None))
+        jax.vmap(lambda k, t, s: unilm_example(k, t, s, MASKING, **kwargs), in_axes=(0, 0, None))
     )
 
 
@@ -213,29 +215,26 @@ def test_examples_pick_a_mode_per_row_and_its_mask():
     np.testing.assert_array_equal(again["inputs"], out["inputs"])
 
 
-def test_mlm_corruption_15_percent_80_10_10():
-    rows, m = 400, 100
+def test_examples_use_bert_masking_within_the_15_percent_budget():
+    # The corruption is masking.mask's (BERT's), with the row key's second half.
+    rows, m = 64, 100
     tokens = rows_of(9, rows, 104, m, m)
+    tokens[:, 60] = EOS  # a separator inside the row is never selected either
+    segments = (np.arange(104) > 60).astype(np.int32)
     keys = jax.random.split(jax.random.key(10), rows)
-    inputs, weights = jax.jit(jax.vmap(lambda k, t: mlm_corrupt(k, t, IDS)))(keys, tokens)
-    inputs, weights = np.asarray(inputs), np.asarray(weights)
-    np.testing.assert_array_equal(weights.sum(axis=1), 15)  # round(0.15 * 100) per row
-    selected = weights > 0
+    out = jax.tree.map(np.asarray, examples()(keys, tokens, segments))
+    direct = jax.jit(jax.vmap(lambda k, t: mask(jax.random.split(k)[1], t, MASKING)))(keys, tokens)
+    for name in ("inputs", "weights", "positions", "position_targets"):
+        np.testing.assert_array_equal(out[name], direct[name])
+    np.testing.assert_array_equal(out["weights"].sum(axis=1), round(0.15 * (m - 1)))
+    selected = out["weights"] > 0
     assert not np.isin(tokens[selected], [PAD, BOS, EOS]).any()
-    np.testing.assert_array_equal(inputs[~selected], tokens[~selected])
-    total = int(selected.sum())
-    masked = int((inputs[selected] == MASK).sum())
-    same = int((inputs[selected] == tokens[selected]).sum())
-    assert within(masked, total, 0.8)
-    # A random replacement equal to the original counts as unchanged (1 in VOCAB - 4).
-    assert within(same, total, 0.1 + 0.1 / (VOCAB - 4))
-    assert within(total - masked - same, total, 0.1 * (1 - 1 / (VOCAB - 4)))
-    replaced = selected & (inputs != tokens) & (inputs != MASK)
-    assert not np.isin(inputs[replaced], [PAD, BOS, EOS]).any()
+    np.testing.assert_array_equal(out["inputs"][~selected], tokens[~selected])
+    assert within(int((out["inputs"][selected] == MASK).sum()), int(selected.sum()), 0.8)
 
 
 def test_unilm_errors():
     with pytest.raises(UserError, match="mode_probs"):
         sample_mode(jax.random.key(0), (0.5, 0.5, 0.5, 0.5))
-    with pytest.raises(UserError, match="MLM"):
-        mlm_corrupt(jax.random.key(0), jnp.asarray(TOKENS), IDS, rate=0.0)
+    with pytest.raises(UserError, match="mode_probs"):
+        unilm_example(jax.random.key(0), TOKENS, SEGMENTS, MASKING, mode_probs=(1.0, 0.0))

@@ -1,8 +1,8 @@
 """UniLM: one Transformer, four language-modelling objectives chosen by the attention mask.
 
-Masks are boolean [L, L], ``mask[i, j]`` = query i may attend to key j; padding (id
-``ids.pad``) is never attended to, and a padding query attends to nothing (its row is all
-False; its loss weight is 0). Segments come from ``segment_ids`` (0 = first / source segment,
+Masks are boolean [L, L], ``mask[i, j]`` = query i may attend to key j; padding (id 0) is
+never attended to, and a padding query attends to nothing (its row is all False; its loss
+weight is 0). Segments come from ``segment_ids`` (0 = first / source segment,
 anything else = second / target segment):
 
     bidirectional   every token sees every token (MLM, as BERT, across both segments)
@@ -13,28 +13,22 @@ anything else = second / target segment):
 
 The mode is drawn per example (``sample_mode``; 1/3 bidirectional, 1/3 seq2seq, 1/6 each
 unidirectional by default), or passed in, e.g. one per batch as the paper does. Every mode
-trains by masked-token prediction: 15% of the tokens (not pad/BOS/EOS), of those 80% <mask>,
-10% random, 10% unchanged, predicted from what the mask lets each position see.
-
-The corruption here is a minimal BERT-style one (exact count ``max(1, round(rate * n))``,
-per-token 80/10/10); UniLM's n-gram option (bigrams / trigrams 20% of the time) is not
-implemented.
+trains by masked-token prediction with BERT's corruption (``masking.mask``: 15% of the
+non-special tokens, of those 80% <mask>, 10% random, 10% unchanged), each masked token
+predicted from what the attention mask lets its position see. UniLM's n-gram option (bigrams
+/ trigrams 20% of the time) is not implemented.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from t5x_like.errors import UserError
-from t5x_like.objectives.denoising import (
-    TokenIds,
-    choose_exactly,
-    count_of,
-    maskable_positions,
-    random_tokens,
-    uniform,
-)
+from t5x_like.objectives.denoising import uniform
+from t5x_like.objectives.masking import PAD_ID, MaskingConfig, bert_masking, mask
 
 BIDIRECTIONAL, LEFT_TO_RIGHT, RIGHT_TO_LEFT, SEQ2SEQ = 0, 1, 2, 3
 MODE_NAMES = ("bidirectional", "left_to_right", "right_to_left", "seq2seq")
@@ -90,63 +84,36 @@ def _mode_of(u: jax.Array, mode_probs: tuple[float, ...]) -> jax.Array:
     return jnp.sum(u >= edges).astype(jnp.int32)
 
 
-def mlm_corrupt(
-    key: jax.Array,
-    tokens: jax.Array,
-    ids: TokenIds,
-    *,
-    rate: float = 0.15,
-    mask_prob: float = 0.8,
-    random_prob: float = 0.1,
-) -> tuple[jax.Array, jax.Array]:
-    """``(inputs, weights)``: ``max(1, round(rate * n))`` of the n maskable tokens selected;
-    each becomes <mask> (``mask_prob``), a random token (``random_prob``) or stays; weights
-    are 1.0 on every selected position (also those left unchanged)."""
-    if not 0.0 < rate <= 1.0 or mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
-        raise UserError(
-            f"MLM needs 0 < rate <= 1 and mask_prob + random_prob <= 1, got rate={rate}, "
-            f"mask_prob={mask_prob}, random_prob={random_prob}."
-        )
-    bits = jax.random.bits(key, (3, tokens.shape[0]), jnp.uint32)
-    maskable = maskable_positions(tokens, ids)
-    n = maskable.sum()
-    count = jnp.where(n > 0, jnp.maximum(count_of(rate, n), 1), 0)
-    selected = choose_exactly(bits[0], maskable, count)
-    u = uniform(bits[1])
-    replaced = jnp.where(u < mask_prob, ids.mask, tokens)
-    if random_prob > 0:
-        is_random = (u >= mask_prob) & (u < mask_prob + random_prob)
-        replaced = jnp.where(is_random, random_tokens(bits[2], ids), replaced)
-    inputs = jnp.where(selected, replaced, tokens).astype(jnp.int32)
-    return inputs, selected.astype(jnp.float32)
+def unilm_masking(
+    vocab_size: int, mask_id: int, special_ids: Sequence[int], max_predictions: int, **overrides
+) -> MaskingConfig:
+    """UniLM's corruption: BERT's (15% of the non-special tokens, 80% <mask> / 10% random /
+    10% kept), from ``masking``."""
+    return bert_masking(vocab_size, mask_id, special_ids, max_predictions, **overrides)
 
 
 def unilm_example(
     key: jax.Array,
     tokens: jax.Array,
     segment_ids: jax.Array,
-    ids: TokenIds,
+    masking: MaskingConfig,
     *,
     mode: jax.Array | int | None = None,
     mode_probs: tuple[float, ...] = MODE_PROBS,
-    mlm_rate: float = 0.15,
 ) -> dict[str, jax.Array]:
-    """One row of UniLM training data: ``inputs`` (MLM-corrupted), ``targets`` (the original),
-    ``weights`` (1.0 where a token is predicted), ``segment_ids``, ``attention_mask`` [L, L]
-    and ``mode``. ``mode`` None draws it from ``mode_probs`` with this row's key."""
+    """One row of UniLM training data (``tokens`` int [L], 0 = padding): ``masking.mask``'s
+    features (``inputs``, ``targets``, ``weights``, ``positions``, ...) plus ``segment_ids``,
+    ``attention_mask`` [L, L] and ``mode``. ``mode`` None draws it from ``mode_probs`` with
+    this row's key; pass one (traced or not) to use the same mode for a whole batch."""
+    _check_probs(mode_probs)
     k_mode, k_mlm = jax.random.split(key)
     tokens = tokens.astype(jnp.int32)
     if mode is None:
         mode = sample_mode(k_mode, mode_probs)
-    else:
-        _check_probs(mode_probs)
     mode = jnp.asarray(mode, jnp.int32)
-    valid = tokens != ids.pad
-    inputs, weights = mlm_corrupt(k_mlm, tokens, ids, rate=mlm_rate)
+    valid = tokens != PAD_ID
     return {
-        "inputs": inputs,
-        "targets": tokens,
-        "weights": weights,
+        **mask(k_mlm, tokens, masking),
         "segment_ids": jnp.where(valid, segment_ids, 0).astype(jnp.int32),
         "attention_mask": attention_mask(mode, valid, segment_ids),
         "mode": mode,
