@@ -413,6 +413,9 @@ def test_spec_and_argument_errors():
         BartNoise(poisson_lambda=0.0)
     with pytest.raises(UserError, match="must all differ"):
         TokenIds(mask=1, eos=1)
+    with pytest.raises(UserError, match="vocab_size"):
+        TokenIds(mask=VOCAB, vocab_size=VOCAB)
+    assert TokenIds(mask=VOCAB - 1, vocab_size=VOCAB).special == (0, 1, VOCAB - 1)  # BART's
     row = jnp.asarray(rows_of(0, 1, 8, 4, 4)[0])
     with pytest.raises(UserError, match="output_length"):
         text_infilling(jax.random.key(0), row, IDS, rate=0.3, output_length=4)

@@ -34,6 +34,7 @@ from t5x_like.objectives.unilm import (  # noqa: E402
     prefix_lm_mask,
     sample_mode,
     unilm_example,
+    unilm_masking,
 )
 
 __all__ += [
@@ -51,6 +52,7 @@ __all__ += [
     "prefix_lm_mask",
     "sample_mode",
     "unilm_example",
+    "unilm_masking",
 ]
 
 from t5x_like.objectives.masking import (  # noqa: E402

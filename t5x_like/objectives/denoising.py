@@ -66,10 +66,12 @@ class TokenIds:
         special = [self.pad, self.eos, self.mask] + ([] if self.bos is None else [self.bos])
         if len(set(special)) != len(special):
             raise UserError(f"pad, eos, bos and mask ids must all differ, got {self}.")
-        if self.vocab_size is not None and self.vocab_size <= max(special) + 1:
+        if self.vocab_size is not None and (
+            self.vocab_size <= len(special) or max(special) >= self.vocab_size
+        ):
             raise UserError(
-                f"vocab_size={self.vocab_size} leaves no ordinary token above the special ids "
-                f"{sorted(special)}; pass the vocabulary's real size."
+                f"vocab_size={self.vocab_size} must exceed every special id {sorted(special)} "
+                "and leave ordinary tokens; pass the vocabulary's real size."
             )
         object.__setattr__(self, "sentence_end", tuple(int(i) for i in self.sentence_end))
 
