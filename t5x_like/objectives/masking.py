@@ -36,7 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_like.errors import UserError
-from t5x_like.objectives.spans import SpanLengths, prediction_budget, select_spans
+from t5x_like.objectives.spans import (
+    SpanLengths,
+    prediction_budget,
+    select_spans,
+    uniforms_from_bits,
+)
 
 PAD_ID = 0
 
@@ -150,11 +155,12 @@ def word_start_table(pieces: Sequence[str], style: str) -> np.ndarray:
                     "'sentencepiece'.")
 
 
-def _random_tokens(key: jax.Array, shape: tuple[int, ...], config: MaskingConfig) -> jax.Array:
-    """Uniform over the allowed range minus the excluded ids: draw among the allowed count,
+def _random_tokens(bits: jax.Array, config: MaskingConfig) -> jax.Array:
+    """Uniform over the allowed range minus the excluded ids: draw among the allowed count
+    (``bits % allowed``: the modulo bias, below allowed / 2^32, is ~1e-5 for any vocabulary),
     then step over each excluded id at or below the draw (ascending, so the steps compose)."""
     (low, _), allowed = config.random_ids_excluded()
-    draw = jax.random.randint(key, shape, low, low + max(allowed, 1), dtype=jnp.int32)
+    draw = low + (bits % jnp.uint32(max(allowed, 1))).astype(jnp.int32)
     for skipped in config._never_random():
         if skipped >= low:
             draw = draw + (draw >= skipped).astype(jnp.int32)
@@ -170,23 +176,26 @@ def mask(key: jax.Array, tokens: jax.Array, config: MaskingConfig,
                         "use mask_batch for [batch, length].")
     tokens = tokens.astype(jnp.int32)
     length, slots = tokens.shape[0], config.max_predictions
-    k_select, k_decide, k_random = jax.random.split(key, 3)
-    eligible = ~jnp.isin(tokens, jnp.asarray(config.special_ids, jnp.int32))
+    bits = jax.random.bits(key, (6, length), jnp.uint32)  # one draw: see uniforms_from_bits
+    uniforms = uniforms_from_bits(bits[:5])
+    eligible = jnp.ones((length,), bool)
+    for special in config.special_ids:
+        eligible = eligible & (tokens != special)
     budget = prediction_budget(eligible, config.rate, slots)
-    chosen = select_spans(k_select, eligible, word_starts, config.spans, budget)
+    chosen = select_spans(uniforms[:4], eligible, word_starts, config.spans, budget)
     selected = chosen["selected"]
 
-    if config.replace_per_span:
-        decide = chosen["span_draw"]
-    else:
-        decide = jax.random.uniform(k_decide, (length,))
+    decide = chosen["span_draw"] if config.replace_per_span else uniforms[4]
     to_mask = selected & (decide < config.mask_fraction)
     to_random = selected & ~to_mask & (decide < config.mask_fraction + config.random_fraction)
     inputs = jnp.where(to_mask, config.mask_id, tokens)
     if config.random_fraction > 0:
-        inputs = jnp.where(to_random, _random_tokens(k_random, (length,), config), inputs)
+        inputs = jnp.where(to_random, _random_tokens(bits[5], config), inputs)
 
-    positions = jnp.nonzero(selected, size=slots, fill_value=0)[0].astype(jnp.int32)
+    # Slots: the selected positions in order (a cumsum gives each its slot), then zeros.
+    slot = jnp.where(selected, jnp.cumsum(selected, dtype=jnp.int32) - 1, slots)
+    positions = jnp.zeros((slots,), jnp.int32).at[slot].set(
+        jnp.arange(length, dtype=jnp.int32), mode="drop")
     filled = jnp.arange(slots) < selected.sum()
     out = {
         "inputs": inputs,

@@ -73,19 +73,35 @@ class SpanLengths:
         return float(np.dot(np.arange(1, self.max_length + 1), self.probabilities()))
 
 
-def sample_span_lengths(key: jax.Array, shape: tuple[int, ...], lengths: SpanLengths,
-                        size_biased: bool = False) -> jax.Array:
-    """int32 span lengths drawn from ``lengths`` (``size_biased``: p(n) ~ n p(n) instead)."""
+def uniforms_from_bits(bits: jax.Array) -> jax.Array:
+    """float32 in [0, 1) from uint32 random bits (their top 24 bits, exactly representable).
+
+    The objectives draw all their randomness in one ``jax.random.bits`` call per sequence and
+    slice it: every separate draw adds a threefry kernel, and those dominate compile time.
+    """
+    return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def span_lengths_from_uniforms(u: jax.Array, lengths: SpanLengths,
+                               size_biased: bool = False) -> jax.Array:
+    """int32 span lengths by inverse CDF: 1 + the number of CDF steps that ``u`` passes.
+
+    ``size_biased`` draws n with probability ~ n p(n), the length of the span that covers a
+    given word in a long tiling (used for the first span, so the tiling is stationary).
+    """
     probs = lengths.probabilities()
     if size_biased:
         probs = probs * np.arange(1, lengths.max_length + 1)
         probs = probs / probs.sum()
-    if lengths.max_length == 1:
-        return jnp.ones(shape, jnp.int32)
-    cdf = np.cumsum(probs)[:-1]  # inverse CDF: count the thresholds a uniform passes
-    u = jax.random.uniform(key, shape)
-    return (1 + jnp.searchsorted(jnp.asarray(cdf, jnp.float32), u, side="right")).astype(
-        jnp.int32)
+    steps = jnp.asarray(np.cumsum(probs)[:-1], jnp.float32)
+    return 1 + (u[..., None] >= steps).sum(-1, dtype=jnp.int32)
+
+
+def sample_span_lengths(key: jax.Array, shape: tuple[int, ...], lengths: SpanLengths,
+                        size_biased: bool = False) -> jax.Array:
+    """int32 span lengths drawn from ``lengths`` (see ``span_lengths_from_uniforms``)."""
+    u = uniforms_from_bits(jax.random.bits(key, shape, jnp.uint32))
+    return span_lengths_from_uniforms(u, lengths, size_biased)
 
 
 def prediction_budget(eligible: jax.Array, rate: float, max_predictions: int) -> jax.Array:
@@ -96,17 +112,19 @@ def prediction_budget(eligible: jax.Array, rate: float, max_predictions: int) ->
     return jnp.minimum(jnp.minimum(k, max_predictions), n)
 
 
-def select_spans(key: jax.Array, eligible: jax.Array, word_starts: jax.Array | None,
+def select_spans(uniforms: jax.Array, eligible: jax.Array, word_starts: jax.Array | None,
                  lengths: SpanLengths, budget: jax.Array) -> dict[str, jax.Array]:
     """Chooses up to ``budget`` eligible positions of one sequence in whole spans.
 
-    ``eligible`` is bool [L]; ``word_starts`` bool [L] or None (every token a word). Returns
-    per position: ``selected`` (bool), ``span`` (int32 span id, L for ineligible positions),
+    ``uniforms`` is float [4, L] in [0, 1), all the randomness: span priorities, span lengths,
+    per-span draws and (first entry of the last row) the tiling's offset. ``eligible`` is
+    bool [L]; ``word_starts`` bool [L] or None (every token a word). Returns per position:
+    ``selected`` (bool), ``span`` (int32 span id, L for ineligible positions),
     ``span_start`` (first position of the span), ``span_end`` (last *selected* position of the
     span, -1 if none) and ``span_draw`` (uniform [0, 1) per span, for per-span decisions).
     """
     length = eligible.shape[0]
-    k_first, k_offset, k_lengths, k_priority, k_draw = jax.random.split(key, 5)
+    u_priority, u_lengths, span_draw = uniforms[0], uniforms[1], uniforms[2]
     pos = jnp.arange(length, dtype=jnp.int32)
     prev_eligible = jnp.concatenate([jnp.zeros((1,), bool), eligible[:-1]])
     starts = eligible & ~prev_eligible  # a word never crosses a special token or padding
@@ -120,9 +138,10 @@ def select_spans(key: jax.Array, eligible: jax.Array, word_starts: jax.Array | N
     if lengths.max_length == 1:
         span_opens_word = jnp.ones((length,), bool)
     else:
-        first = sample_span_lengths(k_first, (1,), lengths, size_biased=True)
-        offset = jnp.floor(jax.random.uniform(k_offset, (1,)) * first).astype(jnp.int32)
-        rest = sample_span_lengths(k_lengths, (length - 1,), lengths)
+        # The first span: size-biased length, cut at a uniform offset.
+        first = span_lengths_from_uniforms(u_lengths[:1], lengths, size_biased=True)
+        offset = jnp.floor(uniforms[3, :1] * first).astype(jnp.int32)
+        rest = span_lengths_from_uniforms(u_lengths[1:], lengths)
         ends = jnp.cumsum(jnp.concatenate([first, rest])) - offset
         span_opens_word = jnp.zeros((length,), bool).at[0].set(True)
         span_opens_word = span_opens_word.at[ends].set(True, mode="drop")
@@ -136,7 +155,7 @@ def select_spans(key: jax.Array, eligible: jax.Array, word_starts: jax.Array | N
     word_end = jax.ops.segment_max(pos, word_id, num_segments=length)
 
     # Random priority; spans fill the budget in that order.
-    priority = jnp.where(size > 0, jax.random.uniform(k_priority, (length,)), 2.0)
+    priority = jnp.where(size > 0, u_priority, 2.0)
     order = jnp.argsort(priority)
     ordered = size[order]
     before = jnp.zeros((length,), jnp.int32).at[order].set(jnp.cumsum(ordered) - ordered)
@@ -146,7 +165,6 @@ def select_spans(key: jax.Array, eligible: jax.Array, word_starts: jax.Array | N
     through_word = word_end[jnp.clip(word, 0, length - 1)] - start_here + 1
     selected = eligible & (before[span_c] + through_word <= budget)
     span_end = jax.ops.segment_max(jnp.where(selected, pos, -1), span, num_segments=length)
-    span_draw = jax.random.uniform(k_draw, (length,))
     return {
         "selected": selected,
         "span": span,
