@@ -60,6 +60,8 @@ def _cmd_eval(args, overrides):
         overrides=overrides,
         num_batches=args.batches,
         baseline=not args.no_baseline,
+        window=args.window,
+        stride=args.stride,
     )
     print(
         f"checkpoint {args.checkpoint} step {report['step']} on {report['task']}/{report['split']}"
@@ -68,6 +70,11 @@ def _cmd_eval(args, overrides):
     print(f"  validation loss     {report['loss']:.4f}   token accuracy {report['accuracy']:.4f}")
     if "unigram_loss" in report:
         print(f"  unigram baseline    {report['unigram_loss']:.4f}")
+    # Every other metric the family reports (per-head accuracies, perplexity, ...), as is.
+    for name, value in report.items():
+        if name not in ("step", "task", "split", "tokens", "loss", "accuracy", "unigram_loss"):
+            print(f"  {name:<19} {value:.4f}" if isinstance(value, float)
+                  else f"  {name:<19} {value}")
     if args.samples:
         exp, params, _ = driver.load_checkpoint(args.checkpoint, overrides)
         print("\nheld-out text, masked spans <i>, the model's fills and the truth:")
@@ -160,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="number of batches, 0 = all")
     p.add_argument("--samples", type=int, default=0, help="show N held-out spans filled in")
     p.add_argument("--no-baseline", action="store_true", help="skip the unigram baseline")
+    p.add_argument("--window", type=int, default=None,
+                   help="perplexity window in tokens (gpt; default: one training chunk)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="perplexity stride (default: the window, i.e. disjoint chunks)")
     p.add_argument("--json", help="also write the report to this file")
     distributed.add_arguments(p)
     p.set_defaults(run=_cmd_eval)

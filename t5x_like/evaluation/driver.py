@@ -42,8 +42,8 @@ def unigram_baseline(exp: Experiment, *, train_batches: int = 32, eval_batches: 
     counts = np.ones(vocab, np.float64)
     stream = train_lib.device_batches(exp, split="train", repeat=True, shuffle=False)
     for i in range(train_batches):
-        targets = np.asarray(features(next(stream), jax.random.key(i))["targets"])
-        counts += np.bincount(targets[targets > 0], minlength=vocab)[:vocab]
+        targets = _scored_targets(features(next(stream), jax.random.key(i)))
+        counts += np.bincount(targets, minlength=vocab)[:vocab]
     log_p = np.log(counts / counts.sum())
     key = jax.random.fold_in(exp.root_key, train_lib.EVAL_KEY_SALT)
     total, n = 0.0, 0
@@ -52,18 +52,77 @@ def unigram_baseline(exp: Experiment, *, train_batches: int = 32, eval_batches: 
     for i, batch in enumerate(stream):
         if eval_batches and i >= eval_batches:
             break
-        targets = np.asarray(features(batch, jax.random.fold_in(key, i))["targets"])
-        scored = targets[targets > 0]
+        scored = _scored_targets(features(batch, jax.random.fold_in(key, i)))
         total -= log_p[scored].sum()
         n += scored.size
     return total / max(n, 1)
 
 
+def _scored_targets(features: dict) -> np.ndarray:
+    """The target ids a family scores: where ``target_weights`` (if it has them) is non-zero,
+    else the non-padding targets."""
+    targets = np.asarray(features["targets"])
+    weights = features.get("target_weights")
+    return targets[np.asarray(weights) > 0 if weights is not None else targets > 0]
+
+
+def token_stream(exp: Experiment, *, split: str, chunk: int, max_chunks: int = 0) -> np.ndarray:
+    """The split's token stream in document order (EOS between documents), read as chunks of
+    ``chunk`` tokens (the incomplete last one is dropped); ``max_chunks`` > 0 stops early."""
+    from t5x_like.data.pipeline import raw_token_batches
+
+    chunks = []
+    for batch in raw_token_batches(exp.config.data.task, split=split, raw_length=chunk,
+                                   batch_size=1, seed=exp.config.seed, shuffle=False,
+                                   repeat=False, vocabulary=exp.vocabulary):
+        chunks.append(batch["tokens"][0])
+        if max_chunks and len(chunks) >= max_chunks:
+            break
+    return np.concatenate(chunks)
+
+
+def perplexity(exp: Experiment, params: dict, *, window: int | None = None,
+               stride: int | None = None, num_batches: int = 0) -> dict:
+    """Sliding-window perplexity of the eval split (families with ``perplexity_window``).
+
+    ``window`` defaults to the family's (one training chunk), ``stride`` to ``window`` (the
+    naive chunked number). ``num_batches`` > 0 reads only the first ``num_batches *
+    batch_size`` windows' worth of the stream, ``window`` tokens each.
+    """
+    from t5x_like.evaluation.perplexity import sliding_window_perplexity
+
+    window = window or exp.family.perplexity_window
+    stride = stride or window
+    batch_size = exp.config.data.batch_size
+    stream = token_stream(exp, split=exp.config.data.eval_split, chunk=window,
+                          max_chunks=num_batches * batch_size)
+    score = jax.jit(exp.family.score_batch)
+
+    def total(tokens: np.ndarray, weights: np.ndarray) -> float:
+        return float(np.sum(score(params, {"tokens": tokens, "weights": weights})))
+
+    result = sliding_window_perplexity(stream, total, window=window, stride=stride,
+                                       batch_size=batch_size)
+    return {"perplexity": result["perplexity"], "perplexity_nll": result["nll"],
+            "perplexity_tokens": result["tokens"], "window": window, "stride": stride}
+
+
 def evaluate_checkpoint(
-    workdir: str | Path, *, overrides=(), num_batches: int | None = None, baseline: bool = True
+    workdir: str | Path,
+    *,
+    overrides=(),
+    num_batches: int | None = None,
+    baseline: bool = True,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> dict:
-    """Validation loss / token accuracy of the newest checkpoint, beside the unigram baseline."""
+    """Validation metrics of the newest checkpoint, beside the unigram baseline; families that
+    score token streams (``perplexity_window``) add sliding-window perplexity."""
     exp, params, step = load_checkpoint(workdir, overrides)
+    streams = getattr(exp.family, "perplexity_window", None)
+    if (window or stride) and not streams:
+        raise UserError(f"--window/--stride need a family that scores token streams (gpt); "
+                        f"this checkpoint is {exp.config.family!r}")
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
     scores = train_lib.evaluate(exp, params, num_batches=num_batches)
     report = {
@@ -74,6 +133,9 @@ def evaluate_checkpoint(
     }
     if baseline:
         report["unigram_loss"] = unigram_baseline(exp, eval_batches=num_batches)
+    if streams:
+        report.update(perplexity(exp, params, window=window, stride=stride,
+                                 num_batches=num_batches))
     return report
 
 

@@ -15,6 +15,7 @@ from t5x_like.errors import UserError
 
 FAMILIES = {
     "t5": "t5x_like.families.t5:T5Family",
+    "gpt": "t5x_like.families.gpt:GPTFamily",
 }
 
 
