@@ -1,4 +1,4 @@
-"""``t5x-like <verb>``: train, eval, infer, tasks, vocab, import-hf, export-hf.
+"""``t5x-like <verb>``: train, eval, infer, tasks, vocab, import-hf, export-hf, bench, launch.
 
 Each verb is a thin wrapper over a library function. Mistakes a user can fix surface as one
 line, ``error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
@@ -136,6 +136,25 @@ def _cmd_export_hf(args, overrides):
     print(f"wrote {args.out}")
 
 
+def _cmd_bench(args, overrides):
+    from t5x_like import bench
+    from t5x_like import config as config_lib
+
+    extra = [f"data.batch_size={args.batch}"] if args.batch else []
+    peak = bench.parse_peak(args.peak_tflops)
+    rows = []
+    for dtype in args.dtype.split(",") if args.dtype else [None]:
+        for remat in args.remat.split(",") if args.remat else [None]:
+            variant = [f"model.dtype={dtype}"] * bool(dtype)
+            variant += [f"model.remat_policy={remat}"] * bool(remat)
+            config = config_lib.load_config(args.config, [*overrides, *extra, *variant])
+            row = bench.run(config, steps=args.steps, warmup=args.warmup, peak_tflops=peak)
+            rows.append(row)
+            print(bench.format_row(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def _cmd_launch(args, overrides):
     from t5x_like import launch
 
@@ -207,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a workdir written by train or import-hf")
     p.add_argument("out", help="folder to write config.json and model.safetensors to")
     p.set_defaults(run=_cmd_export_hf)
+
+    p = verbs.add_parser("bench", help="synthetic-data step time, tokens/s, TFLOP/s, MFU, memory")
+    p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+    p.add_argument("--remat", default="", help="none|minimal|full, or a comma list "
+                   "(default: the config's model.remat_policy)")
+    p.add_argument("--dtype", default="", help="compute dtype float32|bfloat16, or a comma "
+                   "list (default: the config's model.dtype); parameters stay float32")
+    p.add_argument("--peak-tflops", default="",
+                   help="peak TFLOP/s per device for MFU: a number, or 'measure' (default: "
+                   "the table's bf16 peak for TPUs and A100/H100/H200; none on CPU)")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.set_defaults(run=_cmd_bench)
 
     p = verbs.add_parser(
         "launch", help="run train/eval on N local processes, a Cloud TPU VM, GKE or SLURM"

@@ -31,6 +31,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 LAYERS_AXIS = "layers"
 
+# jax.nn.dot_product_attention's backends: "auto" lets JAX choose (today XLA everywhere),
+# "cudnn" asks for cuDNN's fused (flash) kernel on NVIDIA GPUs (bf16/fp16 inputs only).
+ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
 
 def dtype_of(name: str) -> jnp.dtype:
     return DTYPES[name]
@@ -113,15 +117,18 @@ def attention(
     mask: jax.Array | None,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Unscaled dot-product attention on [B, T, N, H] x [B, S, N, H], softmax in float32.
 
     T5 folds 1/sqrt(d_kv) into the query init, so ``scale=1``. ``jax.nn.dot_product_attention``
     takes no dropout on the probabilities, so only a dropout-enabled training call takes the
-    explicit path (same math, checked equal in the tests).
+    explicit path (same math, checked equal in the tests). ``implementation`` is passed on
+    (None = JAX's choice, "xla", "cudnn").
     """
     if dropout_key is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0,
+                                            implementation=implementation)
     return explicit_attention(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
                               dropout_key=dropout_key)
 
@@ -140,7 +147,7 @@ class Attention(nnx.Module):
     """Multi-head attention with 3-D kernels: q/k/v [embed, heads, kv], out [heads, kv, embed]."""
 
     def __init__(self, d_model: int, num_heads: int, d_kv: int, *, dropout_rate: float,
-                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs, implementation: str | None = None):
         qkv, shape = ("embed", "heads", "kv"), (d_model, num_heads, d_kv)
         # T5's init: the query absorbs the 1/sqrt(d_kv) that other models put in the softmax.
         self.query = make_param(rngs, normal((d_model * d_kv) ** -0.5), shape, qkv, param_dtype)
@@ -150,6 +157,7 @@ class Attention(nnx.Module):
                               (num_heads, d_kv, d_model), ("heads", "kv", "embed"), param_dtype)
         self.dropout_rate = dropout_rate
         self.dtype = dtype
+        self.implementation = implementation
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, S, N, H] (what a KV cache stores)."""
@@ -161,7 +169,7 @@ class Attention(nnx.Module):
                  mask: jax.Array | None, dropout_key: jax.Array | None = None) -> jax.Array:
         q = jnp.einsum("btd,dnh->btnh", x, self.query[...].astype(self.dtype))
         y = attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout_rate,
-                      dropout_key=dropout_key)
+                      dropout_key=dropout_key, implementation=self.implementation)
         return jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
 
 

@@ -41,6 +41,7 @@ class T5Config:
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
     remat_policy: str = "none"  # "none" | "minimal" (keep matmul outputs) | "full"
+    attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
         choices = {
@@ -48,6 +49,7 @@ class T5Config:
             "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES),
+            "attention_implementation": tuple(L.ATTENTION_IMPLEMENTATIONS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -69,8 +71,10 @@ class EncoderLayer(nnx.Module):
         dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
         norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.pre_attention_norm = L.RMSNorm(c.d_model, **norm)
-        self.attention = L.Attention(c.d_model, c.num_heads, c.d_kv, dropout_rate=c.dropout_rate,
-                                     dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.attention = L.Attention(
+            c.d_model, c.num_heads, c.d_kv, dropout_rate=c.dropout_rate, dtype=dt,
+            param_dtype=pdt, rngs=rngs,
+            implementation=L.ATTENTION_IMPLEMENTATIONS[c.attention_implementation])
         self.pre_mlp_norm = L.RMSNorm(c.d_model, **norm)
         self.mlp = L.MLP(c.d_model, c.d_ff, gated=c.feed_forward_proj == "gated-gelu",
                          dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
@@ -90,7 +94,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, c: T5Config, *, rngs: nnx.Rngs):
         dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
         norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
-        attn = dict(dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        attn = dict(dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs,
+                    implementation=L.ATTENTION_IMPLEMENTATIONS[c.attention_implementation])
         self.pre_self_attention_norm = L.RMSNorm(c.d_model, **norm)
         self.self_attention = L.Attention(c.d_model, c.num_heads, c.d_kv, **attn)
         self.pre_cross_attention_norm = L.RMSNorm(c.d_model, **norm)
