@@ -414,13 +414,13 @@ def test_span_boundary_head_follows_spanbert():
 
 
 def test_remat_and_scan_do_not_change_numbers_or_gradients():
-    """All layers shared (one layer run N times: the inner loop remats each run), stacked or
-    listed, with each remat policy: same loss, same gradients."""
+    """All layers shared (one layer run N times: the inner loop remats each run): stacked with
+    full remat and listed without give the same loss and gradients."""
     ids, mask, types = _batch(0, seed=11)
     base = EncoderConfig(**SMALL, layer_sharing="all")
     stacked = nnx.to_pure_dict(nnx.state(_random_model(base, seed=12), nnx.Param))
     results = []
-    for policy, scan in (("none", True), ("full", True), ("minimal", False)):
+    for policy, scan in (("none", False), ("full", True)):
         config = dataclasses.replace(base, remat_policy=policy, scan_layers=scan)
         params = jax.tree.map(jnp.asarray, stacked)
         if not scan:  # the same single layer, as a list of one
@@ -457,7 +457,8 @@ def test_bfloat16_compute_is_close_and_dropout_is_keyed():
     run = jax.jit(lambda p, key, enable: nnx.merge(graphdef, p)(
         ids, mask, types, enable_dropout=enable, rngs=nnx.Rngs(dropout=key))["mlm_logits"],
         static_argnums=2)
-    k0, k1 = jax.random.key(0), jax.random.key(1)
+    # "rbg" keys compile several times faster than threefry on CPU (many dropout sites).
+    k0, k1 = jax.random.key(0, impl="rbg"), jax.random.key(1, impl="rbg")
     np.testing.assert_array_equal(run(params, k0, False), run(params, k1, False))
     np.testing.assert_array_equal(run(params, k0, True), run(params, k0, True))
     assert np.abs(run(params, k0, True) - run(params, k1, True)).max() > 1e-2

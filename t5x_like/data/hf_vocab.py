@@ -84,14 +84,16 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
             if self._kind == "json":
                 tokenizer = tokenizers.Tokenizer.from_file(str(self._path))
             elif self._kind == "wordpiece":
+                table = tokenizers.models.WordPiece.read_file(str(self._path))
                 tokenizer = BertWordPieceTokenizer(
-                    str(self._path), lowercase=self._wordpiece_lowercase())._tokenizer
+                    table, lowercase=self._wordpiece_lowercase())._tokenizer
             else:
                 merges = self._path.with_name("merges.txt")
                 if not merges.is_file():
                     raise UserError(f"{merges} is missing: a byte-level BPE vocab.json needs the "
                                     "merges.txt it was trained with beside it")
-                tokenizer = ByteLevelBPETokenizer(str(self._path), str(merges))._tokenizer
+                table, merge_list = tokenizers.models.BPE.read_file(str(self._path), str(merges))
+                tokenizer = ByteLevelBPETokenizer(table, merge_list)._tokenizer
         except UserError:
             raise
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
