@@ -356,24 +356,31 @@ LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv", "layers", "position", "
     dict(scan_layers=True),
     dict(scan_layers=False, layer_sharing="ffn", sbo_head=True),
     dict(scan_layers=True, layer_sharing="groups", num_layer_groups=2, embedding_size=8),
+    dict(scan_layers=True, pair=True, **ROUND_TRIPS["ElectraForPreTraining"]),
 ])
 def test_every_param_has_logical_axis_names(overrides):
-    config = EncoderConfig(**SMALL, **overrides)
-    state = nnx.state(nnx.eval_shape(lambda: EncoderModel(config, rngs=nnx.Rngs(0))), nnx.Param)
+    overrides = dict(overrides)
+    cls = ElectraPair if overrides.pop("pair", False) else EncoderModel
+    config = EncoderConfig(**{**SMALL, **overrides})
+    state = nnx.state(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))), nnx.Param)
     specs = {".".join(map(str, p)): tuple(s.get_value())
              for p, s in nnx.to_flat_state(nnx.get_partition_spec(state))}
     checked = 0
     for path, param in nnx.to_flat_state(state):
         key = ".".join(map(str, path))
         assert len(specs[key]) == param.ndim and set(specs[key]) <= LOGICAL_NAMES, (key, specs)
-        stacked = config.scan_layers and key.startswith("encoder.layers.")
+        stacked = config.scan_layers and ".layers." in f".{key}"
         assert (specs[key][:1] == ("layers",)) == stacked, key
         checked += 1
     assert checked == len(jax.tree.leaves(state)) > 20
+    if cls is ElectraPair:
+        assert specs["discriminator.discriminator.prediction.kernel"] == ("mlp",)
+        assert specs["generator.mlm.transform.kernel"] == ("mlp", "embed")
+        specs = {k.removeprefix("discriminator."): v for k, v in specs.items()}
     assert specs["embeddings.word_embeddings"] == ("vocab", "embed")
     assert specs["embeddings.position_embeddings"] == ("position", "embed")
     assert specs["embeddings.token_type_embeddings"] == ("type", "embed")
-    assert specs["mlm.bias"] == ("vocab",)
+    assert specs.get("mlm.bias", ("vocab",)) == ("vocab",)
     if config.scan_layers:
         assert specs["encoder.layers.attention.query.kernel"] == ("layers", "embed", "heads", "kv")
         assert specs["encoder.layers.attention.out.kernel"] == ("layers", "heads", "kv", "embed")
