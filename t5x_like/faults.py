@@ -52,7 +52,7 @@ def inject_nan(grads, step: jax.Array, steps: tuple[int, ...]):
 
 def finite(loss: jax.Array, grads) -> jax.Array:
     """True when the loss and every gradient are finite (one global-norm reduction)."""
-    return jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
 
 
 def keep_if(ok: jax.Array, new, old):

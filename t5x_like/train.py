@@ -100,7 +100,7 @@ def make_train_step(exp: Experiment):
         metrics = {
             **summarize(sums),
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state["step"]),
             "skipped": 1.0 - ok.astype(jnp.float32),
         }
