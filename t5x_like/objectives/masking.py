@@ -176,21 +176,28 @@ def mask(key: jax.Array, tokens: jax.Array, config: MaskingConfig,
                         "use mask_batch for [batch, length].")
     tokens = tokens.astype(jnp.int32)
     length, slots = tokens.shape[0], config.max_predictions
-    bits = jax.random.bits(key, (6, length), jnp.uint32)  # one draw: see uniforms_from_bits
-    uniforms = uniforms_from_bits(bits[:5])
+    # All randomness in one draw (see uniforms_from_bits), only the rows this recipe uses:
+    # span priorities and per-span draws, span lengths, per-token decisions, random ids.
+    span_rows = 3 if config.spans.max_length > 1 else 2
+    token_spans = config.spans.max_length == 1 and word_starts is None
+    own_decision = not (config.replace_per_span or token_spans)
+    rows = span_rows + own_decision + (config.random_fraction > 0)
+    bits = jax.random.bits(key, (rows, length), jnp.uint32)
+    uniforms = uniforms_from_bits(bits[:span_rows + own_decision])
     eligible = jnp.ones((length,), bool)
     for special in config.special_ids:
         eligible = eligible & (tokens != special)
     budget = prediction_budget(eligible, config.rate, slots)
-    chosen = select_spans(uniforms[:4], eligible, word_starts, config.spans, budget)
+    chosen = select_spans(uniforms[:span_rows], eligible, word_starts, config.spans, budget,
+                          slots)
     selected = chosen["selected"]
 
-    decide = chosen["span_draw"] if config.replace_per_span else uniforms[4]
+    decide = uniforms[span_rows] if own_decision else chosen["span_draw"]
     to_mask = selected & (decide < config.mask_fraction)
     to_random = selected & ~to_mask & (decide < config.mask_fraction + config.random_fraction)
     inputs = jnp.where(to_mask, config.mask_id, tokens)
     if config.random_fraction > 0:
-        inputs = jnp.where(to_random, _random_tokens(bits[5], config), inputs)
+        inputs = jnp.where(to_random, _random_tokens(bits[-1], config), inputs)
 
     # Slots: the selected positions in order (a cumsum gives each its slot), then zeros.
     slot = jnp.where(selected, jnp.cumsum(selected, dtype=jnp.int32) - 1, slots)

@@ -83,25 +83,25 @@ def uniforms_from_bits(bits: jax.Array) -> jax.Array:
 
 
 def span_lengths_from_uniforms(u: jax.Array, lengths: SpanLengths,
-                               size_biased: bool = False) -> jax.Array:
+                               residual: bool = False) -> jax.Array:
     """int32 span lengths by inverse CDF: 1 + the number of CDF steps that ``u`` passes.
 
-    ``size_biased`` draws n with probability ~ n p(n), the length of the span that covers a
-    given word in a long tiling (used for the first span, so the tiling is stationary).
+    ``residual`` draws m with probability P(length >= m) / mean: what remains of the span
+    covering a given word of a long tiling, from that word on. Starting the tiling with it
+    makes the tiling stationary (every word equally likely to open a span).
     """
     probs = lengths.probabilities()
-    if size_biased:
-        probs = probs * np.arange(1, lengths.max_length + 1)
-        probs = probs / probs.sum()
+    if residual:
+        probs = probs[::-1].cumsum()[::-1] / lengths.mean()
     steps = jnp.asarray(np.cumsum(probs)[:-1], jnp.float32)
     return 1 + (u[..., None] >= steps).sum(-1, dtype=jnp.int32)
 
 
 def sample_span_lengths(key: jax.Array, shape: tuple[int, ...], lengths: SpanLengths,
-                        size_biased: bool = False) -> jax.Array:
+                        residual: bool = False) -> jax.Array:
     """int32 span lengths drawn from ``lengths`` (see ``span_lengths_from_uniforms``)."""
     u = uniforms_from_bits(jax.random.bits(key, shape, jnp.uint32))
-    return span_lengths_from_uniforms(u, lengths, size_biased)
+    return span_lengths_from_uniforms(u, lengths, residual)
 
 
 def prediction_budget(eligible: jax.Array, rate: float, max_predictions: int) -> jax.Array:
@@ -113,19 +113,23 @@ def prediction_budget(eligible: jax.Array, rate: float, max_predictions: int) ->
 
 
 def select_spans(uniforms: jax.Array, eligible: jax.Array, word_starts: jax.Array | None,
-                 lengths: SpanLengths, budget: jax.Array) -> dict[str, jax.Array]:
-    """Chooses up to ``budget`` eligible positions of one sequence in whole spans.
+                 lengths: SpanLengths, budget: jax.Array,
+                 max_budget: int) -> dict[str, jax.Array]:
+    """Chooses up to ``budget`` (never more than the static ``max_budget``) eligible positions
+    of one sequence in whole spans.
 
-    ``uniforms`` is float [4, L] in [0, 1), all the randomness: span priorities, span lengths,
-    per-span draws and (first entry of the last row) the tiling's offset. ``eligible`` is
+    ``uniforms`` is float [R, L] in [0, 1), all the randomness: span priorities, per-span
+    draws and (R = 3, for spans longer than one word) span lengths. ``eligible`` is
     bool [L]; ``word_starts`` bool [L] or None (every token a word). Returns per position:
     ``selected`` (bool), ``span`` (int32 span id, L for ineligible positions),
     ``span_start`` (first position of the span), ``span_end`` (last *selected* position of the
     span, -1 if none) and ``span_draw`` (uniform [0, 1) per span, for per-span decisions).
     """
     length = eligible.shape[0]
-    u_priority, u_lengths, span_draw = uniforms[0], uniforms[1], uniforms[2]
+    u_priority, span_draw, u_lengths = uniforms[0], uniforms[1], uniforms[-1]
     pos = jnp.arange(length, dtype=jnp.int32)
+    if lengths.max_length == 1 and word_starts is None:
+        return _select_tokens(u_priority, span_draw, eligible, budget, max_budget)
     prev_eligible = jnp.concatenate([jnp.zeros((1,), bool), eligible[:-1]])
     starts = eligible & ~prev_eligible  # a word never crosses a special token or padding
     if word_starts is not None:
@@ -138,11 +142,9 @@ def select_spans(uniforms: jax.Array, eligible: jax.Array, word_starts: jax.Arra
     if lengths.max_length == 1:
         span_opens_word = jnp.ones((length,), bool)
     else:
-        # The first span: size-biased length, cut at a uniform offset.
-        first = span_lengths_from_uniforms(u_lengths[:1], lengths, size_biased=True)
-        offset = jnp.floor(uniforms[3, :1] * first).astype(jnp.int32)
+        first = span_lengths_from_uniforms(u_lengths[:1], lengths, residual=True)
         rest = span_lengths_from_uniforms(u_lengths[1:], lengths)
-        ends = jnp.cumsum(jnp.concatenate([first, rest])) - offset
+        ends = jnp.cumsum(jnp.concatenate([first, rest]))
         span_opens_word = jnp.zeros((length,), bool).at[0].set(True)
         span_opens_word = span_opens_word.at[ends].set(True, mode="drop")
     opens = starts & (span_opens_word[jnp.clip(word, 0)] | ~prev_eligible)
@@ -154,11 +156,13 @@ def select_spans(uniforms: jax.Array, eligible: jax.Array, word_starts: jax.Arra
     word_id = jnp.where(eligible, word, length)
     word_end = jax.ops.segment_max(pos, word_id, num_segments=length)
 
-    # Random priority; spans fill the budget in that order.
+    # Random priority; spans fill the budget in that order. Each span holds a token, so only
+    # the first max_budget spans can be reached: top_k, not a full sort (8x faster on CPU).
     priority = jnp.where(size > 0, u_priority, 2.0)
-    order = jnp.argsort(priority)
-    ordered = size[order]
-    before = jnp.zeros((length,), jnp.int32).at[order].set(jnp.cumsum(ordered) - ordered)
+    first = jax.lax.top_k(-priority, min(max_budget, length))[1]
+    ordered = size[first]
+    before = jnp.full((length,), length + 1, jnp.int32).at[first].set(
+        jnp.cumsum(ordered) - ordered)
 
     span_c = jnp.clip(span, 0, length - 1)
     start_here = span_start[span_c]
@@ -171,4 +175,23 @@ def select_spans(uniforms: jax.Array, eligible: jax.Array, word_starts: jax.Arra
         "span_start": jnp.where(eligible, start_here, 0),
         "span_end": jnp.where(eligible, span_end[span_c], -1),
         "span_draw": span_draw[span_c],
+    }
+
+
+def _select_tokens(priority: jax.Array, draw: jax.Array, eligible: jax.Array,
+                   budget: jax.Array, max_budget: int) -> dict[str, jax.Array]:
+    """``select_spans`` when every span is one token (BERT without whole words): the
+    ``budget`` eligible tokens of lowest priority, with no segment sums."""
+    length = eligible.shape[0]
+    pos = jnp.arange(length, dtype=jnp.int32)
+    width = min(max_budget, length)
+    first = jax.lax.top_k(-jnp.where(eligible, priority, 2.0), width)[1]
+    rank = jnp.full((length,), length, jnp.int32).at[first].set(jnp.arange(width))
+    selected = eligible & (rank < budget)
+    return {
+        "selected": selected,
+        "span": jnp.where(eligible, pos, length),
+        "span_start": jnp.where(eligible, pos, 0),
+        "span_end": jnp.where(selected, pos, -1),
+        "span_draw": draw,
     }
