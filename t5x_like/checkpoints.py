@@ -253,7 +253,8 @@ class Checkpoints:
                     self._move_aside(step)
                 continue
             self.last_saved = step
-            return restored["state"], dict(restored["meta"])
+            meta = {k: v for k, v in restored["meta"].items() if k != "fingerprint"}
+            return restored["state"], meta
         return None
 
     def close(self) -> None:
