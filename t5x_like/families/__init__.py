@@ -16,6 +16,8 @@ from t5x_like.errors import UserError
 FAMILIES = {
     "t5": "t5x_like.families.t5:T5Family",
     "gpt": "t5x_like.families.gpt:GPTFamily",
+    "bart": "t5x_like.families.bart:BartFamily",
+    "mass": "t5x_like.families.bart:MassFamily",
 }
 
 
