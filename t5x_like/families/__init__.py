@@ -18,6 +18,7 @@ FAMILIES = {
     "gpt": "t5x_like.families.gpt:GPTFamily",
     "bart": "t5x_like.families.bart:BartFamily",
     "mass": "t5x_like.families.bart:MassFamily",
+    "unilm": "t5x_like.families.unilm:UniLMFamily",
 }
 
 

@@ -1,0 +1,138 @@
+"""UniLM: one shared Transformer, four language-modelling objectives chosen by attention masks.
+
+The module is the decoder LM (``models/decoder_lm.py``) with its causal mask replaced by a
+per-example ``attention_mask`` [B, L, L]. Each row of a batch draws its mode independently
+(``objective``: 1/3 bidirectional, 1/3 seq2seq, 1/6 left-to-right, 1/6 right-to-left by
+default) and is corrupted BERT-style (15% of the tokens, 80% <mask> / 10% random / 10% kept);
+the loss is cross-entropy on the selected positions only, predicted from what the mode's mask
+lets each position see (``objectives.unilm``).
+
+Segments for seq2seq: a raw chunk has no sentence pairs, so each row is cut at a uniformly
+random point between ``objective.source_min`` and ``source_max`` of its length; the part
+before is the (bidirectional) source, the part after the (causal) target. Other modes ignore
+the cut. There are no segment embeddings: the mask alone tells the model which mode it is in
+(UniLM adds BERT's token-type embeddings; the decoder LM has none). The corruption is
+``masking.mask`` with ``unilm_masking`` (BERT's recipe; never special tokens, random
+replacements from the vocabulary's ordinary range). Metrics are reported per mode
+(``bidirectional/accuracy`` ...) beside the total.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from t5x_like import losses
+from t5x_like.data.special_tokens import special_tokens
+from t5x_like.errors import UserError
+from t5x_like.families.base import Family
+from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
+from t5x_like.objectives.denoising import below
+from t5x_like.objectives.unilm import MODE_NAMES, MODE_PROBS, unilm_example, unilm_masking
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def source_segments(key: jax.Array, tokens: jax.Array, pad_id: int, low: float,
+                    high: float) -> jax.Array:
+    """[B, L] segment ids: 0 before a per-row cut drawn uniformly from
+    ``[ceil(low * n), floor(high * n)]`` (n = the row's non-pad length, at least 1), 1 after."""
+    n = jnp.sum(tokens != pad_id, axis=1)
+    first = jnp.maximum(jnp.ceil(low * n).astype(jnp.int32), 1)
+    last = jnp.maximum(jnp.floor(high * n).astype(jnp.int32), first)
+    bits = jax.random.bits(key, (tokens.shape[0],), jnp.uint32)
+    cut = first + below(bits, last - first + 1)
+    return (jnp.arange(tokens.shape[1])[None] >= cut[:, None]).astype(jnp.int32)
+
+
+class UniLMFamily(Family):
+    """Unified LM pretraining (bidirectional, seq2seq, left-to-right, right-to-left)."""
+
+    module_class = DecoderLM
+    config_class = DecoderLMConfig
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        ids = special_tokens(vocabulary)
+        self.pad_id = ids.pad
+        rate = config.objective.mlm_rate
+        self.masking = unilm_masking(
+            self.vocab_size, ids.mask, ids.all,
+            max_predictions=max(1, math.ceil(rate * config.data.inputs_length)),
+            rate=rate, random_range=ids.ordinary)
+
+    # ------------------------------------------------------------------ schema
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "vocab_size": 0, "activation": "gelu"}
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        probs = dict(zip(MODE_NAMES, MODE_PROBS, strict=True))
+        return dict(name="unilm", mlm_rate=0.15, source_min=0.25, source_max=0.75, **probs)
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        m, o = c.model, c.objective
+        _check(o.name == "unilm", f"objective.name {o.name!r} is not 'unilm'")
+        probs = [o[name] for name in MODE_NAMES]
+        _check(min(probs) >= 0 and abs(sum(probs) - 1.0) < 1e-6,
+               f"objective.{'/'.join(MODE_NAMES)} are the mode probabilities: non-negative, "
+               f"summing to 1, got {probs}")
+        _check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
+        _check(0.0 < o.source_min <= o.source_max < 1.0,
+               f"objective.source_min/source_max must satisfy 0 < min <= max < 1, got "
+               f"{o.source_min} and {o.source_max}")
+        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        if m.position_embedding == "learned":
+            _check(c.data.inputs_length <= m.max_length,
+                   f"data.inputs_length={c.data.inputs_length} exceeds model.max_length="
+                   f"{m.max_length} (the learned position table)")
+        DecoderLMConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})
+
+    # ------------------------------------------------------------------ objective
+    def features(self, batch: dict, key: jax.Array) -> dict:
+        """Raw chunks -> corrupted ``inputs``, ``targets``, ``target_weights`` (selected
+        positions), the per-row ``attention_mask`` [B, L, L] and ``mode``."""
+        o = self.config.objective
+        tokens = batch["tokens"]
+        k_cut, k_rows = jax.random.split(key)
+        segments = source_segments(k_cut, tokens, self.pad_id, o.source_min, o.source_max)
+        row = functools.partial(unilm_example, masking=self.masking,
+                                mode_probs=tuple(o[name] for name in MODE_NAMES))
+        keys = jax.random.split(k_rows, tokens.shape[0])
+        out = jax.vmap(row)(keys, tokens, segments)
+        return {"inputs": out["inputs"], "targets": out["targets"],
+                "target_weights": out["weights"], "attention_mask": out["attention_mask"],
+                "mode": out["mode"]}
+
+    # ------------------------------------------------------------------ contract
+    def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
+        """(summed loss, summed metrics): masked-token CE, also broken down by mode."""
+        c = self.model_config
+        logits = self.model(params)(
+            batch["inputs"], attention_mask=batch["attention_mask"],
+            enable_dropout=train and max(c.dropout_rate, c.attention_dropout_rate) > 0,
+            rngs=nnx.Rngs(dropout=key))
+        weights = batch["target_weights"]
+        ce = functools.partial(losses.cross_entropy_with_z_loss, logits, batch["targets"],
+                               z_loss=self.config.loss.z_loss,
+                               label_smoothing=self.config.loss.label_smoothing)
+        sums = ce(weights)
+        for index, name in enumerate(MODE_NAMES):
+            part = ce(weights * (batch["mode"] == index)[:, None])
+            for metric in ("cross_entropy", "correct", "weight"):
+                sums[f"{name}/{metric}"] = part[metric]
+        return sums["loss"], sums
+
+    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
+        raise UserError("a UniLM checkpoint is scored with t5x-like eval; generation is not "
+                        "implemented for it")
