@@ -19,6 +19,7 @@ FAMILIES = {
     "bart": "t5x_like.families.bart:BartFamily",
     "mass": "t5x_like.families.bart:MassFamily",
     "unilm": "t5x_like.families.unilm:UniLMFamily",
+    "xlnet": "t5x_like.families.xlnet:XLNetFamily",
 }
 
 
