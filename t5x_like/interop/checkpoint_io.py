@@ -1,4 +1,4 @@
-"""``import-hf`` / ``export-hf``: Hugging Face T5 folders <-> t5x-like workdirs.
+"""``import-hf`` / ``export-hf``: Hugging Face folders <-> t5x-like workdirs, any architecture.
 
 A workdir made by import-hf is an ordinary run at step 0 (config.json + an orbax checkpoint),
 so ``train`` continues pretraining from it and ``eval``/``infer``/``export-hf`` read it.
@@ -20,15 +20,29 @@ from t5x_like.experiment import build
 from t5x_like.interop import hf
 
 HF_VOCAB_FILE = "spiece.model"
+# Tokenizer files of non-SentencePiece checkpoints, copied so the workdir is self-contained.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                      "merges.txt")
+
+
+def family_for(model_config) -> str:
+    """The first registered family whose module config is ``model_config``'s class."""
+    from t5x_like.families import FAMILIES, family_class
+
+    for name in FAMILIES:
+        if isinstance(model_config, family_class(name).config_class):
+            return name
+    raise UserError(f"no family trains a {type(model_config).__name__}; the checkpoint can be "
+                    "loaded with t5x_like.interop.hf.load but not imported as a run")
 
 
 def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
-    """Writes ``out/config.json`` and ``out/checkpoints/0`` from a HF T5 folder."""
+    """Writes ``out/config.json`` and ``out/checkpoints/0`` from a Hugging Face folder."""
     src, out = Path(src), Path(out)
     if (out / "checkpoints").exists():
         raise UserError(f"{out} already holds checkpoints; choose an empty output folder")
     model, model_config = hf.load(src)
-    config = config_lib.base_config()
+    config = config_lib.base_config(family_for(model_config))
     fields = dataclasses.asdict(model_config)
     with config.model.unlocked():
         config.model.update({k: v for k, v in fields.items() if k in config.model})
@@ -37,8 +51,12 @@ def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
         shutil.copy(src / HF_VOCAB_FILE, out / HF_VOCAB_FILE)
         config.data.vocab_path = str((out / HF_VOCAB_FILE).absolute())
     else:
-        print(f"note: {src} has no {HF_VOCAB_FILE}; the default vocabulary is used, whose ids "
-              "differ from the model's — pass --config.data.vocab_path when training")
+        copied = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
+        for name in copied:
+            shutil.copy(src / name, out / name)
+        where = f"its tokenizer files ({', '.join(copied)}) are copied to {out}; " if copied else ""
+        print(f"note: {src} has no {HF_VOCAB_FILE}; {where}training uses data.vocab_path "
+              "(default: the default vocabulary, whose ids differ from the model's)")
     config_lib.apply_overrides(config, [o.removeprefix("--") for o in overrides])
     config_lib.validate(config)
     if config.model.scan_layers != model_config.scan_layers:  # the layout of the layer params
@@ -56,7 +74,7 @@ def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
 
 
 def export_hf(workdir: str | Path, out: str | Path) -> Path:
-    """Writes config.json + model.safetensors (+ spiece.model) that transformers loads."""
+    """Writes config.json + model.safetensors (+ the vocabulary) that transformers loads."""
     from t5x_like.evaluation.driver import load_checkpoint
 
     exp, params, _ = load_checkpoint(workdir)
