@@ -168,7 +168,9 @@ def test_sigkill_at_3_random_moments_resumes_bit_identical(reference, tmp_path):
     workdir = tmp_path / "run"
     records = _kill_and_resume(workdir, kills=3, seed=1)
     lost = _finish_and_check(workdir, records, ref_params)
-    assert max(lost) <= 2 + 1  # at most the checkpoint interval (+ the step in flight)
+    # Saves are asynchronous: a kill while step s is still being written, with training
+    # already at s+2 (where the next save waits for it), falls back to s-2.
+    assert max(lost) <= 2 * 2
     _report("3 kills", records, lost)
 
 
@@ -179,7 +181,7 @@ def test_sigkill_at_20_random_moments_resumes_bit_identical(reference, tmp_path)
     records = _kill_and_resume(workdir, kills=20, seed=20)
     assert sum(r["saving"] for r in records) >= 5  # several kills really hit a save
     lost = _finish_and_check(workdir, records, ref_params)
-    assert max(lost) <= 2 + 1
+    assert max(lost) <= 2 * 2  # two checkpoint intervals, as above
     _report("20 kills", records, lost)
 
 
