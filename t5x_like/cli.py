@@ -163,6 +163,17 @@ def _cmd_launch(args, overrides):
         raise SystemExit(status)
 
 
+def _cmd_compress_report(args, overrides):
+    from t5x_like.compress import report
+
+    rows = report.build_report(args.checkpoint, args.variant or [], int8=args.int8,
+                               prune_heads=args.prune_heads, num_batches=args.batches,
+                               repeats=args.repeats, out_dir=args.out)
+    print(report.format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from t5x_like import distributed, launch
 
@@ -247,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_targets(p)
     p.set_defaults(run=_cmd_launch)
+
+    p = verbs.add_parser("compress-report", help="size, CPU latency and MLM accuracy of an "
+                         "encoder checkpoint and its compressed variants")
+    p.add_argument("--checkpoint", required=True, help="the reference encoder workdir")
+    p.add_argument("--variant", action="append", help="a distilled/quantized/pruned workdir "
+                   "with the same vocabulary; repeat for more")
+    p.add_argument("--int8", action="store_true", help="add each row's int8 export")
+    p.add_argument("--prune-heads", type=int, default=0,
+                   help="add the checkpoint without its K least important heads")
+    p.add_argument("--batches", type=int, default=8, help="validation batches to score")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per row")
+    p.add_argument("--out", help="keep the exported folders here (default: a temp folder)")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.set_defaults(run=_cmd_compress_report)
     return parser
 
 

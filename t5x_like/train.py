@@ -86,10 +86,11 @@ def make_train_step(exp: Experiment):
         loss = sums["loss"] / weight
         ok = faults.finite(loss, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updated = optax.apply_updates(params, updates)
+        if hasattr(family, "after_update"):  # state no gradient moves (compress: EMA, masks)
+            updated = family.after_update(params, updated, features, state["step"])
         new_params, opt_state = faults.keep_if(
-            ok,
-            (optax.apply_updates(params, updates), opt_state),
-            (params, state["opt_state"]),
+            ok, (updated, opt_state), (params, state["opt_state"])
         )
         new_state = {
             "params": new_params,

@@ -13,6 +13,13 @@ Layer sharing: the N layers are ``units`` distinct parameter sets, each applied 
 times in a row (ALBERT's ``num_hidden_groups``): ``none`` = N units, ``all`` = 1, ``groups`` =
 ``num_layer_groups``. ``attention``/``ffn`` share only that sub-layer: one ``shared`` copy plus N
 units holding the other sub-layer.
+
+Compression hooks (``t5x_like.compress``): ``quantize='fake'`` fake-quantizes every dense and
+embedding weight and every dense input to 8 bits (Q8BERT; activation ranges are ``input_range``
+parameters that receive no gradient and are set by ``compress.quantize.update_ranges``);
+``quantize='int8'`` holds int8 weights with their scales and multiplies in integers.
+``head_mask`` [N, heads] scales each head's output (Michel et al.'s importance is its
+gradient); ``layer_num_heads`` gives each layer its own head count after structured pruning.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_like.compress import quantize as Q
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
 
 MODEL_TYPES = ("bert", "roberta", "albert", "electra")  # names the HF layout; math is by fields
 HIDDEN_ACTS = ("gelu", "gelu_new")  # exact erf GELU; tanh approximation (ALBERT's default)
 LAYER_SHARING = ("none", "all", "attention", "ffn", "groups")
+QUANTIZE = ("none", "fake", "int8")  # float; Q8BERT fake quantization; int8 weights (inference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +72,16 @@ class EncoderConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    quantize: str = "none"  # see QUANTIZE and the module docstring
+    layer_num_heads: tuple[int, ...] = ()  # per-layer heads after head removal; () = num_heads
 
     def __post_init__(self):
+        object.__setattr__(self, "layer_num_heads", tuple(self.layer_num_heads))
         choices = {
             "model_type": MODEL_TYPES,
             "hidden_act": HIDDEN_ACTS,
             "layer_sharing": LAYER_SHARING,
+            "quantize": QUANTIZE,
             "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES),
@@ -100,6 +113,17 @@ class EncoderConfig:
         for name in ("hidden_dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"encoder {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.quantize != "none" and self.layer_sharing in ("attention", "ffn"):
+            raise UserError(f"encoder quantize={self.quantize!r} needs layer_sharing 'none', "
+                            f"'all' or 'groups', got {self.layer_sharing!r}")
+        if self.layer_num_heads:
+            if (len(self.layer_num_heads) != self.num_layers or self.scan_layers
+                    or self.layer_sharing != "none"
+                    or not all(0 <= n <= self.num_heads for n in self.layer_num_heads)):
+                raise UserError(f"encoder layer_num_heads={self.layer_num_heads} needs one count "
+                                f"in [0, num_heads={self.num_heads}] per layer "
+                                f"({self.num_layers}), scan_layers=False and layer_sharing="
+                                "'none' (layers of different widths cannot be stacked)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EncoderConfig:
@@ -115,6 +139,10 @@ class EncoderConfig:
     def table_size(self) -> int:
         """Width of the embedding tables (and of the MLM decoder's input)."""
         return self.embedding_size or self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @property
     def units(self) -> int:
@@ -148,23 +176,55 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=name == "gelu_new")
 
 
+def _scalar(rngs: nnx.Rngs) -> nnx.Param:
+    """A float32 scalar parameter (a quantization range or scale), 0 until set."""
+    return L.make_param(rngs, jax.nn.initializers.zeros, (), (), jnp.float32)
+
+
 class Dense(nnx.Module):
-    """``x @ kernel + bias`` contracting x's last ``len(in_shape)`` dims; kernel [in..., out...]."""
+    """``x @ kernel + bias`` contracting x's last ``len(in_shape)`` dims; kernel [in..., out...].
+
+    Quantized (``c.quantize``), the input is fake-quantized with the range ``input_range`` (the
+    current batch's max|x| while that is 0) and the kernel with its own max; ``int8`` holds an
+    int8 kernel and ``kernel_scale`` and accumulates in int32.
+    """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  in_names: tuple[str, ...], out_names: tuple[str, ...], c: EncoderConfig, *,
                  rngs: nnx.Rngs):
         pdt = L.dtype_of(c.param_dtype)
-        self.kernel = L.make_param(rngs, L.normal(c.initializer_range), (*in_shape, *out_shape),
-                                   (*in_names, *out_names), pdt)
+        init = L.normal(c.initializer_range)
+        if c.quantize == "int8":  # filled by compress.quantize.to_int8
+            init, pdt = jax.nn.initializers.zeros, jnp.int8
+        self.kernel = L.make_param(rngs, init, (*in_shape, *out_shape), (*in_names, *out_names),
+                                   pdt)
+        pdt = L.dtype_of(c.param_dtype)
         self.bias = L.make_param(rngs, jax.nn.initializers.zeros, out_shape, out_names, pdt)
+        if c.quantize != "none":
+            self.input_range = _scalar(rngs)
+        if c.quantize == "int8":
+            self.kernel_scale = _scalar(rngs)
+        self.quantize = c.quantize
         self.num_in = len(in_shape)
         self.dtype = L.dtype_of(c.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        bias = self.bias[...].astype(self.dtype)
+        if self.quantize == "none":
+            y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                              axes=self.num_in)
+            return y + bias
+        x = x.astype(jnp.float32)
+        x_max = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+        self.absmax = nnx.Intermediate(x_max)  # read by compress.quantize.update_ranges
+        x_range = Q.active_range(self.input_range[...], x_max)
+        if self.quantize == "int8":
+            return Q.int8_tensordot(x, x_range, self.kernel[...], self.kernel_scale[...],
+                                    self.num_in).astype(self.dtype) + bias
+        kernel = self.kernel[...].astype(jnp.float32)
+        y = jnp.tensordot(Q.fake_quant(x, x_range), Q.fake_quant_weight(kernel),
                           axes=self.num_in)
-        return y + self.bias[...].astype(self.dtype)
+        return y.astype(self.dtype) + bias
 
 
 class LayerNorm(nnx.Module):
@@ -186,20 +246,43 @@ class LayerNorm(nnx.Module):
                 + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
+TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
 class Embeddings(nnx.Module):
-    """Word + position + token-type tables (E wide), summed and LayerNormed."""
+    """Word + position + token-type tables (E wide), summed and LayerNormed.
+
+    Quantized, each table is fake-quantized with its own max (``int8``: int8 tables and a
+    ``<table>_scale`` each, dequantized after the lookup).
+    """
 
     def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
         pdt, init, e = L.dtype_of(c.param_dtype), L.normal(c.initializer_range), c.table_size
+        if c.quantize == "int8":  # filled by compress.quantize.to_int8
+            init, pdt = jax.nn.initializers.zeros, jnp.int8
         self.word_embeddings = L.make_param(rngs, init, (c.vocab_size, e), ("vocab", "embed"), pdt)
         self.position_embeddings = L.make_param(rngs, init, (c.max_position_embeddings, e),
                                                 ("position", "embed"), pdt)
         if c.type_vocab_size:
             self.token_type_embeddings = L.make_param(rngs, init, (c.type_vocab_size, e),
                                                       ("type", "embed"), pdt)
+        if c.quantize == "int8":
+            for name in TABLES:
+                if hasattr(self, name):
+                    setattr(self, f"{name}_scale", _scalar(rngs))
         self.norm = LayerNorm(e, c, rngs=rngs)
         self.position_offset = c.position_offset
+        self.quantize = c.quantize
         self.dtype = L.dtype_of(c.dtype)
+
+    def table(self, name: str) -> jax.Array:
+        """A table as the model sees it: as stored, fake-quantized or dequantized."""
+        w = getattr(self, name)[...]
+        if self.quantize == "fake":
+            return Q.fake_quant_weight(w.astype(jnp.float32))
+        if self.quantize == "int8":
+            return Q.dequantize(w, getattr(self, f"{name}_scale")[...])
+        return w
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         length = input_ids.shape[1]
@@ -208,41 +291,79 @@ class Embeddings(nnx.Module):
             raise UserError(f"sequence length {length} needs {length + self.position_offset} "
                             f"position embeddings but the model has {table_rows}; shorten "
                             "data.inputs_length or raise max_position_embeddings")
-        x = jnp.take(self.word_embeddings[...], input_ids, axis=0).astype(jnp.float32)
+        x = jnp.take(self.table("word_embeddings"), input_ids, axis=0).astype(jnp.float32)
         # RoBERTa numbers real tokens from padding_idx + 1; with right padding that is arange.
-        positions = self.position_embeddings[self.position_offset:self.position_offset + length]
+        positions = self.table("position_embeddings")[
+            self.position_offset:self.position_offset + length]
         x = x + positions[None].astype(jnp.float32)
         if hasattr(self, "token_type_embeddings"):
-            x = x + jnp.take(self.token_type_embeddings[...], token_type_ids,
+            x = x + jnp.take(self.table("token_type_embeddings"), token_type_ids,
                              axis=0).astype(jnp.float32)
         return self.norm(x)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Float32 logits ``x @ word_embeddings^T`` (the tied MLM decoder)."""
-        table = self.word_embeddings[...].astype(x.dtype)
+    def attend(self, x: jax.Array, x_range: jax.Array | None = None) -> jax.Array:
+        """Float32 logits ``x @ word_embeddings^T`` (the tied MLM decoder); quantized models
+        also quantize ``x`` with ``x_range``."""
+        if self.quantize == "int8" and x_range is not None:
+            return Q.int8_tensordot(x.astype(jnp.float32), x_range,
+                                    self.word_embeddings[...].T,
+                                    self.word_embeddings_scale[...], 1)
+        if self.quantize == "fake" and x_range is not None:
+            x = Q.fake_quant(x.astype(jnp.float32), x_range)
+        table = self.table("word_embeddings").astype(x.dtype)
         return jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)
 
 
-class SelfAttention(nnx.Module):
-    """Biased q/k/v/out projections, scaled dot-product attention, then LN(x + attention)."""
+def _attention_with_probs(q, k, v, mask, rate, key) -> tuple[jax.Array, jax.Array]:
+    """(output, float32 probabilities [B, heads, T, S]): the explicit path, for TinyBERT."""
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    y = jnp.einsum("bnts,bsnh->btnh", L.dropout(probs, rate, key).astype(v.dtype), v)
+    return y, probs
 
-    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
-        h, n = c.hidden_size, c.num_heads
-        heads = ((h,), (n, h // n), ("embed",), ("heads", "kv"))
+
+class SelfAttention(nnx.Module):
+    """Biased q/k/v/out projections, scaled dot-product attention, then LN(x + attention).
+
+    ``num_heads`` may be below the config's (heads removed by pruning; the head size stays
+    ``hidden_size // config.num_heads``), even 0: then only the output bias is added.
+    """
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs, num_heads: int | None = None):
+        h, d = c.hidden_size, c.head_dim
+        n = c.num_heads if num_heads is None else num_heads
+        heads = ((h,), (n, d), ("embed",), ("heads", "kv"))
         self.query = Dense(*heads, c, rngs=rngs)
         self.key = Dense(*heads, c, rngs=rngs)
         self.value = Dense(*heads, c, rngs=rngs)
-        self.out = Dense((n, h // n), (h,), ("heads", "kv"), ("embed",), c, rngs=rngs)
+        self.out = Dense((n, d), (h,), ("heads", "kv"), ("embed",), c, rngs=rngs)
         self.norm = LayerNorm(h, c, rngs=rngs)
-        self.scale = (h // n) ** -0.5
+        self.scale = d ** -0.5
+        self.num_heads = n
         self.rates = (c.attention_dropout_rate, c.hidden_dropout_rate)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None,
+                 head_mask: jax.Array | None = None, with_probs: bool = False
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """(LN(x + attention), probabilities [B, heads, L, L] if ``with_probs``).
+        ``head_mask`` [heads] scales each head's output before the output projection."""
         k_probs, k_out = L.split_key(key, 2)
-        q = self.query(x) * jnp.asarray(self.scale, x.dtype)
-        y = L.attention(q, self.key(x), self.value(x), bias=None, mask=mask,
-                        dropout_rate=self.rates[0], dropout_key=k_probs)
-        return self.norm(x + L.dropout(self.out(y), self.rates[1], k_out))
+        probs = None
+        if self.num_heads == 0:
+            y = jnp.zeros((*x.shape[:2], 0, self.out.kernel.shape[1]), x.dtype)
+            if with_probs:
+                probs = jnp.zeros((x.shape[0], 0, x.shape[1], x.shape[1]), jnp.float32)
+        else:
+            q = self.query(x) * jnp.asarray(self.scale, x.dtype)
+            if with_probs:
+                y, probs = _attention_with_probs(q, self.key(x), self.value(x), mask,
+                                                 self.rates[0], k_probs)
+            else:
+                y = L.attention(q, self.key(x), self.value(x), bias=None, mask=mask,
+                                dropout_rate=self.rates[0], dropout_key=k_probs)
+        if head_mask is not None:
+            y = y * head_mask.astype(y.dtype)[:, None]
+        return self.norm(x + L.dropout(self.out(y), self.rates[1], k_out)), probs
 
 
 class FeedForward(nnx.Module):
@@ -264,19 +385,22 @@ class FeedForward(nnx.Module):
 class Layer(nnx.Module):
     """One post-LN layer, or the part of it that is not shared (see the module docstring)."""
 
-    def __init__(self, c: EncoderConfig, *, attention: bool, ffn: bool, rngs: nnx.Rngs):
+    def __init__(self, c: EncoderConfig, *, attention: bool, ffn: bool, rngs: nnx.Rngs,
+                 num_heads: int | None = None):
         if attention:
-            self.attention = SelfAttention(c, rngs=rngs)
+            self.attention = SelfAttention(c, rngs=rngs, num_heads=num_heads)
         if ffn:
             self.ffn = FeedForward(c, rngs=rngs)
 
 
 def _apply_layer(layer: Layer, shared: Layer | None, x: jax.Array, mask: jax.Array,
-                 key: jax.Array | None) -> jax.Array:
+                 key: jax.Array | None, head_mask: jax.Array | None, with_probs: bool
+                 ) -> tuple[jax.Array, jax.Array | None]:
     k_attn, k_ffn = L.split_key(key, 2)
     attention = layer.attention if hasattr(layer, "attention") else shared.attention
     ffn = layer.ffn if hasattr(layer, "ffn") else shared.ffn
-    return ffn(attention(x, mask, k_attn), k_ffn)
+    y, probs = attention(x, mask, k_attn, head_mask, with_probs)
+    return ffn(y, k_ffn), probs
 
 
 class Transformer(nnx.Module):
@@ -287,50 +411,83 @@ class Transformer(nnx.Module):
             self.embedding_projection = Dense((c.embedding_size,), (c.hidden_size,), ("embed",),
                                               ("mlp",), c, rngs=rngs)
         share = c.layer_sharing
-        self.layers = L.make_stack(
-            lambda r: Layer(c, attention=share != "attention", ffn=share != "ffn", rngs=r),
-            c.units, rngs, scan=c.scan_layers)
+        if c.layer_num_heads:  # pruned: layers of different widths, as a list
+            self.layers = nnx.List([Layer(c, attention=True, ffn=True, rngs=rngs, num_heads=n)
+                                    for n in c.layer_num_heads])
+        else:
+            self.layers = L.make_stack(
+                lambda r: Layer(c, attention=share != "attention", ffn=share != "ffn", rngs=r),
+                c.units, rngs, scan=c.scan_layers)
         if share in ("attention", "ffn"):
             self.shared = Layer(c, attention=share == "attention", ffn=share == "ffn", rngs=rngs)
         self.config = c
 
     def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None,
-                 output_hidden_states: bool) -> tuple[jax.Array, jax.Array | None]:
-        """Final hidden states and, if asked, every layer's input and output [N + 1, B, L, H]."""
+                 output_hidden_states: bool, head_mask: jax.Array | None = None,
+                 output_attentions: bool = False) -> tuple[jax.Array, dict]:
+        """Final hidden states and a dict of what was asked: ``hidden_states`` (every layer's
+        input and output [N + 1, B, L, H]), ``attentions`` [N, B, heads, L, L] and, when
+        quantized, ``absmax`` (each dense input's max|x|, stacked like the layer params)."""
         c = self.config
         if hasattr(self, "embedding_projection"):
             x = self.embedding_projection(x)
         units, repeats = c.units, c.num_layers // c.units
         shared = getattr(self, "shared", None)
         keys = None if key is None else jax.random.split(key, (units, repeats))
+        if head_mask is not None:
+            if c.layer_num_heads or head_mask.shape != (c.num_layers, c.num_heads):
+                raise UserError(f"head_mask must be [num_layers, num_heads] = "
+                                f"[{c.num_layers}, {c.num_heads}] on an unpruned encoder, got "
+                                f"{head_mask.shape}")
+            head_mask = head_mask.reshape(units, repeats, c.num_heads)
+        def run_one(layer, x, inputs):
+            k, m = inputs
+            y, probs = _apply_layer(layer, shared, x, mask, k, m, output_attentions)
+            extras = {"absmax": nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))}
+            if output_hidden_states:
+                extras["hidden"] = y
+            if output_attentions:  # removed heads' maps are zeros, so every layer stacks
+                pad = c.num_heads - probs.shape[1]
+                extras["attentions"] = jnp.pad(probs, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            return y, extras
 
-        def run_one(layer, x, k):
-            y = _apply_layer(layer, shared, x, mask, k)
-            return y, (y if output_hidden_states else None)
+        def body(layer, x, per_unit):
+            def at(i):
+                return jax.tree.map(lambda a: a[i], per_unit)
 
-        def body(layer, x, unit_keys):
             if repeats == 1:
-                y, out = run_one(layer, x, None if unit_keys is None else unit_keys[0])
-                return y, None if out is None else out[None]
+                y, out = run_one(layer, x, at(0))
+                return y, jax.tree.map(lambda a: a[None], out)
             # A shared layer runs `repeats` times; remat each run, not the whole unit.
-            step = lambda x, k: run_one(layer, x, k)  # noqa: E731
+            step = lambda x, inputs: run_one(layer, x, inputs)  # noqa: E731
             if c.remat_policy != "none":
                 step = jax.checkpoint(step, policy=L.REMAT_POLICIES[c.remat_policy],
                                       prevent_cse=not c.scan_layers)
             if c.scan_layers:
-                return jax.lax.scan(step, x, unit_keys, length=repeats)
+                return jax.lax.scan(step, x, per_unit, length=repeats)
             outs = []
             for i in range(repeats):
-                x, out = step(x, None if unit_keys is None else unit_keys[i])
+                x, out = step(x, at(i))
                 outs.append(out)
-            return x, (jnp.stack(outs) if output_hidden_states else None)
+            return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-        x_final, outs = L.run_stack(self.layers, x, keys, body, scan=c.scan_layers,
+        x_final, outs = L.run_stack(self.layers, x, (keys, head_mask), body,
+                                    scan=c.scan_layers,
                                     remat_policy=c.remat_policy if repeats == 1 else "none")
-        if not output_hidden_states:
-            return x_final, None
-        outs = outs.reshape(c.num_layers, *outs.shape[2:])
-        return x_final, jnp.concatenate([x[None], outs])
+        extras = {}
+        if output_hidden_states:
+            hidden = outs["hidden"].reshape(c.num_layers, *outs["hidden"].shape[2:])
+            extras["hidden_states"] = jnp.concatenate([x[None], hidden])
+        if output_attentions:
+            extras["attentions"] = outs["attentions"].reshape(c.num_layers,
+                                                              *outs["attentions"].shape[2:])
+        if c.quantize != "none":
+            # [units, repeats] -> the max over a shared unit's runs, laid out like its params
+            absmax = jax.tree.map(lambda a: a.max(axis=1), outs["absmax"])
+            if not c.scan_layers:
+                absmax = {i: jax.tree.map(lambda a, i=i: a[i], absmax) for i in range(units)}
+            extras["absmax"] = {"layers": absmax}
+        return x_final, extras
 
 
 # --------------------------------------------------------------------------- heads
@@ -345,11 +502,18 @@ class MLMHead(nnx.Module):
         self.norm = LayerNorm(e, c, rngs=rngs)
         self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,), ("vocab",),
                                  L.dtype_of(c.param_dtype))
+        if c.quantize != "none":  # the tied decoder's input range
+            self.decoder_range = _scalar(rngs)
         self.hidden_act = c.hidden_act
 
     def __call__(self, x: jax.Array, embeddings: Embeddings) -> jax.Array:
         h = self.norm(_activation(self.hidden_act, self.transform(x)))
-        return embeddings.attend(h) + self.bias[...].astype(jnp.float32)
+        h_range = None
+        if hasattr(self, "decoder_range"):
+            h_max = jax.lax.stop_gradient(jnp.max(jnp.abs(h.astype(jnp.float32))))
+            self.decoder_absmax = nnx.Intermediate(h_max)
+            h_range = Q.active_range(self.decoder_range[...], h_max)
+        return embeddings.attend(h, h_range) + self.bias[...].astype(jnp.float32)
 
 
 class DiscriminatorHead(nnx.Module):
@@ -436,6 +600,8 @@ class EncoderModel(nnx.Module):
         masked_positions: jax.Array | None = None,
         span_boundaries: jax.Array | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        head_mask: jax.Array | None = None,
         enable_dropout: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> dict[str, jax.Array]:
@@ -447,6 +613,10 @@ class EncoderModel(nnx.Module):
         [B, P], as the original BERT code does, so that unselected positions are never
         projected onto the vocabulary), ``discriminator_logits`` [B, L] and ``sbo_logits``
         [B, P, V] (with ``span_boundaries``, see ``SpanBoundaryHead``); logits are float32.
+        With ``output_attentions``: ``attentions`` [N, B, heads, L, L] (float32 softmax
+        probabilities; a removed head's are zeros). ``head_mask`` [N, heads] scales each head's
+        output. Quantized models also return ``activation_absmax``: each dense input's max|x|
+        in this batch, laid out like the ``input_range`` params (``compress.quantize``).
         """
         c = self.config
         if attention_mask is None:
@@ -461,10 +631,12 @@ class EncoderModel(nnx.Module):
             k_embed = k_layers = None
         x = L.dropout(self.embeddings(input_ids, token_type_ids), c.hidden_dropout_rate, k_embed)
         mask = (attention_mask > 0)[:, None, None, :]
-        hidden, all_hidden = self.encoder(x, mask, k_layers, output_hidden_states)
+        hidden, extras = self.encoder(x, mask, k_layers, output_hidden_states, head_mask,
+                                      output_attentions)
         out = {"last_hidden_state": hidden}
-        if all_hidden is not None:
-            out["hidden_states"] = all_hidden
+        for name in ("hidden_states", "attentions"):
+            if name in extras:
+                out[name] = extras[name]
         if c.pooler:
             out["pooled_output"] = jnp.tanh(self.pooler(hidden[:, 0]))
         if c.nsp_head:
@@ -476,6 +648,10 @@ class EncoderModel(nnx.Module):
             out["discriminator_logits"] = self.discriminator(hidden)
         if c.sbo_head and span_boundaries is not None:
             out["sbo_logits"] = self.sbo(hidden, span_boundaries, self.embeddings)
+        if c.quantize != "none":
+            absmax = nnx.to_pure_dict(nnx.pop(self, nnx.Intermediate))
+            absmax.setdefault("encoder", {}).update(extras["absmax"])
+            out["activation_absmax"] = absmax
         return out
 
 
