@@ -182,7 +182,7 @@ def evaluate(
             f"split {split!r} of task {exp.config.data.task!r} gave no batch to evaluate"
         )
     totals = jax.device_get(totals)
-    scores = {k: float(v) for k, v in summarize(totals).items()}
+    scores = {k: float(v) for k, v in exp.family.summarize(totals).items()}
     # The reported loss is the cross-entropy: the z-loss is a regulariser, not a model score.
     scores["loss"] = scores.pop("cross_entropy", float(totals["loss"]) / max(totals["weight"], 1))
     return {**scores, "tokens": int(totals["weight"])}

@@ -20,6 +20,12 @@ FAMILIES = {
     "mass": "t5x_like.families.bart:MassFamily",
     "unilm": "t5x_like.families.unilm:UniLMFamily",
     "xlnet": "t5x_like.families.xlnet:XLNetFamily",
+    "distill": "t5x_like.families.distill:DistillFamily",
+    "bert": "t5x_like.families.bert:EncoderFamily",
+    "roberta": "t5x_like.families.bert:RobertaFamily",
+    "albert": "t5x_like.families.bert:AlbertFamily",
+    "spanbert": "t5x_like.families.bert:SpanBertFamily",
+    "electra": "t5x_like.families.electra:ElectraFamily",
 }
 
 

@@ -127,6 +127,11 @@ class Family:
         """``(loss_sum, sums)`` on a batch that already went through ``features``."""
         raise NotImplementedError
 
+    def summarize(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+        """Means from summed evaluation metrics (the module's ``summarize``); a family whose
+        metric is not a ratio of sums (ELECTRA's AUC, from summed histograms) overrides it."""
+        return summarize(sums)
+
     def score_batch(self, params: dict, features: dict) -> jax.Array:
         raise NotImplementedError(f"{type(self).__name__} does not score sequences")
 

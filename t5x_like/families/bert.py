@@ -1,0 +1,428 @@
+"""The masked-LM encoder families: BERT, RoBERTa, ALBERT and SpanBERT — one class, by config.
+
+Host side: the task's text is read through seqio (the task's own tokenisation, EOS stripped) as
+documents of segments, and ``data/sentence_pairs.py`` lays them out (``objective.layout``):
+``nsp`` (BERT: ``[CLS] A [SEP] B [SEP]``, B random from another document with p = 0.5),
+``sop`` (ALBERT: two consecutive segments, swapped with p = 0.5) or ``full_sentences``
+(RoBERTa, SpanBERT: single rows of whole segments packed across documents). What a document is:
+
+- ``objective.examples_per_document = N > 0``: the task's examples, in source order, are the
+  consecutive segments of running text (the default corpus's speeches in play order, the
+  lines of a text file), and each run of N of them is a document;
+- ``0``: each example is a document (an article from TFDS, say) whose sentences — cut after
+  tokens ending in ``objective.sentence_end_chars`` — are its segments.
+
+Device side (``features``, inside the jitted step): ``objectives.masking.mask`` selects and
+corrupts positions with the step key, a fresh mask every step (RoBERTa's dynamic masking).
+``objective.static_masking=True`` instead keys each row by a hash of its tokens and the seed, so
+a sequence gets the same mask whenever it is seen (BERT's masks made once in preprocessing,
+without the 10 duplicates); a key from the data position would not do, since every epoch
+re-pairs and reshuffles the rows. The MLM head runs only at the ``max_predictions`` selected
+slots (``targets`` / ``target_weights`` [B, P]), as in the original code.
+
+Loss = mean cross-entropy over all selected positions (also the kept and random ones)
++ the sentence-pair CE (NSP/SOP, mean over rows) + SpanBERT's span-boundary CE (mean over the
+selected positions). The pair term is a per-row mean while the trainer divides by the MLM
+weight, so each row's pair CE carries ``pair_scale`` = (MLM weight of the whole batch) / rows,
+computed in ``features`` before any micro-batching: the division gives exactly MLM mean +
+pair mean for any split into micro-batches or devices. Metrics: ``accuracy`` / ``cross_entropy``
+(MLM), ``nsp/...`` or ``sop/...``, ``sbo/...``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Iterator
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import seqio
+from flax import nnx
+
+from t5x_like import losses
+from t5x_like.data import sentence_pairs
+from t5x_like.data.special_tokens import special_tokens
+from t5x_like.errors import UserError
+from t5x_like.families.base import Family
+from t5x_like.models.encoder import EncoderConfig, EncoderModel
+from t5x_like.objectives.masking import MaskingConfig, mask, word_start_table
+from t5x_like.objectives.spans import SPAN_KINDS, SpanLengths
+
+LAYOUTS = ("nsp", "sop", "full_sentences")
+_LABELS = {"nsp": "next_sentence_label", "sop": "sentence_order_label"}
+STATIC_MASKING_SALT = 0x57A71C  # folded into the seed key for static masks
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# --------------------------------------------------------------------------- host data
+
+
+_DOCUMENTS: dict[tuple, tuple[object, list]] = {}
+
+
+def task_documents(name: str, split: str, vocabulary, *, examples_per_document: int,
+                   sentence_ends: tuple[int, ...] = ()) -> list[list[np.ndarray]]:
+    """The documents of ``split`` of task or mixture ``name``: lists of int32 segments.
+
+    Examples come through seqio in source order with the task's own preprocessing up to its
+    cache point (tokenised, EOS appended; the EOS is dropped here). Grouping: see the module
+    docstring. Held in memory and cached per process (re-registering the task invalidates it).
+    """
+    from t5x_like.data import tf_runtime
+
+    tf_runtime.configure()
+    import t5x_like.tasks  # noqa: F401  (registers the default task)
+    from t5x_like.tasks.mixtures import get_provider
+
+    provider = get_provider(name)
+    if split not in provider.splits:
+        raise UserError(f"task {name!r} has no split {split!r}; it has "
+                        f"{', '.join(sorted(provider.splits))}")
+    if "targets" not in provider.output_features:
+        raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
+                        "task; register its text with t5x_like.tasks.register_text_task")
+    if provider.output_features["targets"].vocabulary != vocabulary:
+        raise UserError(f"task {name!r} tokenises with another vocabulary than the model's; "
+                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
+    key = (name, split, examples_per_document, sentence_ends,
+           getattr(vocabulary, "sentencepiece_model_file", id(vocabulary)))
+    cached = _DOCUMENTS.get(key)
+    if cached is not None and cached[0] is provider:
+        return cached[1]
+    eos = vocabulary.eos_id
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    documents: list[list[np.ndarray]] = []
+    for task in tasks:
+        if split not in task.splits:
+            continue
+        ds = task.preprocess_precache(task.source.get_dataset(split=split, shuffle=False))
+        # Ragged batches: iterating one example at a time is ~10x slower in tf.data.
+        examples = []
+        for rows in ds.map(lambda ex: ex["targets"]).ragged_batch(4096):
+            splits = rows.row_splits.numpy()
+            for ids in np.split(rows.flat_values.numpy().astype(np.int32), splits[1:-1]):
+                ids = ids[:-1] if ids.size and ids[-1] == eos else ids
+                if ids.size:
+                    examples.append(ids)
+        if examples_per_document:
+            documents += [examples[i:i + examples_per_document]
+                          for i in range(0, len(examples), examples_per_document)]
+        else:
+            documents += [_sentences(ids, sentence_ends) for ids in examples]
+    _DOCUMENTS[key] = (provider, documents)
+    return documents
+
+
+def _sentences(ids: np.ndarray, ends: tuple[int, ...]) -> list[np.ndarray]:
+    """``ids`` cut after every sentence-ending id (the last piece may end without one)."""
+    cuts = np.flatnonzero(np.isin(ids, ends)) + 1
+    return [s for s in np.split(ids, cuts) if s.size]
+
+
+def word_starts_of(vocabulary) -> np.ndarray:
+    """bool [vocab_size]: which ids open a word (for whole-word, n-gram and span masking)."""
+    if hasattr(vocabulary, "sentencepiece_model_file"):
+        tokenizer = vocabulary.tokenizer
+        pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
+        pieces += [f"<extra_id_{i}>" for i in range(vocabulary.vocab_size - len(pieces))]
+        return word_start_table(pieces, "sentencepiece")
+    pieces = [vocabulary.tokenizer.id_to_token(i) or "" for i in range(vocabulary.vocab_size)]
+    if not any(p.startswith("##") for p in pieces):
+        raise UserError("whole-word masking needs a SentencePiece or WordPiece vocabulary; set "
+                        "objective.whole_word=False for this tokenizer")
+    return word_start_table(pieces, "wordpiece")
+
+
+def row_hashes(tokens: jax.Array) -> jax.Array:
+    """uint32 [B]: a polynomial hash of each row's ids (static masking's per-row key)."""
+    powers = jnp.cumprod(jnp.full((tokens.shape[1],), 16777619, jnp.uint32))
+    return jnp.sum(tokens.astype(jnp.uint32) * powers[None], axis=1, dtype=jnp.uint32)
+
+
+# --------------------------------------------------------------------------- the family
+
+
+class EncoderFamily(Family):
+    """BERT (MLM + NSP) by default; RoBERTa, ALBERT and SpanBERT are its presets below."""
+
+    module_class: ClassVar[type] = EncoderModel
+    config_class: ClassVar[type] = EncoderConfig
+    objective_name: ClassVar[str] = "mlm"
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        self.ids = special_tokens(vocabulary)
+        o = config.objective
+        self.masking = MaskingConfig(
+            vocab_size=self.vocab_size, mask_id=self.ids.mask, special_ids=self.ids.all,
+            max_predictions=self.max_predictions, rate=o.mlm_rate,
+            mask_fraction=o.mask_fraction, random_fraction=o.random_fraction,
+            random_range=self.ids.ordinary,
+            spans=SpanLengths(o.spans, o.max_span_length, o.span_p),
+            replace_per_span=o.replace_per_span, span_boundaries=o.span_boundary_objective)
+        self.word_starts = word_starts_of(vocabulary) if o.whole_word else None
+
+    # ------------------------------------------------------------------ schema
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return dict(
+            name=cls.objective_name,
+            layout="nsp",  # nsp | sop | full_sentences
+            mlm_rate=0.15,
+            max_predictions=0,  # 0 = ceil(mlm_rate * inputs_length)
+            mask_fraction=0.8,
+            random_fraction=0.1,
+            spans="single",  # single | ngram (ALBERT) | geometric (SpanBERT), in words
+            max_span_length=1,
+            span_p=0.2,  # geometric spans only
+            whole_word=False,
+            replace_per_span=False,  # one [MASK]/random/keep draw per span (SpanBERT)
+            span_boundary_objective=False,  # SpanBERT's SBO loss (needs model.sbo_head)
+            static_masking=False,
+            short_seq_prob=0.1,  # pairs: a shorter target length with this probability
+            examples_per_document=64,
+            sentence_end_chars=".!?",
+        )
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        o = c.objective
+        _check(o.name == cls.objective_name,
+               f"objective.name {o.name!r} is not {cls.objective_name!r}")
+        _check(o.layout in LAYOUTS, f"objective.layout must be one of {LAYOUTS}, got {o.layout!r}")
+        _check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
+        _check(0 <= o.max_predictions <= c.data.inputs_length,
+               f"objective.max_predictions must be in [0, data.inputs_length], got "
+               f"{o.max_predictions}")
+        _check(min(o.mask_fraction, o.random_fraction) >= 0
+               and o.mask_fraction + o.random_fraction <= 1.0,
+               "objective.mask_fraction and random_fraction must be >= 0 and sum to at most 1, "
+               f"got {o.mask_fraction} and {o.random_fraction}")
+        _check(o.spans in SPAN_KINDS, f"objective.spans must be one of {SPAN_KINDS}, got "
+               f"{o.spans!r}")
+        SpanLengths(o.spans, o.max_span_length, o.span_p)  # lengths and p, one sentence each
+        _check(0.0 <= o.short_seq_prob <= 1.0,
+               f"objective.short_seq_prob must lie in [0, 1], got {o.short_seq_prob}")
+        _check(o.examples_per_document >= 0,
+               f"objective.examples_per_document must be >= 0, got {o.examples_per_document}")
+        _check(o.examples_per_document > 0 or bool(o.sentence_end_chars),
+               "objective.examples_per_document=0 splits examples into sentences, but "
+               "objective.sentence_end_chars is empty")
+        cls._validate_model(c)
+
+    @classmethod
+    def _validate_model(cls, c: ml_collections.ConfigDict) -> None:
+        m, o = c.model, c.objective
+        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        pairs = o.layout in _LABELS
+        _check(m.nsp_head == pairs,
+               f"objective.layout={o.layout!r} needs model.nsp_head={pairs} (the sentence-pair "
+               f"head is trained by nsp/sop layouts only); set model.nsp_head={pairs}"
+               + ("" if pairs else " and model.pooler=False"))
+        _check(m.sbo_head == o.span_boundary_objective,
+               f"objective.span_boundary_objective={o.span_boundary_objective} needs "
+               f"model.sbo_head={o.span_boundary_objective}")
+        _check(not o.span_boundary_objective or o.layout == "full_sentences",
+               "the span-boundary objective trains on single segments: set "
+               "objective.layout='full_sentences'")
+        _check(c.data.inputs_length + m.position_offset <= m.max_position_embeddings,
+               f"data.inputs_length={c.data.inputs_length} (+ position_offset "
+               f"{m.position_offset}) exceeds model.max_position_embeddings="
+               f"{m.max_position_embeddings}")
+        _check(cls.module_class is not EncoderModel or m.mlm_head,
+               "model.mlm_head=False leaves the MLM objective nothing to train")
+        EncoderConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})
+
+    @property
+    def max_predictions(self) -> int:
+        o = self.config.objective
+        return o.max_predictions or max(1, math.ceil(o.mlm_rate * self.config.data.inputs_length))
+
+    # ------------------------------------------------------------------ host data
+    def _special(self) -> sentence_pairs.SpecialTokens:
+        ids = self.ids
+        if self.model_config.model_type == "roberta":  # <s> ... </s>
+            return sentence_pairs.SpecialTokens(pad=ids.pad, cls=ids.bos, sep=ids.eos,
+                                                bos=ids.bos, eos=ids.eos)
+        return sentence_pairs.SpecialTokens(pad=ids.pad, cls=ids.cls, sep=ids.sep, bos=ids.cls,
+                                            eos=ids.sep)
+
+    def documents(self, split: str) -> list[list[np.ndarray]]:
+        o = self.config.objective
+        ends = ()
+        if not o.examples_per_document:
+            from t5x_like.families.bart import sentence_end_ids
+
+            ends = sentence_end_ids(self.vocabulary, o.sentence_end_chars)
+        return task_documents(self.config.data.task, split, self.vocabulary,
+                              examples_per_document=o.examples_per_document, sentence_ends=ends)
+
+    def batches(self, *, split: str, batch_size: int, shuffle: bool, repeat: bool,
+                skip_batches: int, shard_index: int, num_shards: int
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """This host's batches of ``objective.layout`` rows (``input_ids``,
+        ``token_type_ids``, ``attention_mask`` [B, L], the pair label [B]).
+
+        Rows are always in their seeded order (``shuffle`` has no effect: the pair builder
+        draws from a seeded generator either way). ``repeat=False`` gives the whole batches of
+        the first epoch of this host's shard, then stops.
+        """
+        del shuffle
+        o, length = self.config.objective, self.config.data.inputs_length
+        documents = self.documents(split)
+        special = self._special()
+        stream = sentence_pairs.sentence_pair_batches(
+            documents, objective=o.layout, length=length, batch_size=batch_size,
+            seed=self.config.seed, special=special, shard_index=shard_index,
+            num_shards=num_shards, skip_batches=skip_batches, short_seq_prob=o.short_seq_prob)
+        if repeat:
+            return stream
+        whole = self._first_epoch_size(documents, special, shard_index, num_shards) // batch_size
+        _check(whole > 0, f"split {split!r} of task {self.config.data.task!r} (shard "
+               f"{shard_index} of {num_shards}) holds fewer than one batch of {batch_size} "
+               f"{o.layout} rows; add text or lower data.batch_size")
+        return itertools.islice(stream, max(whole - skip_batches, 0))
+
+    def _first_epoch_size(self, documents, special, shard_index: int, num_shards: int) -> int:
+        """Rows in epoch 0 of this shard, drawn as ``sentence_pair_batches`` draws them (its
+        documented generator: ``default_rng([seed, shard, num_shards, epoch])``)."""
+        o, length = self.config.objective, self.config.data.inputs_length
+        shard = documents[shard_index::num_shards]
+        if o.layout == "full_sentences":
+            return len(sentence_pairs.full_sentence_rows(shard, length, special)["input_ids"])
+        rng = np.random.default_rng([self.config.seed, shard_index, num_shards, 0])
+        return len(sentence_pairs._pair_examples(shard, rng, o.layout, length - 3,
+                                                 o.short_seq_prob))
+
+    # ------------------------------------------------------------------ objective
+    def _row_keys(self, tokens: jax.Array, key: jax.Array) -> jax.Array:
+        if self.config.objective.static_masking:
+            base = jax.random.fold_in(jax.random.key(self.config.seed), STATIC_MASKING_SALT)
+            return jax.vmap(lambda h: jax.random.fold_in(base, h))(row_hashes(tokens))
+        return jax.random.split(key, tokens.shape[0])
+
+    def masked(self, batch: dict, key: jax.Array, masking: MaskingConfig) -> dict:
+        """``masking.mask`` over the rows of ``batch['input_ids']`` (see ``_row_keys``)."""
+        tokens = batch["input_ids"]
+        keys = self._row_keys(tokens, key)
+        row = functools.partial(mask, config=masking)
+        if self.word_starts is None:
+            return jax.vmap(lambda k, t: row(k, t))(keys, tokens)
+        starts = jnp.asarray(self.word_starts)[tokens]
+        return jax.vmap(lambda k, t, w: row(k, t, word_starts=w))(keys, tokens, starts)
+
+    def features(self, batch: dict, key: jax.Array) -> dict:
+        """Host rows -> masked ``input_ids``, the selected slots (``positions``, ``targets``,
+        ``target_weights`` [B, P]), the pair label and ``pair_scale`` (module docstring)."""
+        out = self.masked(batch, key, self.masking)
+        rows = batch["input_ids"].shape[0]
+        f = {
+            "input_ids": out["inputs"],
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch["token_type_ids"],
+            "positions": out["positions"],
+            "targets": out["position_targets"],
+            "target_weights": out["position_weights"],
+        }
+        label = _LABELS.get(self.config.objective.layout)
+        if label:
+            f["sentence_label"] = batch[label]
+            f["pair_scale"] = jnp.full((rows,), jnp.sum(out["position_weights"]) / rows)
+        if self.masking.span_boundaries:
+            offset = jnp.minimum(out["span_offset"], self.model_config.sbo_max_span_length - 1)
+            f["span_boundaries"] = jnp.stack([out["span_left"], out["span_right"], offset], -1)
+        return f
+
+    # ------------------------------------------------------------------ contract
+    def _dropout(self, train: bool) -> bool:
+        c = self.model_config
+        return train and max(c.hidden_dropout_rate, c.attention_dropout_rate) > 0
+
+    def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
+        """(summed loss, summed metrics): MLM at the selected slots (+ pair CE, + SBO CE)."""
+        out = self.model(params)(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+            masked_positions=batch["positions"], span_boundaries=batch.get("span_boundaries"),
+            enable_dropout=self._dropout(train), rngs=nnx.Rngs(dropout=key))
+        loss = self.config.loss
+        sums = losses.cross_entropy_with_z_loss(
+            out["mlm_logits"], batch["targets"], batch["target_weights"], z_loss=loss.z_loss,
+            label_smoothing=loss.label_smoothing)
+        if "sentence_label" in batch:
+            name = self.config.objective.layout
+            logits, labels = out["nsp_logits"], batch["sentence_label"]
+            scaled = losses.cross_entropy_with_z_loss(logits, labels, batch["pair_scale"])
+            plain = losses.cross_entropy_with_z_loss(logits, labels, jnp.ones_like(labels))
+            sums["loss"] = sums["loss"] + scaled["loss"]
+            for metric in ("cross_entropy", "correct", "weight"):
+                sums[f"{name}/{metric}"] = plain[metric]
+        if "span_boundaries" in batch:
+            sbo = losses.cross_entropy_with_z_loss(
+                out["sbo_logits"], batch["targets"], batch["target_weights"], z_loss=loss.z_loss,
+                label_smoothing=loss.label_smoothing)
+            sums["loss"] = sums["loss"] + sbo["loss"]
+            for metric in ("cross_entropy", "correct", "weight"):
+                sums[f"sbo/{metric}"] = sbo[metric]
+        return sums["loss"], sums
+
+    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
+        raise UserError(f"a {self.config.family} checkpoint fills masked positions, it does not "
+                        "generate text; use t5x-like eval (or export it with export-hf)")
+
+
+class RobertaFamily(EncoderFamily):
+    """RoBERTa: MLM only on FULL-SENTENCES rows (``<s> ... </s>``), positions from 2."""
+
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "model_type": "roberta", "position_offset": 2,
+                "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+                "pooler": False, "nsp_head": False}
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "layout": "full_sentences"}
+
+
+class AlbertFamily(EncoderFamily):
+    """ALBERT: n-gram MLM (n <= 3 words, p(n) ~ 1/n) + SOP; E = 128, all layers shared."""
+
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "model_type": "albert", "embedding_size": 128,
+                "layer_sharing": "all", "hidden_act": "gelu_new", "hidden_dropout_rate": 0.0,
+                "attention_dropout_rate": 0.0}
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "layout": "sop", "spans": "ngram",
+                "max_span_length": 3, "whole_word": True}
+
+
+class SpanBertFamily(EncoderFamily):
+    """SpanBERT: geometric whole-word spans (p 0.2, <= 10), 80/10/10 per span, MLM + SBO on
+    single segments, no NSP."""
+
+    @classmethod
+    def model_defaults(cls) -> dict:
+        return {**super().model_defaults(), "pooler": False, "nsp_head": False,
+                "sbo_head": True, "sbo_max_span_length": 32}
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "layout": "full_sentences", "spans": "geometric",
+                "max_span_length": 10, "whole_word": True, "replace_per_span": True,
+                "span_boundary_objective": True}
