@@ -174,6 +174,12 @@ def _cmd_compress_report(args, overrides):
         Path(args.json).write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
 
 
+def _cmd_report(args, overrides):
+    from t5x_like.evaluation.report import write_report
+
+    print(f"wrote {write_report(args.run_dirs, args.out, title=args.title)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from t5x_like import distributed, launch
 
@@ -272,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="keep the exported folders here (default: a temp folder)")
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(run=_cmd_compress_report)
+
+    p = verbs.add_parser("report", help="Markdown report with training/validation curves and "
+                         "eval metrics of one or more runs, side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="workdirs written by train")
+    p.add_argument("--out", default="report.md", help="Markdown file (PNGs go beside it)")
+    p.add_argument("--title", default="Training report")
+    p.set_defaults(run=_cmd_report)
     return parser
 
 
