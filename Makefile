@@ -33,8 +33,16 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
 
+# Peers first; then our trainer's step on synthetic batches (tiny and small, batch 8, on CPU):
+# tokens/s, TFLOP/s, MFU against a measured float32 matmul rate, XLA peak memory without and
+# with remat. On a GPU/TPU host, `t5x-like bench` finds the peak in its table instead.
+BENCH_FLAGS ?= --steps 3 --warmup 1 --batch 8 --remat none,full --peak-tflops measure
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/t5_peers.py
+	$(BIN)/t5x-like bench --config configs/t5_span_corruption.py:tiny $(BENCH_FLAGS) \
+		--json benchmarks/bench_tiny.json
+	$(BIN)/t5x-like bench --config configs/t5_span_corruption.py:small $(BENCH_FLAGS) \
+		--json benchmarks/bench_small.json
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check t5x_like tests configs benchmarks
