@@ -1,0 +1,50 @@
+"""T5 text-to-text fine-tuning from a pretrained checkpoint, on any seqio task or mixture.
+
+    t5x-like train --config configs/t5_finetune.py:tiny --workdir runs/t5_plays \
+        --config.finetune.init_checkpoint=runs/demo            # the `make demo` checkpoint
+    t5x-like train --config configs/t5_finetune.py:base --workdir runs/t5_glue \
+        --config.finetune.init_checkpoint=runs/t5_base --config.data.task=glue_proportional
+    ... --config.finetune.mode=lora|adapters|prompt|prefix|gradual|full
+
+Presets match ``t5_span_corruption.py`` (tiny/small/base/large); the model fields must equal
+the pretrained run's (a mismatch stops with the field to set). Default task: ``play_lines``
+(which of five plays a speech comes from). Adafactor at a constant 1e-3 as T5's fine-tuning,
+dropout 0.1; prompt tuning uses lr 0.3 as Lester et al. (set it with the mode).
+"""
+
+from t5x_like.config import base_config
+
+SIZES = {
+    #        d_model d_kv heads d_ff  enc dec
+    "tiny": (128, 32, 4, 512, 2, 2),
+    "small": (512, 64, 6, 1024, 8, 8),
+    "base": (768, 64, 12, 2048, 12, 12),
+    "large": (1024, 64, 16, 2816, 24, 24),
+}
+
+
+def get_config(arg=None):
+    preset = arg or "small"
+    if preset not in SIZES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    c = base_config("t5_finetune")
+    d_model, d_kv, heads, d_ff, enc, dec = SIZES[preset]
+    c.model.update(dict(d_model=d_model, d_kv=d_kv, num_heads=heads, d_ff=d_ff,
+                        num_encoder_layers=enc, num_decoder_layers=dec, dropout_rate=0.1))
+    c.data.task = "play_lines"
+    c.finetune.targets_length = 8
+    c.optimizer.update(dict(name="adafactor", schedule="constant", learning_rate=1e-3,
+                            warmup_steps=0))
+    if preset == "tiny":
+        c.model.scan_layers = False  # as the tiny pretraining preset
+        c.data.inputs_length = 64
+        c.data.batch_size = 32
+        c.train.update(dict(num_steps=600, log_every=25, eval_every=200, eval_batches=0,
+                            checkpoint_every=200))
+    else:
+        c.data.inputs_length = 512
+        c.data.batch_size = 128
+        c.train.update(dict(num_steps=262_144, log_every=100, eval_every=5000,
+                            checkpoint_every=5000))
+    c.lock()
+    return c
