@@ -38,6 +38,8 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(cls.model_defaults())
     c.objective = ml_collections.ConfigDict(cls.objective_defaults())
+    for section, fields in getattr(cls, "config_sections", dict)().items():  # e.g. finetune
+        c[section] = ml_collections.ConfigDict(fields)
     c.data = ml_collections.ConfigDict(
         dict(
             task="shakespeare",  # a registered seqio task or mixture

@@ -61,11 +61,36 @@ class Experiment:
         init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         return init(jax.random.key_data(self.root_key))
 
+    def initial_state(self) -> dict:
+        """``init_state``, with the pretrained weights when the family starts from a
+        checkpoint (fine-tuning: ``family.load_pretrained``)."""
+        state = self.init_state()
+        if hasattr(self.family, "load_pretrained"):
+            state["params"] = self.family.load_pretrained(state["params"],
+                                                          self.state_shardings["params"])
+        return state
+
+    def saved_state(self, state: dict) -> dict:
+        """What a checkpoint holds: the whole state, or the part a family says changes
+        (``family.saved_state``: fine-tuning with frozen pretrained weights)."""
+        cut = getattr(self.family, "saved_state", None)
+        return cut(state) if cut else state
+
+    def restore(self, checkpoints: Checkpoints) -> tuple[dict, dict] | None:
+        """(state, meta) from the newest readable checkpoint, or None; parameters a family
+        does not save are taken from ``initial_state`` (the pretrained checkpoint)."""
+        restored = checkpoints.restore_latest(self.saved_state(self.abstract_state()))
+        if restored is None or not hasattr(self.family, "saved_state"):
+            return restored
+        saved, meta = restored
+        fresh = self.initial_state()
+        return {**saved, "params": {**fresh["params"], **saved["params"]}}, meta
+
     def restore_or_init(self, checkpoints: Checkpoints) -> tuple[dict, dict]:
         """(state, meta) from the newest readable checkpoint, else a fresh state."""
-        restored = checkpoints.restore_latest(self.abstract_state())
+        restored = self.restore(checkpoints)
         if restored is None:
-            return self.init_state(), {"batches_consumed": 0}
+            return self.initial_state(), {"batches_consumed": 0}
         return restored
 
     def write_config(self, workdir: Path) -> None:
@@ -93,6 +118,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
             f"split evenly over {dp} data-parallel devices; make it a multiple of {dp}"
         )
     tx, schedule = optim.make_optimizer(resolved.optimizer, resolved.train.num_steps)
+    if hasattr(family, "wrap_optimizer"):  # fine-tuning: frozen parameters get no update
+        tx = family.wrap_optimizer(tx)
     specs = partitioning.param_specs(family.abstract_params, mesh, rules)
     repl = partitioning.replicated(mesh)
     abstract_params = jax.eval_shape(family.init, jax.random.key(0))

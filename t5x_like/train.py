@@ -295,7 +295,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 log.write(done, scalars)
                 result.update(scalars)
                 progress.write(
-                    f"step {done}: eval loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f}"
+                    f"step {done}: eval loss {scores['loss']:.4f} accuracy "
+                    f"{scores.get('accuracy', float('nan')):.4f}"
                 )
             reason = stop.requested(done, at_log_step=at_log_step)
             if (
@@ -305,7 +306,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 or (at_log_step and preemption.agree(clock.due()))
             ):
                 checkpoints.save(
-                    done, state, {"batches_consumed": done, "step": done, "config": cfg.to_dict()}
+                    done, exp.saved_state(state),
+                    {"batches_consumed": done, "step": done, "config": cfg.to_dict()},
                 )
                 clock.reset()
             if reason:

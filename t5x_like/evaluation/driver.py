@@ -22,7 +22,7 @@ def load_checkpoint(workdir: str | Path, overrides=()) -> tuple[Experiment, dict
     config_lib.validate(config)
     exp = build(config)
     checkpoints = Checkpoints(workdir, read_only=True)
-    restored = checkpoints.restore_latest(exp.abstract_state())
+    restored = exp.restore(checkpoints)  # merges a fine-tuning run's saved part back
     checkpoints.close()
     if restored is None:
         raise UserError(f"{workdir} has no readable checkpoint; train first with t5x-like train")
