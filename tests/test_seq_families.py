@@ -281,6 +281,80 @@ def test_gpt_sliding_window_scores_each_token_once_and_greedy_decoding_continues
         assert row.tolist() == expect + [0] * (6 - len(expect))
 
 
+# --------------------------------------------------------------------------- objectives wired
+
+
+def _family(family: str, *extra: str):
+    from t5x_like.data.vocab import get_vocabulary
+    from t5x_like.families import get_family
+
+    vocabulary = get_vocabulary(None)
+    config = config_lib.resolve(tiny(family, *extra), vocabulary.vocab_size)
+    return get_family(config, vocabulary)
+
+
+def _sentences(row: list[int], ends: set[int]) -> list[tuple[int, ...]]:
+    out, current = [], []
+    for t in row:
+        current.append(t)
+        if t in ends:
+            out.append(tuple(current))
+            current = []
+    return out + [tuple(current)] * bool(current)
+
+
+def test_bart_sentence_ends_come_from_the_vocabulary_and_permutation_keeps_sentences():
+    """Sentence permutation alone: the noised row holds the same sentences, split where the
+    text has '.', '!' or '?' (or at an EOS), in per-row random orders."""
+    fam = _family("bart", "objective.infill_ratio=0.0", "data.inputs_length=128")
+    vocab = fam.vocabulary
+    ends = set(fam.token_ids.sentence_end)
+    assert vocab.encode("Go.")[-1] in ends and vocab.encode("Why?")[-1] in ends
+    assert vocab.encode("Go,")[-1] not in ends
+    assert all(vocab.decode([i]).strip()[-1] in ".!?" for i in ends)
+    text = "Stay. Why, sir? I go! Come, come, away. Farewell, good night."
+    row = vocab.encode(text) + [1] + vocab.encode("Exit. No more.")
+    tokens = np.asarray([row] * 8, np.int32)
+    out = fam.features({"tokens": tokens}, jax.random.key(0))
+    inputs, targets = np.asarray(out["inputs"]), np.asarray(out["targets"])
+    assert (targets == tokens).all() and (np.asarray(out["target_weights"]) == 1).all()
+    body = _sentences(row, ends | {1})  # the row does not end in EOS: all of it is body
+    assert len(body) == 8  # five sentences, the EOS alone, two more
+    orders = set()
+    for noised in inputs:
+        assert sorted(_sentences(noised.tolist(), ends | {1})) == sorted(body)
+        orders.add(tuple(noised.tolist()))
+    assert len(orders) > 4  # each row draws its own order
+
+
+def test_xlnet_memory_is_the_previous_segment_of_the_chunk():
+    """The first mem_len tokens of a chunk are the memory, the rest the permuted segment; the
+    loss equals the model run by hand with mems from the previous segment, and changes when
+    the memory is another row's."""
+    from t5x_like import losses
+
+    fam = _family("xlnet")
+    tokens = np.asarray(
+        np.random.default_rng(0).integers(3, 8000, (4, fam.raw_length)), np.int32)
+    assert fam.raw_length == 16 + 32
+    f = fam.features({"tokens": tokens}, jax.random.key(1))
+    assert (np.asarray(f["memory_tokens"]) == tokens[:, :16]).all()
+    assert (np.asarray(f["inputs"]) == tokens[:, 16:]).all()
+    assert np.asarray(f["target_weights"]).sum() == 4 * round(32 / 6)
+    params = fam.init(jax.random.key(2))
+    loss, sums = fam.loss_fn(params, f, jax.random.key(3), train=False)
+    model = fam.model(params)
+    mems = model(jax.numpy.asarray(tokens[:, :16])).mems
+    assert mems.shape == (1, 4, 16, 32)
+    out = model(f["inputs"], perm_mask=f["perm_mask"], target_mapping=f["target_mapping"],
+                mems=mems)
+    by_hand = losses.cross_entropy_with_z_loss(out.logits, f["targets"], f["target_weights"])
+    np.testing.assert_allclose(sums["cross_entropy"], by_hand["cross_entropy"], rtol=1e-6)
+    other = {**f, "memory_tokens": np.roll(np.asarray(f["memory_tokens"]), 1, axis=0)}
+    assert abs(float(fam.loss_fn(params, other, jax.random.key(3), train=False)[0]) -
+               float(loss)) > 1e-4
+
+
 # --------------------------------------------------------------------------- axes, devices
 
 
