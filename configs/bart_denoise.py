@@ -3,13 +3,14 @@ every sentence permuted), reconstructed by a post-LN encoder-decoder.
 
     t5x-like train --config configs/bart_denoise.py:tiny --workdir runs/bart_tiny
     t5x-like eval --checkpoint runs/bart_tiny
-    t5x-like infer --checkpoint runs/bart_tiny --input "ROMEO: But soft, what <mask> through"
+    t5x-like infer --checkpoint runs/bart_tiny --input "ROMEO: But soft, what <extra_id_0> through"
 
 Other noise by config, composable (applied in fairseq's order: permute, mask, delete, infill,
 rotate): ``--config.objective.mask_ratio=0.3``, ``delete_ratio``, ``infill_ratio`` (<= 0.5),
 ``poisson_lambda``, ``random_ratio`` (share of <mask>es replaced by random tokens),
-``permute_sentences``, ``rotate_ratio``. Sentence ends: ids whose text ends in
-``objective.sentence_end_chars`` (".!?") and EOS (families/bart.py).
+``permute_sentences``, ``rotate_ratio``. <mask> is the vocabulary's top sentinel (type it as
+<extra_id_0>). Sentence ends: ids whose text ends in ``objective.sentence_end_chars`` (".!?")
+and EOS (families/bart.py).
 
 Presets: ``tiny`` (CPU minutes), ``small`` (6+6 layers x 512), ``base`` (BART-base: 6+6 x 768,
 12 heads, d_ff 3072, dropout 0.1, 512 tokens, AdamW b2 0.98 with linear decay).

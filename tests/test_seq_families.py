@@ -167,7 +167,7 @@ def _check_run(straight, resumed) -> None:
     first = np.mean([losses[s] for s in range(1, 6)])
     last = np.mean([losses[s] for s in range(16, 21)])
     # Chance is ln(8192) = 9.01 nats; 20 AdamW steps at 3e-3 learn at least the unigram
-    # frequencies, measured 0.3-0.8 nats below the start for every family.
+    # frequencies: measured 0.37 (MASS) to 0.73 (GPT) nats below the start.
     assert last < first - 0.15, (first, last)
     _, a, step_a = _params(straight)
     _, b, step_b = _params(resumed)
