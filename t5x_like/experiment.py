@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -94,8 +95,11 @@ class Experiment:
         return restored
 
     def write_config(self, workdir: Path) -> None:
+        """Atomically (temp file + rename): a kill mid-write never leaves a truncated config."""
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        os.replace(tmp, workdir / "config.json")
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
