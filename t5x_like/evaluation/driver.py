@@ -171,6 +171,9 @@ def fill_spans(
     Uses the first rows of the validation split, cut to ``length`` tokens so a line fits on
     screen; the spans come from the same span corruption the model was trained with.
     """
+    if exp.config.family != "t5":
+        raise UserError(f"--samples shows T5 span corruption filled in; this checkpoint is "
+                        f"{exp.config.family!r}, whose metrics eval prints without it")
     vocab = exp.vocabulary
     batch = next(
         train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False, shuffle=False)
