@@ -49,8 +49,15 @@ def _cmd_eval(args, overrides):
     from t5x_like import distributed
 
     distributed.initialize(args)
-    from t5x_like.evaluation import driver
+    from t5x_like.errors import UserError
+    from t5x_like.evaluation import driver, task_eval
 
+    name = args.mixture or args.task
+    if name and (args.mixture or args.rank_classification or task_eval.has_task_metrics(name)):
+        return _task_metrics(args, overrides, name)
+    if args.rank_classification or args.shots:
+        raise UserError("--rank-classification/--shots need --task NAME (a classification "
+                        "task with label words) or --mixture NAME")
     if args.task:
         overrides = [*overrides, f"data.task={args.task}"]
     if args.split:
@@ -85,6 +92,22 @@ def _cmd_eval(args, overrides):
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _task_metrics(args, overrides, name: str) -> None:
+    """``eval --task/--mixture``: the task's own metrics (evaluation/task_eval.py)."""
+    from t5x_like.errors import UserError
+    from t5x_like.evaluation import task_eval
+
+    if args.samples or args.window or args.stride:
+        raise UserError("--samples/--window/--stride belong to the loss evaluation; drop them "
+                        f"when evaluating {name!r} with its task metrics")
+    options = task_eval.Options(split=args.split, num_batches=args.batches or 0,
+                                rank_classification=args.rank_classification, shots=args.shots)
+    report = task_eval.evaluate_checkpoint(args.checkpoint, name, options, overrides=overrides)
+    print(task_eval.format_table(report))
+    if args.json:
+        task_eval.write_json(report, args.json)
 
 
 def _cmd_infer(args, overrides):
@@ -198,9 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="validation metrics of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a workdir written by train")
-    p.add_argument("--task", help="evaluate on this task instead of the training task")
+    p.add_argument("--task", help="evaluate on this task instead of the training task: its "
+                   "metrics (decode -> postprocess -> metric functions) for a text-to-text "
+                   "task, the loss for a pretraining task")
+    p.add_argument("--mixture", help="every task of this mixture, with their average")
     p.add_argument("--split", help="split to evaluate (default: data.eval_split)")
-    p.add_argument("--batches", type=int, default=None, help="number of batches, 0 = all")
+    p.add_argument("--batches", type=int, default=None,
+                   help="number of batches, 0 = all (default: train.eval_batches; every "
+                   "example for task metrics)")
+    p.add_argument("--rank-classification", action="store_true",
+                   help="score each label word with score_batch and pick the best, instead of "
+                   "decoding (classification tasks)")
+    p.add_argument("--shots", type=int, default=0, help="in-context examples from the train "
+                   "split in front of each input (rank classification)")
     p.add_argument("--samples", type=int, default=0, help="show N held-out spans filled in")
     p.add_argument("--no-baseline", action="store_true", help="skip the unigram baseline")
     p.add_argument("--window", type=int, default=None,
