@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -32,7 +33,8 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, Mapping):
             out.update(_flatten(value, name + "/"))
         else:
-            out[name] = np.ascontiguousarray(np.asarray(value))
+            value = np.asarray(value)  # (ascontiguousarray would make scalars 1-d)
+            out[name] = value if value.flags.c_contiguous else value.copy()
     return out
 
 
@@ -75,13 +77,14 @@ def merge(config: EncoderConfig, params: Mapping) -> EncoderModel:
     abstract = nnx.eval_shape(lambda: EncoderModel(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)
     expected = nnx.to_pure_dict(state)
-    want = {k: (v.shape, v.dtype) for k, v in _flatten_abstract(expected).items()}
-    got = {k: (v.shape, v.dtype) for k, v in _flatten(params).items()}
+    want = {k: (v.shape, np.dtype(v.dtype)) for k, v in _flatten_abstract(expected).items()}
+    got = {k: (jnp.shape(v), np.dtype(jnp.result_type(v)))
+           for k, v in _flatten_abstract(params).items()}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()), key=str)[:3]
         raise UserError(f"the parameters do not fit the encoder config (first differences: "
                         f"{diff})")
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
 
 

@@ -181,7 +181,7 @@ def distilbert_init(teacher: Mapping[str, Any], teacher_layers: int, student: Ma
             raise UserError(f"DistilBERT initialisation copies {path} but the teacher's shape "
                             f"{t.shape} differs from the student's {np.shape(s)}; give the "
                             "student the teacher's widths (only the depth may differ)")
-        return jnp.asarray(t, dtype=np.asarray(s).dtype)
+        return jnp.asarray(t, dtype=s.dtype)
 
     layers = student["encoder"]["layers"]
     stacked = not all(isinstance(k, int) or str(k).isdigit() for k in layers)
