@@ -1,56 +1,237 @@
-"""Autoregressive decoding of encoder-decoder models with a KV cache.
+"""Autoregressive decoding with a KV cache: greedy, temperature / top-k / top-p sampling and
+beam search (``beam_search.py``), for encoder-decoders and decoder-only LMs alike.
 
-The encoder runs once; each step feeds one token through ``decode_step``, which writes its
-keys/values into a fixed-shape cache, so the whole loop is one compiled ``while_loop``.
+Every model is first seen as a ``Stepper``: ``step(token_ids [N], cache, position) -> (logits
+[N, vocab], cache)`` over a fixed-shape cache for N rows, plus the token fed first and where it
+goes. The search loops are written once against that; ``encoder_decoder`` (T5, BART: the
+encoder runs once, the decoder starts from its start token at position 0) and ``decoder_lm``
+(the prompt is prefilled, its last token is fed first) build it. Each loop is one compiled
+``lax.while_loop`` with static shapes that exits once every row is done.
+
+Outputs follow ``transformers``' ``generate``: greedy and beam search give the same tokens on
+the same weights (tests/test_decoding.py); sampling warps logits in its order (temperature,
+then top-k, then top-p). Generated tokens are [rows, max_length] int32, EOS kept, ``pad_id``
+after it; the start token or prompt is not part of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5x_like.models.t5 import T5
+from t5x_like import beam_search as beam
+from t5x_like.errors import UserError
+
+StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
-def greedy_decode(model: T5, encoder_input_tokens: jax.Array, *, max_length: int,
-                  eos_id: int = 1) -> jax.Array:
-    """Argmax tokens int32 [B, max_length]; a row stops at its EOS (kept) and is 0 after it.
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to pick tokens. ``beam_size > 1``: beam search; else ``temperature > 0``: sampling;
+    else greedy (``temperature == 0`` is the argmax, its limit).
 
-    The decoder starts from token 0 (not part of the output). The loop ends early once every
-    row has produced EOS. Works eagerly or inside an outer ``jax.jit``.
+    ``alpha`` is transformers' ``length_penalty``: a finished beam scores
+    ``sum log p / generated_length ** alpha`` (EOS counted). T5X instead divides by
+    ``((5 + length) / 6) ** alpha`` (GNMT); we follow transformers, whose outputs we pin.
+    ``early_stopping`` as transformers': False (its default) stops a batch row once no running
+    beam can beat its worst finished one at the current length; True once ``beam_size``
+    hypotheses are finished; "never" only when they can no longer be beaten at any length.
+    ``num_return_sequences``: best beams (beam search) or independent draws (sampling) per row.
     """
-    graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, jnp.asarray(encoder_input_tokens, jnp.int32),
-                   jnp.asarray(eos_id, jnp.int32), max_length=max_length)
+
+    beam_size: int = 1
+    alpha: float = 1.0  # transformers' default length_penalty
+    early_stopping: bool | str = False
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    num_return_sequences: int = 1
+
+    def __post_init__(self):
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(f"decoding options: {message}")
+
+        need(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must lie in (0, 1], got {self.top_p}")
+        need(self.early_stopping in (True, False, "never"),
+             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        need(self.num_return_sequences >= 1,
+             f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.beam_size > 1:
+            need(self.temperature == 0 and self.top_k == 0 and self.top_p == 1.0,
+                 "beam search is deterministic; drop temperature/top_k/top_p or use beam_size=1")
+            need(self.num_return_sequences <= self.beam_size,
+                 f"num_return_sequences={self.num_return_sequences} exceeds beam_size="
+                 f"{self.beam_size}")
+        elif self.temperature == 0:
+            need(self.top_k == 0 and self.top_p == 1.0,
+                 "top_k/top_p only apply when sampling; set temperature > 0 (1.0 = the model's "
+                 "own distribution)")
+            need(self.num_return_sequences == 1,
+                 "greedy decoding returns one sequence per input; sample (temperature > 0) or "
+                 "use beam search for more")
+
+    @property
+    def sampling(self) -> bool:
+        return self.beam_size == 1 and self.temperature > 0
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="max_length")
-def _greedy(graphdef, state, encoder_input_tokens, eos_id, *, max_length: int):
-    model = nnx.merge(graphdef, state)
-    batch = encoder_input_tokens.shape[0]
-    encoded = model.encode(encoder_input_tokens)
-    cache = model.init_cache(batch, max_length, encoded)
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+    """A model as next-token logits over a KV cache for N rows (inputs x repeats, row-major).
+
+    ``reorder_axes`` names the cache entries whose row axis beam search must permute (entry ->
+    axis); entries left out are equal across a row's repeats (cross-attention keys, masks).
+    """
+
+    step: StepFn
+    cache: dict[str, jax.Array]
+    reorder_axes: Mapping[str, int]
+    first_tokens: jax.Array  # [N] fed at ``first_position``
+    first_position: jax.Array | int
+
+
+def encoder_decoder(model: Any, encoder_input_tokens: jax.Array, *, max_length: int,
+                    start_id: int, repeat: int = 1) -> Stepper:
+    """T5 / BART: encode once, repeat each row ``repeat`` times, start from ``start_id``."""
+    encoded = jnp.repeat(model.encode(encoder_input_tokens), repeat, axis=0)
+    tokens = jnp.repeat(encoder_input_tokens, repeat, axis=0)
+    rows = tokens.shape[0]
+
+    def step(token_ids, cache, position):
+        return model.decode_step(encoded, tokens, token_ids, cache, position)
+
+    return Stepper(step, model.init_cache(rows, max_length, encoded),
+                   {"self_key": 1, "self_value": 1}, jnp.full((rows,), start_id, jnp.int32), 0)
+
+
+def decoder_lm(model: Any, prompts: jax.Array, valid: jax.Array, *, max_length: int,
+               repeat: int = 1) -> Stepper:
+    """A decoder LM on prompts [B, T] (``valid`` marks real tokens, each row needs one): padding
+    is moved to the left, all but the last slot are prefilled, the last token is fed first."""
+    order = jnp.argsort(valid, axis=1, stable=True)  # padding first, real tokens in order
+    prompts = jnp.repeat(jnp.take_along_axis(prompts, order, axis=1), repeat, axis=0)
+    valid = jnp.repeat(jnp.take_along_axis(valid, order, axis=1), repeat, axis=0)
+    rows, length = prompts.shape
+    cache = model.init_cache(rows, length - 1 + max_length)
+    if length > 1:
+        _, cache = model.prefill(prompts[:, :-1], cache, valid=valid[:, :-1])
+    return Stepper(model.decode_step, cache, {"key": 1, "value": 1}, prompts[:, -1],
+                   length - 1)
+
+
+# ----------------------------------------------------------------------------- sampling
+def warp_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
+                top_p: float = 1.0) -> jax.Array:
+    """Logits / temperature, then everything below the k-th largest to -inf, then everything
+    outside the smallest top set holding probability >= top_p (transformers' order)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ascending = jnp.sort(logits, axis=-1)
+        mass_at_or_below = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        dropped = mass_at_or_below <= 1.0 - top_p
+        dropped = dropped.at[..., -1].set(False)  # the top token always stays
+        smallest_kept = jnp.min(jnp.where(dropped, jnp.inf, ascending), axis=-1, keepdims=True)
+        logits = jnp.where(logits < smallest_kept, -jnp.inf, logits)
+    return logits
+
+
+def _token_loop(s: Stepper, choose: Callable[[jax.Array, jax.Array], jax.Array], *,
+                max_length: int, eos_id: int, pad_id: int) -> jax.Array:
+    """Tokens [N, max_length] from ``choose(logits, step)``; a row is ``pad_id`` after its EOS
+    and the loop ends once every row has one."""
+    rows = s.first_tokens.shape[0]
 
     def cond(carry):
-        position, _, _, _, done = carry
-        return (position < max_length) & ~jnp.all(done)
+        i, _, _, _, done = carry
+        return (i < max_length) & ~jnp.all(done)
 
-    def step(carry):
-        position, tokens, cache, previous, done = carry
-        logits, cache = model.decode_step(encoded, encoder_input_tokens, previous, cache,
-                                          position)
-        token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
-        return position + 1, tokens, cache, token, done | (token == eos_id)
+    def body(carry):
+        i, tokens, cache, previous, done = carry
+        logits, cache = s.step(previous, cache, s.first_position + i)
+        token = jnp.where(done, pad_id, choose(logits, i).astype(jnp.int32))
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        return i + 1, tokens, cache, token, done | (token == eos_id)
 
-    init = (
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((batch, max_length), jnp.int32),
-        cache,
-        jnp.zeros((batch,), jnp.int32),  # decoder start token
-        jnp.zeros((batch,), bool),
-    )
-    return jax.lax.while_loop(cond, step, init)[1]
+    init = (jnp.zeros((), jnp.int32), jnp.full((rows, max_length), pad_id, jnp.int32), s.cache,
+            s.first_tokens.astype(jnp.int32), jnp.zeros((rows,), bool))
+    return jax.lax.while_loop(cond, body, init)[1]
+
+
+def greedy(s: Stepper, *, max_length: int, eos_id: int, pad_id: int = 0) -> jax.Array:
+    """Argmax tokens [N, max_length]."""
+    return _token_loop(s, lambda logits, _: jnp.argmax(logits, axis=-1), max_length=max_length,
+                       eos_id=eos_id, pad_id=pad_id)
+
+
+def sample(s: Stepper, key: jax.Array, options: Options, *, max_length: int, eos_id: int,
+           pad_id: int = 0) -> jax.Array:
+    """Sampled tokens [N, max_length]; step i draws with ``fold_in(key, i)``, so a key fixes
+    the output."""
+    def choose(logits, i):
+        warped = warp_logits(logits, temperature=options.temperature, top_k=options.top_k,
+                             top_p=options.top_p)
+        return jax.random.categorical(jax.random.fold_in(key, i), warped, axis=-1)
+
+    return _token_loop(s, choose, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+
+
+# ----------------------------------------------------------------------------- entry point
+def generate(model: Any, inputs: jax.Array, *, max_length: int, eos_id: int,
+             options: Options = Options(), key: jax.Array | None = None, pad_id: int = 0,
+             start_id: int = 0, valid: jax.Array | None = None) -> jax.Array:
+    """Generated tokens [B * num_return_sequences, max_length] int32 (row b * R + r).
+
+    ``model`` is an encoder-decoder (has ``encode``; ``inputs`` are encoder tokens, decoding
+    starts from ``start_id``) or a decoder LM (``inputs`` are prompts; ``valid`` marks their
+    real tokens, default ``inputs != pad_id``; left or right padding). Sampling needs ``key``.
+    Works eagerly or inside an outer ``jax.jit``.
+    """
+    if options.sampling and key is None:
+        raise UserError("sampling (temperature > 0) needs a random key (--seed)")
+    inputs = jnp.asarray(inputs, jnp.int32)
+    valid = inputs != pad_id if valid is None else jnp.asarray(valid, bool)
+    key = jax.random.key(0) if key is None else key
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, inputs, valid, key, options=options,
+                     max_length=max_length, ids=(eos_id, pad_id, start_id))
+
+
+def greedy_decode(model: Any, encoder_input_tokens: jax.Array, *, max_length: int,
+                  eos_id: int = 1, start_id: int = 0) -> jax.Array:
+    """Argmax tokens [B, max_length] of an encoder-decoder; EOS kept, 0 after it."""
+    return generate(model, encoder_input_tokens, max_length=max_length, eos_id=eos_id,
+                    start_id=start_id)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("options", "max_length", "ids"))
+def _generate(graphdef, state, inputs, valid, key, *, options: Options, max_length: int,
+              ids: tuple[int, int, int]) -> jax.Array:
+    eos_id, pad_id, start_id = ids
+    model = nnx.merge(graphdef, state)
+    repeat = options.beam_size if options.beam_size > 1 else options.num_return_sequences
+    if hasattr(model, "encode"):
+        s = encoder_decoder(model, inputs, max_length=max_length, start_id=start_id,
+                            repeat=repeat)
+    else:
+        s = decoder_lm(model, inputs, valid, max_length=max_length, repeat=repeat)
+    if options.beam_size > 1:
+        tokens, _ = beam.beam_search(s, options, batch_size=inputs.shape[0],
+                                     max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+        return tokens.reshape(-1, max_length)
+    if options.sampling:
+        return sample(s, key, options, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+    return greedy(s, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
