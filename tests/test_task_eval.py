@@ -1,0 +1,232 @@
+"""``t5x-like eval --task/--mixture``: task metrics of a real (tiny) fine-tuned T5 checkpoint.
+
+A tiny T5 is fine-tuned for 40 steps on ``glue_sst2`` with TFDS mock data (20 examples; mock
+validation == mock train, so it is evaluated on 40 mock examples, half of them unseen, to
+make its predictions imperfect). Every number the evaluation reports is recomputed here
+outside ``task_eval``: the examples straight from ``tfds.load``, the input text from T5's
+template, the decoding or scoring with the family's ``predict_batch`` / ``score_batch`` one
+example at a time, and the metric with scikit-learn.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from conftest import ROOT
+from sklearn.metrics import accuracy_score, f1_score
+
+from t5x_like import cli
+from t5x_like import config as config_lib
+from t5x_like.evaluation import task_eval
+from t5x_like.evaluation.driver import load_checkpoint
+from t5x_like.train import train
+
+STEPS = 40
+LABELS = ("negative", "positive")  # TFDS's glue/sst2 class names, T5's targets
+MOCK = dict(policy=tfds.testing.MockPolicy.USE_CODE)
+OVERRIDES = [
+    "model.d_model=32", "model.d_kv=8", "model.num_heads=4", "model.d_ff=64",
+    "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.dropout_rate=0.0",
+    "data.task=glue_sst2", "data.inputs_length=32", "data.batch_size=8",
+    f"train.num_steps={STEPS}", "train.log_every=10", "train.eval_every=1000",
+    f"train.checkpoint_every={STEPS}", "train.progress_bar=False",
+    "optimizer.learning_rate=0.01",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t5_sst2")
+    with tfds.testing.mock_data(num_examples=20, **MOCK):
+        train(config_lib.load_config(str(ROOT / "configs/t5_finetune.py:tiny"), OVERRIDES), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+    return load_checkpoint(workdir)
+
+
+@pytest.fixture
+def mock40():
+    with tfds.testing.mock_data(num_examples=40, **MOCK):
+        yield
+
+
+def _raw(builder, split):
+    return list(tfds.as_numpy(tfds.load(builder, split=split, shuffle_files=False)))
+
+
+def _ids(vocab, text, length=None):
+    ids = list(vocab.encode(text))
+    ids = ids[:length - 1] if length else ids
+    return np.array([[*ids, 1]], np.int32)
+
+
+def _label(text):
+    return LABELS.index(text) if text in LABELS else -1
+
+
+# --------------------------------------------------------------------------- decoded metrics
+
+
+def test_cli_task_metrics_equal_independent_decoding(workdir, loaded, mock40, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--task", "glue_sst2",
+                     "--split", "validation", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report) == {"checkpoint", "step", "split", "mode", "shots", "examples", "metrics"}
+    assert (report["checkpoint"], report["step"], report["split"], report["mode"]) == (
+        str(workdir), STEPS, "validation", "decode")
+    assert report["examples"] == {"glue_sst2": 40}  # 5 batches of 8, every example once
+    assert list(report["metrics"]) == ["glue_sst2"]
+    assert list(report["metrics"]["glue_sst2"]) == ["accuracy"]
+    value = report["metrics"]["glue_sst2"]["accuracy"]
+    assert f"{value:.3f}" in printed and "glue_sst2" in printed
+
+    # The same predictions, decoded one example at a time from tfds's own examples.
+    exp, params, _ = loaded
+    raw = _raw("glue/sst2", "validation")
+    truth, guesses = [], []
+    for x in raw:
+        text = "sst2 sentence: " + x["sentence"].decode()
+        tokens = np.asarray(exp.family.predict_batch(
+            params, {"inputs": _ids(exp.vocabulary, text, 32)}, max_length=8))[0].tolist()
+        tokens = tokens[:tokens.index(1)] if 1 in tokens else tokens
+        guesses.append(_label(exp.vocabulary.decode(tokens)))
+        truth.append(int(x["label"]))
+    # not a vacuous comparison: the model writes label words and is neither always right
+    # nor always wrong on the 40 examples (20 of them unseen in training)
+    assert sum(g in (0, 1) for g in guesses) >= 30
+    assert 0 < accuracy_score(truth, guesses) < 1
+    assert value == pytest.approx(100 * accuracy_score(truth, guesses), abs=1e-9)
+
+    # TensorBoard: eval/<task>/<metric> at the checkpoint's step, in the run's tensorboard dir
+    scalars = {}
+    for path in (workdir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                scalars[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    assert scalars[("eval/glue_sst2/accuracy", STEPS)] == pytest.approx(value, rel=1e-6)
+
+
+def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, mock40):
+    from t5x_like.evaluation import metrics
+    from t5x_like.tasks import register_t2t_task
+
+    def mean_log_likelihood(targets, scores):
+        return {"mean_ll": float(np.mean(scores)), "n": float(len(targets))}
+
+    task = register_t2t_task("test_task_eval_scored", "tfds:glue/sst2:2.0.0",
+                             inputs="sst2 sentence: {sentence}", label_names=LABELS,
+                             metric_fns=[metrics.accuracy, mean_log_likelihood])
+    try:
+        exp, params, _ = loaded
+        table, (result,) = task_eval.evaluate(
+            exp, params, task.name, task_eval.Options(split="validation", num_batches=2))
+        raw = _raw("glue/sst2", "validation")[:16]
+        expected = [float(exp.family.score_batch(params, {
+            "inputs": _ids(exp.vocabulary, "sst2 sentence: " + x["sentence"].decode(), 32),
+            "targets": _ids(exp.vocabulary, LABELS[x["label"]])})[0]) for x in raw]
+        assert table[task.name]["n"] == 16  # --batches 2 x batch size 8
+        assert table[task.name]["mean_ll"] == pytest.approx(np.mean(expected), abs=1e-4)
+        assert set(table[task.name]) == {"accuracy", "mean_ll", "n"}
+    finally:
+        seqio.TaskRegistry.remove("test_task_eval_scored")
+
+
+# --------------------------------------------------------------------------- rank classification
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_rank_classification_is_the_argmax_of_score_batch(loaded, mock40, shots):
+    exp, params, _ = loaded
+    options = task_eval.Options(split="validation", rank_classification=True, shots=shots,
+                                seed=3)
+    table, (result,) = task_eval.evaluate(exp, params, "glue_sst2", options)
+    assert list(table["glue_sst2"]) == [f"accuracy_rank_{shots}shot"]
+
+    train_pairs = {("sst2 sentence: " + x["sentence"].decode(), LABELS[x["label"]])
+                   for x in _raw("glue/sst2", "train")}
+    assert len(result.shots) == shots and set(result.shots) <= train_pairs
+    again = task_eval.evaluate(exp, params, "glue_sst2", options)[1][0]
+    assert again.shots == result.shots  # fixed by the seed
+
+    raw = _raw("glue/sst2", "validation")
+    truth, guesses, scores = [], [], []
+    for x in raw:  # one (prompt, label) pair at a time
+        prompt = "\n\n".join([f"{a} {b}" for a, b in result.shots]
+                             + ["sst2 sentence: " + x["sentence"].decode()])
+        ids = list(exp.vocabulary.encode(prompt))  # 31 tokens + EOS: with demonstrations
+        ids = (ids[-31:] if shots else ids[:31]) + [1]  # the front goes, else the end
+        row = [float(exp.family.score_batch(params, {
+            "inputs": np.array([ids], np.int32),
+            "targets": _ids(exp.vocabulary, label)})[0]) for label in LABELS]
+        scores.append(row)
+        guesses.append(int(np.argmax(row)))
+        truth.append(int(x["label"]))
+    np.testing.assert_allclose(result.scores, scores, atol=1e-4)
+    assert np.min(np.abs(np.diff(scores, axis=1))) > 1e-3  # no near-ties to flip an argmax
+    assert result.outputs == [LABELS[g] for g in guesses]
+    assert len(set(guesses)) == 2  # both labels chosen somewhere: not a constant answer
+    assert table["glue_sst2"][f"accuracy_rank_{shots}shot"] == pytest.approx(
+        100 * accuracy_score(truth, guesses), abs=1e-9)
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def test_mixture_reports_each_task_and_t5s_average(workdir, loaded, mock40, tmp_path):
+    from t5x_like.tasks import register_mixture
+
+    register_mixture("test_task_eval_pair", ["glue_sst2", "glue_mrpc"])
+    try:
+        out = tmp_path / "mixture.json"
+        assert cli.main(["eval", "--checkpoint", str(workdir), "--mixture",
+                         "test_task_eval_pair", "--batches", "1", "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+    finally:
+        seqio.MixtureRegistry.remove("test_task_eval_pair")
+    metrics = report["metrics"]
+    assert set(metrics) == {"glue_sst2", "glue_mrpc", "test_task_eval_pair"}
+    assert report["examples"] == {"glue_sst2": 8, "glue_mrpc": 8}
+    sst2, mrpc = metrics["glue_sst2"], metrics["glue_mrpc"]
+    assert set(mrpc) == {"f1", "accuracy"}
+    # T5's GLUE score: a task's metrics averaged first, then the tasks
+    assert metrics["test_task_eval_pair"] == {
+        "average": pytest.approx((sst2["accuracy"] + (mrpc["f1"] + mrpc["accuracy"]) / 2) / 2)}
+
+    # MRPC on its own, independently: decode the first batch, F1 and accuracy from sklearn
+    exp, params, _ = loaded
+    names = ("not_equivalent", "equivalent")
+    truth, guesses = [], []
+    for x in _raw("glue/mrpc", "validation")[:8]:
+        text = (f"mrpc sentence1: {x['sentence1'].decode()} "
+                f"sentence2: {x['sentence2'].decode()}")
+        tokens = np.asarray(exp.family.predict_batch(
+            params, {"inputs": _ids(exp.vocabulary, text, 32)}, max_length=8))[0].tolist()
+        word = exp.vocabulary.decode(tokens[:tokens.index(1)] if 1 in tokens else tokens)
+        guesses.append(names.index(word) if word in names else -1)
+        truth.append(int(x["label"]))
+    assert mrpc["accuracy"] == pytest.approx(100 * accuracy_score(truth, guesses))
+    # T5's F1 with invalid predictions: a non-label answer is the wrong class
+    fixed = [g if g in (0, 1) else 1 - t for t, g in zip(truth, guesses, strict=True)]
+    assert mrpc["f1"] == pytest.approx(100 * f1_score(truth, fixed, zero_division=0))
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+def test_bad_requests_stop_with_one_line(workdir, mock40, capsys):
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--task", "glue_sst2",
+                     "--shots", "2"]) == 2
+    assert "add --rank-classification" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--task", "glue_stsb",
+                     "--rank-classification"]) == 2
+    assert "label words" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--mixture", "glue_sst3"]) == 2
+    assert "did you mean" in capsys.readouterr().err
