@@ -9,7 +9,9 @@ frozen pretrained part merged back) and must give the same predictions.
 
 from __future__ import annotations
 
+import ast
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +99,7 @@ def predictions(exp, params, batch) -> np.ndarray:
 # --------------------------------------------------------------------------- each mode
 
 ENCODER_MODES = ("full", "feature", "adapters", "lora", "prompt", "prefix")
-T5_MODES = ("full", "adapters", "lora", "prompt", "prefix")
+
 
 
 def _check_mode(family: str, mode: str, tmp_path):
@@ -127,20 +129,18 @@ def _check_mode(family: str, mode: str, tmp_path):
     restored, _ = exp.restore(Checkpoints(tmp_path / mode, read_only=True))
     np.testing.assert_array_equal(predictions(exp, restored["params"], batch), before)
     assert int(restored["step"]) == int(state["step"])
-    # a frozen-model mode saves only the head / PEFT tensors
-    saved = Checkpoints(tmp_path / mode, read_only=True).manager.item_metadata(3)["state"]
-    assert ("model" in saved["params"]) == (not frozen_model), sorted(saved["params"])
-    assert saved_params.is_dir()
+    # a frozen-model mode saves only the head / PEFT tensors (orbax's index of the tree)
+    index = json.loads((saved_params / "_METADATA").read_text())["tree_metadata"]
+    saved = {ast.literal_eval(k)[1:] for k in index if ast.literal_eval(k)[0] == "params"}
+    expected = {tuple(map(str, p)) for p, _ in leaves_with_paths(
+        ft_checkpoint.trainable_part(initial, mode))}
+    assert saved == expected
+    assert any(p[0] == "model" for p in saved) == (not frozen_model)
 
 
 @pytest.mark.parametrize("mode", ENCODER_MODES)
 def test_encoder_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("bert_finetune", mode, tmp_path)
-
-
-@pytest.mark.parametrize("mode", T5_MODES)
-def test_t5_modes_train_only_their_parameters_and_reload(mode, tmp_path):
-    _check_mode("t5_finetune", mode, tmp_path)
 
 
 def test_gradual_unfreezing_starts_at_the_top_layer():
@@ -209,36 +209,7 @@ def test_lora_starts_as_identity_and_changes_w_by_rank_at_most_r():
         assert 1 <= rank <= fam.ft.lora_rank, (path, rank)
 
 
-def test_lora_on_a_scanned_stack_is_per_layer():
-    exp = experiment("t5_finetune", "lora", **{"model.scan_layers": True})
-    fam = exp.family
-    paths = ["/".join(map(str, p)) for p in fam.lora_targets]
-    assert "encoder/layers/attention/query" in paths
-    params = jax.device_get(exp.initial_state()["params"])
-    a = params["peft"]["a"]["encoder__layers__attention__query"]
-    b = params["peft"]["b"]["encoder__layers__attention__query"]
-    assert a.shape == (2, 16, 2) and b.shape == (2, 2, 2, 4)  # [layers, in, r], [layers, r, out]
-    b = np.random.default_rng(0).normal(size=b.shape)
-    delta = peft.lora_delta(jnp.asarray(a), jnp.asarray(b), (2, 16, 2, 4), 1, 1.0)
-    for layer in range(2):
-        expected = a[layer] @ b[layer].reshape(2, -1)
-        np.testing.assert_allclose(np.asarray(delta[layer]).reshape(16, -1), expected,
-                                   rtol=1e-5, atol=1e-6)
-
-
 # --------------------------------------------------------------------------- installation
-
-
-def test_adapters_start_as_the_identity():
-    exp = experiment("t5_finetune", "adapters")
-    params = jax.device_get(exp.initial_state()["params"])
-    batch = synthetic_batch(exp)
-    fam = exp.family
-    from t5x_like.families.t5 import shift_right
-
-    tuned = fam.logits(params, batch["inputs"], shift_right(batch["targets"]))
-    plain = fam.model(params["model"])(batch["inputs"], shift_right(batch["targets"]))
-    np.testing.assert_allclose(np.asarray(tuned), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_export_drops_the_mlp_and_keeps_predictions():
@@ -252,45 +223,6 @@ def test_prefix_export_drops_the_mlp_and_keeps_predictions():
     np.testing.assert_allclose(np.asarray(exp.family.outputs(direct, batch)),
                                np.asarray(exp.family.outputs(params, batch)), rtol=1e-5,
                                atol=1e-6)
-
-
-def test_prefix_on_a_scanned_t5_matches_the_unrolled_model():
-    scanned = experiment("t5_finetune", "prefix", **{"model.scan_layers": True})
-    unrolled = experiment("t5_finetune", "prefix")
-    params = jax.device_get(scanned.initial_state()["params"])
-
-    def unstack(tree):  # stacked [layers, ...] leaves -> {0: ..., 1: ...}
-        out = {}
-        for k, v in tree.items():
-            if k == "layers":
-                out[k] = {i: jax.tree.map(lambda a, i=i: a[i], v) for i in range(2)}
-            else:
-                out[k] = unstack(v) if isinstance(v, dict) else v
-        return out
-
-    flat = {**params, "model": unstack(params["model"])}
-    batch = synthetic_batch(scanned)
-    np.testing.assert_allclose(predictions(scanned, params, batch),
-                               predictions(unrolled, flat, batch))
-    from t5x_like.families.t5 import shift_right
-
-    dec = shift_right(batch["targets"])
-    np.testing.assert_allclose(
-        np.asarray(scanned.family.logits(params, batch["inputs"], dec)),
-        np.asarray(unrolled.family.logits(flat, batch["inputs"], dec)), rtol=2e-5, atol=2e-5)
-
-
-def test_greedy_prediction_equals_teacher_forced_argmax_with_a_prompt():
-    """The decoding path (KV cache, prompt in the encoder only) and the training path agree."""
-    exp = experiment("t5_finetune", "prompt")
-    params = jax.device_get(exp.initial_state()["params"])
-    batch = synthetic_batch(exp)
-    from t5x_like.families.t5 import shift_right
-
-    generated = np.asarray(exp.family.predict_batch(params, batch, max_length=4))
-    logits = exp.family.logits(params, batch["inputs"], shift_right(jnp.asarray(generated)))
-    np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1)[generated > 0],
-                                  generated[generated > 0])
 
 
 # --------------------------------------------------------------------------- heads

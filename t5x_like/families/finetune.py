@@ -33,7 +33,7 @@ FINETUNE_DEFAULTS = dict(
     targets_length=8,  # target tokens kept (label words, answers)
     # encoder heads
     head="classification",  # heads.HEADS
-    pooling="pooled",  # cls | pooled (tanh dense on [CLS], pretrained with NSP)
+    pooling="pooled",  # cls | pooled (tanh dense on [CLS], NSP-pretrained); feature: cls
     label_names=(),  # class words as the task's targets spell them
     max_answer_length=30,  # span QA decoding
     # feature-based
@@ -372,8 +372,6 @@ class EncoderFinetuneFamily(_FinetuneFamily):
                f"not one of {heads.POOLINGS}")
         _check(f.pooling == "cls" or c.model.pooler,
                "finetune.pooling='pooled' needs model.pooler=True; or set finetune.pooling='cls'")
-        _check(f.mode != "feature" or f.pooling == "cls", "finetune.mode='feature' reads [CLS] "
-               "of the chosen layer(s): set finetune.pooling='cls'")
         if f.head in ("classification", "token_classification"):
             _check(len(f.label_names) >= 2, f"finetune.head={f.head!r} needs at least two "
                    "finetune.label_names (the class words of the task's targets)")
