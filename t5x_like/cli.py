@@ -111,11 +111,20 @@ def _task_metrics(args, overrides, name: str) -> None:
 
 
 def _cmd_infer(args, overrides):
+    from t5x_like import decoding
     from t5x_like.evaluation import driver
 
+    options = decoding.Options(
+        beam_size=args.beam_size,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
     for text, output in zip(
         args.input,
-        driver.infer(args.checkpoint, args.input, max_length=args.max_length),
+        driver.infer(args.checkpoint, args.input, max_length=args.max_length, options=options,
+                     seed=args.seed),
         strict=True,
     ):
         print(f"{text}\n  -> {output}")
@@ -244,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     distributed.add_arguments(p)
     p.set_defaults(run=_cmd_eval)
 
-    p = verbs.add_parser("infer", help="greedy decoding of text by a checkpoint")
+    p = verbs.add_parser(
+        "infer", help="decoding of text by a checkpoint: greedy, beam search or sampling"
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument(
         "--input",
@@ -253,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="text, e.g. 'To be, or <extra_id_0> to be'; repeat for a batch",
     )
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (best beam)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="beam length penalty: score / length**alpha (transformers' length_penalty)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="> 0: sample (0 = greedy argmax)"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.set_defaults(run=_cmd_infer)
 
     p = verbs.add_parser("tasks", help="list registered seqio tasks and mixtures")

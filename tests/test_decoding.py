@@ -302,3 +302,22 @@ def test_first_token_draws_follow_the_warped_softmax(t5):
 def test_bad_options_raise_user_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
         Options(**kwargs)
+
+
+def test_infer_flags_reach_the_decoding_options(monkeypatch, capsys):
+    """``t5x-like infer --beam-size/--alpha/--temperature/--top-k/--top-p/--seed`` become
+    ``decoding.Options`` for the driver; a bad combination fails in one sentence."""
+    from t5x_like import cli
+    from t5x_like.evaluation import driver
+
+    seen = {}
+    monkeypatch.setattr(driver, "infer", lambda checkpoint, texts, **kw: seen.update(kw) or ["o"])
+    base = ["infer", "--checkpoint", "run", "--input", "a text"]
+    assert cli.main([*base, "--beam-size", "3", "--alpha", "0.6"]) == 0
+    assert seen["options"] == Options(beam_size=3, alpha=0.6) and seen["seed"] == 0
+    assert cli.main([*base, "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9",
+                     "--seed", "4"]) == 0
+    assert seen["options"] == Options(temperature=0.7, top_k=5, top_p=0.9) and seen["seed"] == 4
+    assert cli.main(base) == 0 and seen["options"] == Options()  # greedy by default
+    assert cli.main([*base, "--top-k", "5"]) == 2
+    assert "set temperature > 0" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from t5x_like import config as config_lib
+from t5x_like import decoding
 from t5x_like import train as train_lib
 from t5x_like.checkpoints import Checkpoints
 from t5x_like.errors import UserError
@@ -230,16 +232,27 @@ def _render(segments: list[str | int], fill) -> str:
     return " ".join(fill(s) if isinstance(s, int) else s for s in segments)
 
 
-def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64) -> list[str]:
-    """Greedy decoding of each text (e.g. with ``<extra_id_0>`` sentinels) by a checkpoint."""
+def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64,
+          options: decoding.Options | None = None, seed: int = 0) -> list[str]:
+    """Decoding of each text (e.g. with ``<extra_id_0>`` sentinels) by a checkpoint: greedy,
+    or beam search / sampling by ``options`` (the best beam; draws from ``seed``)."""
     exp, params, _ = load_checkpoint(workdir)
+    extra = {}
+    if options is not None and options != decoding.Options():
+        if "options" not in inspect.signature(exp.family.predict_batch).parameters:
+            raise UserError(f"a {exp.config.family} checkpoint decodes greedily only; drop "
+                            "--beam-size/--alpha/--temperature/--top-k/--top-p")
+        if options.num_return_sequences != 1:
+            raise UserError("infer prints one output per input; use num_return_sequences=1")
+        extra = {"options": options, "key": jax.random.key(seed)}
     vocab = exp.vocabulary
     encoded = [vocab.encode(t) + [1] for t in texts]
     width = max(len(e) for e in encoded)
     inputs = np.zeros((len(encoded), width), np.int32)
     for row, ids in zip(inputs, encoded, strict=True):
         row[: len(ids)] = ids
-    out = np.asarray(exp.family.predict_batch(params, {"inputs": inputs}, max_length=max_length))
+    out = np.asarray(exp.family.predict_batch(params, {"inputs": inputs}, max_length=max_length,
+                                              **extra))
     results = []
     for row in out:
         ids = row.tolist()

@@ -159,10 +159,15 @@ class BartFamily(Family):
         token = jnp.take_along_axis(logits, features["targets"][..., None], axis=-1)[..., 0]
         return jnp.sum((token - log_z) * features["target_weights"], axis=-1)
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        """Greedy reconstruction of ``features['inputs']`` with the KV cache."""
-        return decoding.greedy_decode(self.model(params), features["inputs"],
-                                      max_length=max_length, eos_id=self.token_ids.eos)
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Reconstruction of ``features['inputs']`` with the KV cache: greedy by default, beam
+        search or sampling (needs ``key``) by ``options``."""
+        return decoding.generate(self.model(params), features["inputs"], max_length=max_length,
+                                 eos_id=self.token_ids.eos, pad_id=self.token_ids.pad,
+                                 start_id=self.model_config.decoder_start_token_id,
+                                 options=options or decoding.Options(), key=key)
 
 
 class MassFamily(BartFamily):

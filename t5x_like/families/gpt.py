@@ -15,14 +15,12 @@ Evaluation adds sliding-window perplexity (``evaluation/perplexity.py``) through
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from t5x_like import losses
+from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError
 from t5x_like.families.base import Family
@@ -134,9 +132,12 @@ class GPTFamily(Family):
         token = jnp.take_along_axis(logits, f["targets"][..., None], axis=-1)[..., 0]
         return jnp.sum((token - log_z) * f["target_weights"], axis=-1)
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        """Greedy continuations [B, max_length] of prompts ``features['inputs']`` (right-padded
-        with 0), with the KV cache; a row stops at its EOS (kept), zeros after.
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Continuations [B * num_return_sequences, max_length] of prompts
+        ``features['inputs']`` (padded with 0), with the KV cache: greedy by default, beam search
+        or sampling (needs ``key``) by ``options``; a row stops at its EOS (kept), zeros after.
 
         A prompt's trailing EOS (``infer`` ends every input with one) is dropped and one EOS is
         put in front: an EOS starts a document in training, so the prompt is a document start.
@@ -153,31 +154,6 @@ class GPTFamily(Family):
             raise UserError(f"a prompt of {prompts.shape[1]} tokens plus {max_length} new ones "
                             f"exceeds model.max_length={c.max_length}; shorten the input or "
                             "--max-length")
-        return _greedy(self.graphdef, params, prompts, prompts != self.pad_id,
-                       eos_id=self.eos_id, max_length=max_length)
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("eos_id", "max_length"))
-def _greedy(graphdef, params, prompts, valid, *, eos_id: int, max_length: int) -> jax.Array:
-    """Prefill the prompt, then one cached ``decode_step`` per token in a ``while_loop``."""
-    model = nnx.merge(graphdef, params)
-    batch, prompt_length = prompts.shape
-    cache = model.init_cache(batch, prompt_length + max_length)
-    logits, cache = model.prefill(prompts, cache, valid=valid)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-
-    def cond(carry):
-        i, _, _, _, done = carry
-        return (i < max_length) & ~jnp.all(done)
-
-    def step(carry):
-        i, tokens, cache, previous, done = carry
-        tokens = jax.lax.dynamic_update_slice(tokens, previous[:, None], (0, i))
-        done = done | (previous == eos_id)
-        logits, cache = model.decode_step(previous, cache, prompt_length + i)
-        token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        return i + 1, tokens, cache, token, done
-
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((batch, max_length), jnp.int32), cache, first,
-            jnp.zeros((batch,), bool))
-    return jax.lax.while_loop(cond, step, init)[1]
+        return decoding.generate(self.model(params), prompts, max_length=max_length,
+                                 eos_id=self.eos_id, pad_id=self.pad_id,
+                                 options=options or decoding.Options(), key=key)

@@ -110,6 +110,10 @@ class T5Family(Family):
         token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         return jnp.sum(token * (targets > 0), axis=-1)
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        """Greedy decoding with the KV cache."""
-        return decoding.greedy_decode(self.model(params), features["inputs"], max_length=max_length)
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Tokens [B * num_return_sequences, max_length] decoded with the KV cache: greedy by
+        default, beam search or sampling (needs ``key``) by ``options``."""
+        return decoding.generate(self.model(params), features["inputs"], max_length=max_length,
+                                 eos_id=1, options=options or decoding.Options(), key=key)
