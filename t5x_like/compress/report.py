@@ -76,32 +76,33 @@ def _forward(model: EncoderModel, batch: dict, head_mask=None) -> dict:
                  masked_positions=batch["positions"], head_mask=head_mask)
 
 
-def mlm_accuracy(config: EncoderConfig, params: dict, batches: list[dict]) -> float:
+def _runner(config: EncoderConfig, params: dict):
+    """A jitted CPU forward pass -> MLM logits, and its params already on the CPU."""
+    cpu = jax.devices("cpu")[0]
     graphdef, state = nnx.split(artifacts.merge(config, params), nnx.Param)
     run = jax.jit(lambda s, b: _forward(nnx.merge(graphdef, s), b)["mlm_logits"])
+    return run, jax.device_put(state, cpu), cpu
+
+
+def measure(config: EncoderConfig, params: dict, batches: list[dict],
+            repeats: int) -> tuple[float, float]:
+    """(median ms per forward pass of ``batches[0]``, MLM accuracy over ``batches``), both
+    from one compilation on the CPU."""
+    run, state, cpu = _runner(config, params)
+    batches = jax.device_put(batches, cpu)
+    run(state, batches[0]).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(state, batches[0]).block_until_ready()
+        times.append(time.perf_counter() - start)
     hits = total = 0.0
     for b in batches:
         logits = np.asarray(run(state, b))
         w = np.asarray(b["target_weights"])
         hits += float(((logits.argmax(-1) == np.asarray(b["targets"])) * w).sum())
         total += float(w.sum())
-    return hits / max(total, 1.0)
-
-
-def latency_ms(config: EncoderConfig, params: dict, batch: dict, repeats: int) -> float:
-    """Median wall time of a jitted forward pass on one batch, on the CPU."""
-    cpu = jax.devices("cpu")[0]
-    with jax.default_device(cpu):
-        graphdef, state = nnx.split(artifacts.merge(config, params), nnx.Param)
-        state, batch = jax.device_put((state, batch), cpu)
-        run = jax.jit(lambda s, b: _forward(nnx.merge(graphdef, s), b)["mlm_logits"])
-        run(state, batch).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(state, batch).block_until_ready()
-            times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
+    return 1000.0 * float(np.median(times)), hits / max(total, 1.0)
 
 
 def calibrate(config: EncoderConfig, params: dict, batches: list[dict]) -> tuple:
@@ -155,9 +156,8 @@ def build_report(checkpoint: str, variants: list[str], *, int8: bool, prune_head
         count = sum(int(np.size(x)) for x in jax.tree.leaves(p))
         if c.quantize != "none":
             note = note or "fake-quantized"
-        rows.append(Row(name, count, artifacts.folder_bytes(folder),
-                        latency_ms(c, p, batches[0], repeats), mlm_accuracy(c, p, batches),
-                        note))
+        latency, accuracy = measure(c, p, batches, repeats)
+        rows.append(Row(name, count, artifacts.folder_bytes(folder), latency, accuracy, note))
     return rows
 
 
