@@ -10,6 +10,7 @@ example at a time, and the metric with scikit-learn.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import seqio
@@ -50,6 +51,26 @@ def loaded(workdir):
     return load_checkpoint(workdir)
 
 
+@pytest.fixture(scope="module")
+def one_by_one(loaded):
+    """predict(text) -> token ids and score(input ids, target text) -> log-likelihood, one
+    example at a time, zero-padded to fixed shapes (32 inputs, 8 targets) so they compile once;
+    padding is masked, so it changes nothing."""
+    exp, params, _ = loaded
+    decode = jax.jit(lambda x: exp.family.predict_batch(params, {"inputs": x}, max_length=8))
+    score_batch = jax.jit(exp.family.score_batch)
+
+    def predict(text):
+        tokens = np.asarray(decode(_pad(_ids(exp.vocabulary, text, 32), 32)))[0].tolist()
+        return exp.vocabulary.decode(tokens[:tokens.index(1)] if 1 in tokens else tokens)
+
+    def score(input_ids, target):
+        return float(score_batch(params, {"inputs": _pad([input_ids], 32),
+                                          "targets": _pad(_ids(exp.vocabulary, target), 8)})[0])
+
+    return predict, score
+
+
 @pytest.fixture
 def mock40():
     with tfds.testing.mock_data(num_examples=40, **MOCK):
@@ -61,9 +82,17 @@ def _raw(builder, split):
 
 
 def _ids(vocab, text, length=None):
+    """[[ids + EOS]], the front kept when there are more than ``length``."""
     ids = list(vocab.encode(text))
     ids = ids[:length - 1] if length else ids
-    return np.array([[*ids, 1]], np.int32)
+    return [[*ids, 1]]
+
+
+def _pad(rows, width):
+    out = np.zeros((len(rows), width), np.int32)
+    for row, ids in zip(out, rows, strict=True):
+        row[:len(ids)] = ids
+    return out
 
 
 def _label(text):
@@ -73,7 +102,8 @@ def _label(text):
 # --------------------------------------------------------------------------- decoded metrics
 
 
-def test_cli_task_metrics_equal_independent_decoding(workdir, loaded, mock40, tmp_path, capsys):
+def test_cli_task_metrics_equal_independent_decoding(workdir, one_by_one, mock40, tmp_path,
+                                                     capsys):
     out = tmp_path / "report.json"
     assert cli.main(["eval", "--checkpoint", str(workdir), "--task", "glue_sst2",
                      "--split", "validation", "--json", str(out)]) == 0
@@ -89,16 +119,10 @@ def test_cli_task_metrics_equal_independent_decoding(workdir, loaded, mock40, tm
     assert f"{value:.3f}" in printed and "glue_sst2" in printed
 
     # The same predictions, decoded one example at a time from tfds's own examples.
-    exp, params, _ = loaded
+    predict, _ = one_by_one
     raw = _raw("glue/sst2", "validation")
-    truth, guesses = [], []
-    for x in raw:
-        text = "sst2 sentence: " + x["sentence"].decode()
-        tokens = np.asarray(exp.family.predict_batch(
-            params, {"inputs": _ids(exp.vocabulary, text, 32)}, max_length=8))[0].tolist()
-        tokens = tokens[:tokens.index(1)] if 1 in tokens else tokens
-        guesses.append(_label(exp.vocabulary.decode(tokens)))
-        truth.append(int(x["label"]))
+    guesses = [_label(predict("sst2 sentence: " + x["sentence"].decode())) for x in raw]
+    truth = [int(x["label"]) for x in raw]
     # not a vacuous comparison: the model writes label words and is neither always right
     # nor always wrong on the 40 examples (20 of them unseen in training)
     assert sum(g in (0, 1) for g in guesses) >= 30
@@ -114,7 +138,7 @@ def test_cli_task_metrics_equal_independent_decoding(workdir, loaded, mock40, tm
     assert scalars[("eval/glue_sst2/accuracy", STEPS)] == pytest.approx(value, rel=1e-6)
 
 
-def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, mock40):
+def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, one_by_one, mock40):
     from t5x_like.evaluation import metrics
     from t5x_like.tasks import register_t2t_task
 
@@ -129,9 +153,9 @@ def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, mock40):
         table, (result,) = task_eval.evaluate(
             exp, params, task.name, task_eval.Options(split="validation", num_batches=2))
         raw = _raw("glue/sst2", "validation")[:16]
-        expected = [float(exp.family.score_batch(params, {
-            "inputs": _ids(exp.vocabulary, "sst2 sentence: " + x["sentence"].decode(), 32),
-            "targets": _ids(exp.vocabulary, LABELS[x["label"]])})[0]) for x in raw]
+        score = one_by_one[1]
+        expected = [score(_ids(exp.vocabulary, "sst2 sentence: " + x["sentence"].decode(), 32)[0],
+                          LABELS[x["label"]]) for x in raw]
         assert table[task.name]["n"] == 16  # --batches 2 x batch size 8
         assert table[task.name]["mean_ll"] == pytest.approx(np.mean(expected), abs=1e-4)
         assert set(table[task.name]) == {"accuracy", "mean_ll", "n"}
@@ -143,7 +167,7 @@ def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, mock40):
 
 
 @pytest.mark.parametrize("shots", [0, 2])
-def test_rank_classification_is_the_argmax_of_score_batch(loaded, mock40, shots):
+def test_rank_classification_is_the_argmax_of_score_batch(loaded, one_by_one, mock40, shots):
     exp, params, _ = loaded
     options = task_eval.Options(split="validation", rank_classification=True, shots=shots,
                                 seed=3)
@@ -163,9 +187,7 @@ def test_rank_classification_is_the_argmax_of_score_batch(loaded, mock40, shots)
                              + ["sst2 sentence: " + x["sentence"].decode()])
         ids = list(exp.vocabulary.encode(prompt))  # 31 tokens + EOS: with demonstrations
         ids = (ids[-31:] if shots else ids[:31]) + [1]  # the front goes, else the end
-        row = [float(exp.family.score_batch(params, {
-            "inputs": np.array([ids], np.int32),
-            "targets": _ids(exp.vocabulary, label)})[0]) for label in LABELS]
+        row = [one_by_one[1](ids, label) for label in LABELS]
         scores.append(row)
         guesses.append(int(np.argmax(row)))
         truth.append(int(x["label"]))
@@ -180,7 +202,7 @@ def test_rank_classification_is_the_argmax_of_score_batch(loaded, mock40, shots)
 # --------------------------------------------------------------------------- mixtures
 
 
-def test_mixture_reports_each_task_and_t5s_average(workdir, loaded, mock40, tmp_path):
+def test_mixture_reports_each_task_and_t5s_average(workdir, one_by_one, mock40, tmp_path):
     from t5x_like.tasks import register_mixture
 
     register_mixture("test_task_eval_pair", ["glue_sst2", "glue_mrpc"])
@@ -201,15 +223,11 @@ def test_mixture_reports_each_task_and_t5s_average(workdir, loaded, mock40, tmp_
         "average": pytest.approx((sst2["accuracy"] + (mrpc["f1"] + mrpc["accuracy"]) / 2) / 2)}
 
     # MRPC on its own, independently: decode the first batch, F1 and accuracy from sklearn
-    exp, params, _ = loaded
     names = ("not_equivalent", "equivalent")
     truth, guesses = [], []
     for x in _raw("glue/mrpc", "validation")[:8]:
-        text = (f"mrpc sentence1: {x['sentence1'].decode()} "
-                f"sentence2: {x['sentence2'].decode()}")
-        tokens = np.asarray(exp.family.predict_batch(
-            params, {"inputs": _ids(exp.vocabulary, text, 32)}, max_length=8))[0].tolist()
-        word = exp.vocabulary.decode(tokens[:tokens.index(1)] if 1 in tokens else tokens)
+        word = one_by_one[0](f"mrpc sentence1: {x['sentence1'].decode()} "
+                             f"sentence2: {x['sentence2'].decode()}")
         guesses.append(names.index(word) if word in names else -1)
         truth.append(int(x["label"]))
     assert mrpc["accuracy"] == pytest.approx(100 * accuracy_score(truth, guesses))

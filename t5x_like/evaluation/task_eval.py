@@ -332,6 +332,10 @@ def evaluate_checkpoint(workdir: str | Path, name: str, options: Options, *,
     and writes TensorBoard scalars there (process 0). Returns the JSON report."""
     from t5x_like.evaluation.driver import load_checkpoint
 
+    tasks, _ = member_tasks(name)  # a wrong name or request stops before anything loads
+    if options.rank_classification:
+        for task in tasks:
+            label_names(task)
     exp, params, step = load_checkpoint(workdir, overrides)
     options = dataclasses.replace(options, split=options.split or exp.config.data.eval_split)
     table, results = evaluate(exp, params, name, options)
