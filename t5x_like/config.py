@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "linear", "cosine")
@@ -192,10 +192,6 @@ def _assign(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects values that would fail later, deep inside JAX, with a sentence naming the field."""
@@ -203,41 +199,41 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     family_class(c.family).validate_config(c)
     d = c.data
-    _check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
-    _check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
+    check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
+    check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
     opt = c.optimizer
-    _check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
-    _check(
+    check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+    check(
         opt.schedule in SCHEDULES,
         f"optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}",
     )
-    _check(
+    check(
         opt.learning_rate > 0, f"optimizer.learning_rate must be positive, got {opt.learning_rate}"
     )
-    _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
-    _check(
+    check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    check(
         opt.grad_accum_steps >= 1,
         f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}",
     )
-    _check(
+    check(
         d.batch_size % opt.grad_accum_steps == 0,
         f"data.batch_size={d.batch_size} is not divisible by "
         f"optimizer.grad_accum_steps={opt.grad_accum_steps}",
     )
     t = c.train
     for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        _check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
-    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
+        check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
+    check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
     for name in ("checkpoint_every_minutes", "max_skipped_steps", "maintenance_poll_seconds"):
-        _check(t[name] >= 0, f"config field train.{name} must be >= 0, got {t[name]}")
-    _check(
+        check(t[name] >= 0, f"config field train.{name} must be >= 0, got {t[name]}")
+    check(
         t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
         f"train.loss_spike_factor must be 0 (off) or greater than 1, got {t.loss_spike_factor}",
     )
     for name in ("data", "fsdp", "tensor"):
         size = c.mesh[name]
-        _check(size == -1 or size > 0, f"mesh.{name} must be positive or -1 (fill), got {size}")
-    _check(
+        check(size == -1 or size > 0, f"mesh.{name} must be positive or -1 (fill), got {size}")
+    check(
         sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
     )
@@ -254,7 +250,7 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
     resolved = ml_collections.ConfigDict(c.to_dict())
     if resolved.model.vocab_size == 0:
         resolved.model.vocab_size = int(math.ceil(vocab_size / 128) * 128)
-    _check(
+    check(
         resolved.model.vocab_size >= vocab_size,
         f"model.vocab_size={resolved.model.vocab_size} is smaller than the vocabulary "
         f"({vocab_size} ids); set it to 0 to derive it",

@@ -8,3 +8,9 @@ what is wrong (the config field, the file) and how to fix it.
 
 class UserError(Exception):
     """A bad config, input file, checkpoint or command line, explained in one sentence."""
+
+
+def check(ok: bool, message: str) -> None:
+    """Raises ``UserError(message)`` unless ``ok``: one line per validation rule."""
+    if not ok:
+        raise UserError(message)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.families.t5 import shift_right
 from t5x_like.models.bart import Bart, BartConfig
@@ -44,10 +44,6 @@ from t5x_like.objectives.mass import START_PROBS, mass_fragment
 _NOISE_FIELDS = ("mask_ratio", "delete_ratio", "infill_ratio", "poisson_lambda", "random_ratio",
                  "permute_sentences", "rotate_ratio")
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 def sentence_end_ids(vocabulary, chars: str) -> tuple[int, ...]:
@@ -70,7 +66,7 @@ class BartFamily(Family):
     def __init__(self, config: ml_collections.ConfigDict, vocabulary):
         super().__init__(config, vocabulary)
         ids = special_tokens(vocabulary)
-        _check(self.model_config.pad_token_id == ids.pad,
+        check(self.model_config.pad_token_id == ids.pad,
                f"model.pad_token_id={self.model_config.pad_token_id} is not the vocabulary's "
                f"padding id {ids.pad}; set it to {ids.pad}")
         self.token_ids = TokenIds(mask=ids.mask, eos=ids.eos, pad=ids.pad,
@@ -97,12 +93,12 @@ class BartFamily(Family):
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         o = c.objective
-        _check(o.name == "bart_denoising", f"objective.name {o.name!r} is not 'bart_denoising'")
+        check(o.name == "bart_denoising", f"objective.name {o.name!r} is not 'bart_denoising'")
         noise = BartNoise.from_dict({name: o[name] for name in _NOISE_FIELDS})
-        _check(noise != BartNoise(), "the BART objective applies no noise: set one of "
+        check(noise != BartNoise(), "the BART objective applies no noise: set one of "
                "objective.mask_ratio, delete_ratio, infill_ratio, rotate_ratio or "
                "permute_sentences")
-        _check(not o.permute_sentences or bool(o.sentence_end_chars),
+        check(not o.permute_sentences or bool(o.sentence_end_chars),
                "objective.sentence_end_chars is empty but permute_sentences is on; give the "
                "characters that end a sentence (e.g. '.!?')")
         cls._validate_model(c)
@@ -110,11 +106,11 @@ class BartFamily(Family):
     @classmethod
     def _validate_model(cls, c: ml_collections.ConfigDict) -> None:
         m = c.model
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-        _check(m.decoder_start_token_id == 0,
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(m.decoder_start_token_id == 0,
                f"model.decoder_start_token_id={m.decoder_start_token_id}: training shifts "
                "targets right behind 0 and decoding starts from 0; set it to 0")
-        _check(c.data.inputs_length <= m.max_position_embeddings,
+        check(c.data.inputs_length <= m.max_position_embeddings,
                f"data.inputs_length={c.data.inputs_length} exceeds "
                f"model.max_position_embeddings={m.max_position_embeddings}")
         BartConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})
@@ -184,10 +180,10 @@ class MassFamily(BartFamily):
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         o = c.objective
-        _check(o.name == "mass", f"objective.name {o.name!r} is not 'mass'")
-        _check(0.0 < o.fragment_ratio <= 1.0,
+        check(o.name == "mass", f"objective.name {o.name!r} is not 'mass'")
+        check(0.0 < o.fragment_ratio <= 1.0,
                f"objective.fragment_ratio must lie in (0, 1], got {o.fragment_ratio}")
-        _check(o.start_at_beginning >= 0 and o.start_at_end >= 0
+        check(o.start_at_beginning >= 0 and o.start_at_end >= 0
                and o.start_at_beginning + o.start_at_end <= 1.0,
                "objective.start_at_beginning and start_at_end are probabilities summing to at "
                f"most 1 (the rest starts uniformly), got {o.start_at_beginning} and "

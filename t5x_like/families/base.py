@@ -57,10 +57,14 @@ class Family:
     # ------------------------------------------------------------------ schema
     @classmethod
     def model_defaults(cls) -> dict:
-        """``config.model``'s fields and defaults (the module config's own, by default)."""
+        """``config.model``'s fields and defaults: the module config's own, except that the
+        embedding rows are derived from the vocabulary unless a config sets them."""
         import dataclasses
 
-        return {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        if "vocab_size" in defaults:
+            defaults["vocab_size"] = 0  # 0 = the vocabulary's size rounded up (config.resolve)
+        return defaults
 
     @classmethod
     def objective_defaults(cls) -> dict:

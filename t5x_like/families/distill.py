@@ -37,16 +37,12 @@ from t5x_like import losses
 from t5x_like.compress import distill as D
 from t5x_like.compress import prune as P
 from t5x_like.compress import quantize as Q
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.bert import EncoderFamily
 from t5x_like.models.encoder import Dense, EncoderConfig, EncoderModel
 
 _RANGES = ("input_range", "decoder_range")
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 class DistillModel(nnx.Module):
@@ -114,15 +110,15 @@ class DistillFamily(EncoderFamily):
         if o.teacher:
             self.teacher_config, self.teacher_params = load_teacher(o.teacher)
             t = self.teacher_config
-            _check(t.vocab_size == student.vocab_size,
+            check(t.vocab_size == student.vocab_size,
                    f"the teacher's vocabulary has {t.vocab_size} rows and the student's "
                    f"{student.vocab_size}; both must use the same data.vocab_path")
             if o.alpha_hidden_mse or o.alpha_attention:
                 D.layer_map(student.num_layers, t.num_layers)  # depths must divide
-            _check(not o.alpha_attention or t.num_heads == student.num_heads,
+            check(not o.alpha_attention or t.num_heads == student.num_heads,
                    f"attention-map distillation compares heads one to one: the teacher has "
                    f"{t.num_heads}, the student {student.num_heads}")
-            _check(not o.alpha_cos or t.hidden_size == student.hidden_size,
+            check(not o.alpha_cos or t.hidden_size == student.hidden_size,
                    "the cosine loss compares hidden states of equal width; use "
                    "alpha_hidden_mse (with its projection) when the widths differ")
         projection = bool(o.teacher and o.alpha_hidden_mse
@@ -152,20 +148,20 @@ class DistillFamily(EncoderFamily):
         o = c.objective
         D.DistillWeights(o.temperature, o.alpha_ce, o.alpha_mlm, o.alpha_cos,
                          o.alpha_hidden_mse, o.alpha_attention)
-        _check(bool(o.teacher) or not (o.alpha_ce or o.alpha_cos or o.alpha_hidden_mse
+        check(bool(o.teacher) or not (o.alpha_ce or o.alpha_cos or o.alpha_hidden_mse
                                        or o.alpha_attention),
                "objective.teacher is empty but teacher losses have weight: set "
                "objective.teacher=WORKDIR or alpha_ce/alpha_cos/alpha_hidden_mse/"
                "alpha_attention=0")
-        _check(c.model.quantize != "int8", "model.quantize='int8' is for inference; train with "
+        check(c.model.quantize != "int8", "model.quantize='int8' is for inference; train with "
                "'fake' and export with compress.quantize.to_int8")
-        _check(0.0 < o.quant_ema_decay < 1.0,
+        check(0.0 < o.quant_ema_decay < 1.0,
                f"objective.quant_ema_decay must lie in (0, 1), got {o.quant_ema_decay}")
-        _check(o.prune in P.METHODS, f"objective.prune must be one of {P.METHODS}, got "
+        check(o.prune in P.METHODS, f"objective.prune must be one of {P.METHODS}, got "
                f"{o.prune!r}")
-        _check(0.0 <= o.prune_sparsity < 1.0,
+        check(0.0 <= o.prune_sparsity < 1.0,
                f"objective.prune_sparsity must lie in [0, 1), got {o.prune_sparsity}")
-        _check(0 <= o.prune_begin <= o.prune_end,
+        check(0 <= o.prune_begin <= o.prune_end,
                f"objective.prune_begin/prune_end must satisfy 0 <= begin <= end, got "
                f"{o.prune_begin} and {o.prune_end}")
 

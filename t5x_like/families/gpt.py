@@ -22,16 +22,12 @@ from flax import nnx
 
 from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
 
 EOS_ID = 1  # T5-style vocabularies: documents in the stream end with EOS
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 def document_segments(tokens: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
@@ -54,20 +50,16 @@ class GPTFamily(Family):
 
     # ------------------------------------------------------------------ schema
     @classmethod
-    def model_defaults(cls) -> dict:
-        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
-
-    @classmethod
     def objective_defaults(cls) -> dict:
         return dict(name="causal_lm", document_mask=True)
 
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         m, o = c.model, c.objective
-        _check(o.name == "causal_lm", f"objective.name {o.name!r} is not 'causal_lm'")
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(o.name == "causal_lm", f"objective.name {o.name!r} is not 'causal_lm'")
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
         if m.position_embedding == "learned":
-            _check(c.data.inputs_length <= m.max_length,
+            check(c.data.inputs_length <= m.max_length,
                    f"data.inputs_length={c.data.inputs_length} exceeds model.max_length="
                    f"{m.max_length} (the learned position table); raise max_length or use "
                    "model.position_embedding='rotary'")

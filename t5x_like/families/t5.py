@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx
 
 from t5x_like import decoding, losses
-from t5x_like.errors import UserError
+from t5x_like.errors import check
 from t5x_like.families.base import Family
 from t5x_like.models.t5 import T5, T5Config
 from t5x_like.objectives import span_corruption, span_corruption_lengths
@@ -21,10 +21,6 @@ def shift_right(targets: jax.Array) -> jax.Array:
     """Decoder inputs: targets moved one step right behind the start token 0."""
     return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 class T5Family(Family):
@@ -43,10 +39,6 @@ class T5Family(Family):
 
     # ------------------------------------------------------------------ schema
     @classmethod
-    def model_defaults(cls) -> dict:
-        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
-
-    @classmethod
     def objective_defaults(cls) -> dict:
         return dict(name="span_corruption", noise_density=0.15, mean_noise_span_length=3.0)
 
@@ -54,14 +46,14 @@ class T5Family(Family):
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         m, o = c.model, c.objective
         for name in _POSITIVE:
-            _check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-        _check(0.0 <= m.dropout_rate < 1.0,
+            check(m[name] > 0, f"config field model.{name} must be positive, got {m[name]}")
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(0.0 <= m.dropout_rate < 1.0,
                f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
-        _check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
-        _check(0.0 < o.noise_density < 1.0,
+        check(o.name == "span_corruption", f"objective.name {o.name!r} is not 'span_corruption'")
+        check(0.0 < o.noise_density < 1.0,
                f"objective.noise_density must be in (0, 1), got {o.noise_density}")
-        _check(o.mean_noise_span_length >= 1.0,
+        check(o.mean_noise_span_length >= 1.0,
                f"objective.mean_noise_span_length must be >= 1, got {o.mean_noise_span_length}")
         super().validate_config(c)  # the module's own choices (dtype, remat, feed-forward)
 

@@ -29,16 +29,11 @@ from flax import nnx
 
 from t5x_like import losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
 from t5x_like.objectives.denoising import below
 from t5x_like.objectives.unilm import MODE_NAMES, MODE_PROBS, unilm_example, unilm_masking
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 def source_segments(key: jax.Array, tokens: jax.Array, pad_id: int, low: float,
@@ -82,18 +77,18 @@ class UniLMFamily(Family):
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         m, o = c.model, c.objective
-        _check(o.name == "unilm", f"objective.name {o.name!r} is not 'unilm'")
+        check(o.name == "unilm", f"objective.name {o.name!r} is not 'unilm'")
         probs = [o[name] for name in MODE_NAMES]
-        _check(min(probs) >= 0 and abs(sum(probs) - 1.0) < 1e-6,
+        check(min(probs) >= 0 and abs(sum(probs) - 1.0) < 1e-6,
                f"objective.{'/'.join(MODE_NAMES)} are the mode probabilities: non-negative, "
                f"summing to 1, got {probs}")
-        _check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
-        _check(0.0 < o.source_min <= o.source_max < 1.0,
+        check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
+        check(0.0 < o.source_min <= o.source_max < 1.0,
                f"objective.source_min/source_max must satisfy 0 < min <= max < 1, got "
                f"{o.source_min} and {o.source_max}")
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
         if m.position_embedding == "learned":
-            _check(c.data.inputs_length <= m.max_length,
+            check(c.data.inputs_length <= m.max_length,
                    f"data.inputs_length={c.data.inputs_length} exceeds model.max_length="
                    f"{m.max_length} (the learned position table)")
         DecoderLMConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})

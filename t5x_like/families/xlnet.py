@@ -29,15 +29,10 @@ from flax import nnx
 
 from t5x_like import losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.xlnet import XLNet, XLNetConfig
 from t5x_like.objectives.permutation import num_predictions, permutation_lm
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 class XLNetFamily(Family):
@@ -53,23 +48,19 @@ class XLNetFamily(Family):
 
     # ------------------------------------------------------------------ schema
     @classmethod
-    def model_defaults(cls) -> dict:
-        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
-
-    @classmethod
     def objective_defaults(cls) -> dict:
         return dict(name="permutation_lm", k=6.0, span=False, max_span=5)
 
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         m, o = c.model, c.objective
-        _check(o.name == "permutation_lm", f"objective.name {o.name!r} is not 'permutation_lm'")
-        _check(1.0 <= o.k <= c.data.inputs_length,
+        check(o.name == "permutation_lm", f"objective.name {o.name!r} is not 'permutation_lm'")
+        check(1.0 <= o.k <= c.data.inputs_length,
                f"objective.k must lie in [1, data.inputs_length={c.data.inputs_length}] (about "
                f"1/k of the tokens are predicted), got {o.k}")
-        _check(o.max_span >= 1, f"objective.max_span must be >= 1, got {o.max_span}")
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-        _check(m.reuse_len == 0, f"model.reuse_len={m.reuse_len}: the memory is the last "
+        check(o.max_span >= 1, f"objective.max_span must be >= 1, got {o.max_span}")
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(m.reuse_len == 0, f"model.reuse_len={m.reuse_len}: the memory is the last "
                "mem_len states of the chunk's previous segment; set reuse_len to 0")
         XLNetConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})
 
