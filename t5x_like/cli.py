@@ -55,9 +55,9 @@ def _cmd_eval(args, overrides):
     name = args.mixture or args.task
     if name and (args.mixture or args.rank_classification or task_eval.has_task_metrics(name)):
         return _task_metrics(args, overrides, name)
-    if args.rank_classification or args.shots:
-        raise UserError("--rank-classification/--shots need --task NAME (a classification "
-                        "task with label words) or --mixture NAME")
+    if args.rank_classification or args.shots or args.beam_size > 1:
+        raise UserError("--rank-classification/--shots/--beam-size need --task NAME (a "
+                        "text-to-text task) or --mixture NAME")
     if args.task:
         overrides = [*overrides, f"data.task={args.task}"]
     if args.split:
@@ -103,7 +103,8 @@ def _task_metrics(args, overrides, name: str) -> None:
         raise UserError("--samples/--window/--stride belong to the loss evaluation; drop them "
                         f"when evaluating {name!r} with its task metrics")
     options = task_eval.Options(split=args.split, num_batches=args.batches or 0,
-                                rank_classification=args.rank_classification, shots=args.shots)
+                                rank_classification=args.rank_classification, shots=args.shots,
+                                beam_size=args.beam_size, alpha=args.alpha)
     report = task_eval.evaluate_checkpoint(args.checkpoint, name, options, overrides=overrides)
     print(task_eval.format_table(report))
     if args.json:
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoding (classification tasks)")
     p.add_argument("--shots", type=int, default=0, help="in-context examples from the train "
                    "split in front of each input (rank classification)")
+    p.add_argument("--beam-size", type=int, default=1,
+                   help="> 1: beam search instead of greedy decoding (task metrics)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="beam length penalty: score / length**alpha")
     p.add_argument("--samples", type=int, default=0, help="show N held-out spans filled in")
     p.add_argument("--no-baseline", action="store_true", help="skip the unigram baseline")
     p.add_argument("--window", type=int, default=None,

@@ -109,9 +109,10 @@ def test_cli_task_metrics_equal_independent_decoding(workdir, one_by_one, mock40
                      "--split", "validation", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert set(report) == {"checkpoint", "step", "split", "mode", "shots", "examples", "metrics"}
-    assert (report["checkpoint"], report["step"], report["split"], report["mode"]) == (
-        str(workdir), STEPS, "validation", "decode")
+    assert set(report) == {"checkpoint", "step", "split", "mode", "shots", "beam_size",
+                           "examples", "metrics"}
+    assert (report["checkpoint"], report["step"], report["split"], report["mode"],
+            report["beam_size"]) == (str(workdir), STEPS, "validation", "decode", 1)
     assert report["examples"] == {"glue_sst2": 40}  # 5 batches of 8, every example once
     assert list(report["metrics"]) == ["glue_sst2"]
     assert list(report["metrics"]["glue_sst2"]) == ["accuracy"]
@@ -157,10 +158,37 @@ def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, one_by_o
         expected = [score(_ids(exp.vocabulary, "sst2 sentence: " + x["sentence"].decode(), 32)[0],
                           LABELS[x["label"]]) for x in raw]
         assert table[task.name]["n"] == 16  # --batches 2 x batch size 8
+        predict = one_by_one[0]  # and the decoded texts, example by example
+        assert result.outputs == [predict("sst2 sentence: " + x["sentence"].decode())
+                                  for x in raw]
+        assert result.targets == [int(x["label"]) for x in raw]
+        assert result.predictions == [_label(o) for o in result.outputs]
         assert table[task.name]["mean_ll"] == pytest.approx(np.mean(expected), abs=1e-4)
         assert set(table[task.name]) == {"accuracy", "mean_ll", "n"}
     finally:
         seqio.TaskRegistry.remove("test_task_eval_scored")
+
+
+def test_beam_search_decodes_as_predict_batch_with_the_same_options(tiny_config, mock40):
+    """A T5 family (random weights) under beam search: the decoded texts are predict_batch's
+    with decoding.Options(beam_size=3), up to the split's longest target (5 tokens)."""
+    from t5x_like import decoding
+    from t5x_like.experiment import build
+
+    exp = build(tiny_config)
+    params = exp.init_state()["params"]
+    _, (result,) = task_eval.evaluate(exp, params, "glue_sst2", task_eval.Options(
+        split="validation", num_batches=1, beam_size=3, alpha=0.6))
+    raw = _raw("glue/sst2", "validation")[:8]
+    inputs = _pad([_ids(exp.vocabulary, "sst2 sentence: " + x["sentence"].decode(), 32)[0]
+                   for x in raw], 32)
+    tokens = np.asarray(exp.family.predict_batch(
+        params, {"inputs": inputs}, max_length=5,
+        options=decoding.Options(beam_size=3, alpha=0.6)))
+    expected = [exp.vocabulary.decode([t for t in row[:list(row).index(1)] if t] if 1 in row
+                                      else [t for t in row if t]) for row in tokens.tolist()]
+    assert result.outputs == expected
+    assert any(text for text in expected)  # random weights still write something
 
 
 # --------------------------------------------------------------------------- rank classification
@@ -248,3 +276,6 @@ def test_bad_requests_stop_with_one_line(workdir, mock40, capsys):
     assert "label words" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(workdir), "--mixture", "glue_sst3"]) == 2
     assert "did you mean" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--task", "glue_sst2",
+                     "--beam-size", "2"]) == 2  # t5_finetune's predict_batch is greedy only
+    assert "decodes greedily only" in capsys.readouterr().err

@@ -7,8 +7,9 @@ This is seqio's ``Evaluator`` contract, run on one of our checkpoints:
    vocabulary (the default one for every registered task: the same ids seqio writes), inputs
    cut to ``data.inputs_length`` with EOS kept;
 2. decode fixed-shape batches of ``data.batch_size`` rows with the family's ``predict_batch``
-   (greedy; the last batch padded with dummy rows that are thrown away), up to
-   ``finetune.targets_length`` tokens, else the split's longest target;
+   (greedy, or beam search where it takes ``decoding.Options``; the last batch is padded with
+   dummy rows that are thrown away), up to ``finetune.targets_length`` tokens, else the
+   split's longest target;
 3. detokenise up to the first EOS and apply ``task.postprocess_fn(text, example=ex,
    is_target=False)``; targets go through it with ``is_target=True``, as in seqio;
 4. call every ``predict_metric_fns(targets, predictions)``; ``score_metric_fns(targets,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,15 +50,17 @@ SHOT_POOL = 1000  # train examples read to draw in-context demonstrations from
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """How to evaluate: the split, how many batches (0 = all), rank classification with
-    ``shots`` demonstrations (``seed`` picks them), extra ``predict_batch`` keywords."""
+    """How to evaluate: the split, how many batches (0 = all), beam search (``beam_size`` > 1,
+    length penalty ``alpha``) instead of greedy decoding, or rank classification with
+    ``shots`` demonstrations (``seed`` picks them)."""
 
     split: str | None = None  # None: the checkpoint's data.eval_split
     num_batches: int = 0
     rank_classification: bool = False
     shots: int = 0
     seed: int = 0
-    predict_kwargs: tuple[tuple[str, object], ...] = ()
+    beam_size: int = 1
+    alpha: float = 0.0
 
     def __post_init__(self):
         if self.num_batches < 0:
@@ -66,6 +70,9 @@ class Options:
         if self.shots and not self.rank_classification:
             raise UserError("--shots K puts K demonstrations in front of each input for "
                             "rank classification; add --rank-classification")
+        if self.beam_size > 1 and self.rank_classification:
+            raise UserError("--beam-size applies to decoding; rank classification scores the "
+                            "label words instead, so drop one of them")
 
 
 @dataclasses.dataclass
@@ -150,13 +157,20 @@ class Runner:
     """A checkpoint's ``predict_batch`` / ``score_batch`` over lists of token ids, in
     fixed-shape batches (jitted once per shape, outputs replicated so every host reads them)."""
 
-    def __init__(self, exp, params: dict, predict_kwargs: dict | None = None):
+    def __init__(self, exp, params: dict, *, beam_size: int = 1, alpha: float = 0.0):
         self.exp, self.params = exp, params
         self.vocabulary = exp.vocabulary
         self.eos = int(getattr(exp.vocabulary, "eos_id", 1))
         self.batch_size = exp.config.data.batch_size
         self.inputs_length = exp.config.data.inputs_length
-        self.predict_kwargs = dict(predict_kwargs or {})
+        self.predict_kwargs = {}
+        if beam_size > 1:
+            from t5x_like import decoding
+
+            if "options" not in inspect.signature(exp.family.predict_batch).parameters:
+                raise UserError(f"a {exp.config.family} checkpoint decodes greedily only; drop "
+                                "--beam-size")
+            self.predict_kwargs["options"] = decoding.Options(beam_size=beam_size, alpha=alpha)
         self._replicated = partitioning.replicated(exp.mesh)
 
     def encode(self, text: str, *, keep_end: bool = False) -> list[int]:
@@ -318,7 +332,7 @@ def average(results: Sequence[TaskResult]) -> float:
 def evaluate(exp, params: dict, name: str, options: Options) -> tuple[dict, list[TaskResult]]:
     """({task: {metric: value}} with the mixture's average under its own name, results)."""
     tasks, is_mixture = member_tasks(name)
-    runner = Runner(exp, params, dict(options.predict_kwargs))
+    runner = Runner(exp, params, beam_size=options.beam_size, alpha=options.alpha)
     results = [evaluate_task(runner, task, options) for task in tasks]
     table = {r.name: r.metrics for r in results}
     if is_mixture:
@@ -345,6 +359,7 @@ def evaluate_checkpoint(workdir: str | Path, name: str, options: Options, *,
         "split": options.split,
         "mode": "rank_classification" if options.rank_classification else "decode",
         "shots": options.shots,
+        "beam_size": options.beam_size,
         "examples": {r.name: len(r.targets) for r in results},
         "metrics": table,
     }
@@ -373,9 +388,12 @@ def write_json(report: dict, path: str | Path) -> None:
 
 def format_table(report: dict) -> str:
     """The report as a fixed-width table, one metric per line."""
-    shots = f", {report['shots']}-shot" if report["mode"] == "rank_classification" else ""
+    if report["mode"] == "rank_classification":
+        how = f"rank classification, {report['shots']}-shot"
+    else:
+        how = "greedy decoding" if report["beam_size"] == 1 else f"beam {report['beam_size']}"
     lines = [f"checkpoint {report['checkpoint']} step {report['step']} on split "
-             f"{report['split']} ({report['mode']}{shots})",
+             f"{report['split']} ({how})",
              f"  {'task':<28} {'metric':<32} {'value':>9}  examples"]
     for task, values in report["metrics"].items():
         count = report["examples"].get(task, "")
