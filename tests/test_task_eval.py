@@ -53,15 +53,17 @@ def loaded(workdir):
 
 @pytest.fixture(scope="module")
 def one_by_one(loaded):
-    """predict(text) -> token ids and score(input ids, target text) -> log-likelihood, one
+    """predict(text, max_length) -> text and score(input ids, target) -> log-likelihood, one
     example at a time, zero-padded to fixed shapes (32 inputs, 8 targets) so they compile once;
     padding is masked, so it changes nothing."""
     exp, params, _ = loaded
-    decode = jax.jit(lambda x: exp.family.predict_batch(params, {"inputs": x}, max_length=8))
+    decode = jax.jit(lambda x, n: exp.family.predict_batch(params, {"inputs": x}, max_length=n),
+                     static_argnums=1)
     score_batch = jax.jit(exp.family.score_batch)
 
-    def predict(text):
-        tokens = np.asarray(decode(_pad(_ids(exp.vocabulary, text, 32), 32)))[0].tolist()
+    def predict(text, max_length):
+        tokens = np.asarray(decode(_pad(_ids(exp.vocabulary, text, 32), 32), max_length))
+        tokens = tokens[0].tolist()
         return exp.vocabulary.decode(tokens[:tokens.index(1)] if 1 in tokens else tokens)
 
     def score(input_ids, target):
@@ -95,6 +97,13 @@ def _pad(rows, width):
     return out
 
 
+def _vocab_ids(text):
+    """The default vocabulary's ids of ``text`` + EOS (the checkpoint was trained with it)."""
+    from t5x_like.data.vocab import get_vocabulary
+
+    return [*get_vocabulary().encode(text), 1]
+
+
 def _label(text):
     return LABELS.index(text) if text in LABELS else -1
 
@@ -122,7 +131,9 @@ def test_cli_task_metrics_equal_independent_decoding(workdir, one_by_one, mock40
     # The same predictions, decoded one example at a time from tfds's own examples.
     predict, _ = one_by_one
     raw = _raw("glue/sst2", "validation")
-    guesses = [_label(predict("sst2 sentence: " + x["sentence"].decode())) for x in raw]
+    # up to the longest target: "negative"/"positive" are 4 pieces + EOS
+    assert {len(_vocab_ids(w)) for w in LABELS} == {5}
+    guesses = [_label(predict("sst2 sentence: " + x["sentence"].decode(), 5)) for x in raw]
     truth = [int(x["label"]) for x in raw]
     # not a vacuous comparison: the model writes label words and is neither always right
     # nor always wrong on the 40 examples (20 of them unseen in training)
@@ -159,7 +170,7 @@ def test_score_metric_fns_get_the_log_likelihood_of_each_target(loaded, one_by_o
                           LABELS[x["label"]]) for x in raw]
         assert table[task.name]["n"] == 16  # --batches 2 x batch size 8
         predict = one_by_one[0]  # and the decoded texts, example by example
-        assert result.outputs == [predict("sst2 sentence: " + x["sentence"].decode())
+        assert result.outputs == [predict("sst2 sentence: " + x["sentence"].decode(), 5)
                                   for x in raw]
         assert result.targets == [int(x["label"]) for x in raw]
         assert result.predictions == [_label(o) for o in result.outputs]
@@ -252,10 +263,12 @@ def test_mixture_reports_each_task_and_t5s_average(workdir, one_by_one, mock40, 
 
     # MRPC on its own, independently: decode the first batch, F1 and accuracy from sklearn
     names = ("not_equivalent", "equivalent")
+    raw = _raw("glue/mrpc", "validation")[:8]
+    longest = max(len(_vocab_ids(names[x["label"]])) for x in raw)
     truth, guesses = [], []
-    for x in _raw("glue/mrpc", "validation")[:8]:
+    for x in raw:
         word = one_by_one[0](f"mrpc sentence1: {x['sentence1'].decode()} "
-                             f"sentence2: {x['sentence2'].decode()}")
+                             f"sentence2: {x['sentence2'].decode()}", longest)
         guesses.append(names.index(word) if word in names else -1)
         truth.append(int(x["label"]))
     assert mrpc["accuracy"] == pytest.approx(100 * accuracy_score(truth, guesses))

@@ -8,8 +8,8 @@ This is seqio's ``Evaluator`` contract, run on one of our checkpoints:
    cut to ``data.inputs_length`` with EOS kept;
 2. decode fixed-shape batches of ``data.batch_size`` rows with the family's ``predict_batch``
    (greedy, or beam search where it takes ``decoding.Options``; the last batch is padded with
-   dummy rows that are thrown away), up to ``finetune.targets_length`` tokens, else the
-   split's longest target;
+   dummy rows that are thrown away), up to as many tokens as the split's longest target
+   (EOS included: seqio's evaluator infers its lengths the same way);
 3. detokenise up to the first EOS and apply ``task.postprocess_fn(text, example=ex,
    is_target=False)``; targets go through it with ``is_target=True``, as in seqio;
 4. call every ``predict_metric_fns(targets, predictions)``; ``score_metric_fns(targets,
@@ -233,9 +233,9 @@ class Runner:
                         strict=True):
             try:
                 scores.append(np.asarray(self._score(self.params, {"inputs": x, "targets": y})))
-            except NotImplementedError as e:
-                raise UserError(f"a {self.exp.config.family} checkpoint cannot score text: "
-                                f"{e}") from None
+            except (NotImplementedError, KeyError) as e:
+                raise UserError(f"a {self.exp.config.family} checkpoint cannot score "
+                                f"(inputs, targets) pairs: {e!r}") from None
         return np.concatenate(scores)[:len(inputs)].astype(np.float64)
 
 
@@ -250,12 +250,6 @@ def _postprocess(task: seqio.Task, outputs: Sequence[str], examples: Sequence[di
                for ex in examples]
     return predictions, targets
 
-
-def _max_decode_length(exp, target_ids: Sequence[Sequence[int]]) -> int:
-    finetune = exp.config.get("finetune")
-    if finetune is not None and "targets_length" in finetune:
-        return int(finetune.targets_length)
-    return max(len(t) for t in target_ids)
 
 
 def shot_pool(task: seqio.Task) -> list[tuple[str, str]]:
@@ -282,7 +276,7 @@ def evaluate_task(runner: Runner, task: seqio.Task, options: Options) -> TaskRes
     inputs = [runner.encode(t) for t in texts]
     target_ids = [[*runner.vocabulary.encode(_text(ex["targets_pretokenized"])), runner.eos]
                   for ex in examples]
-    generated = runner.decode(inputs, _max_decode_length(runner.exp, target_ids))
+    generated = runner.decode(inputs, max(len(t) for t in target_ids))
     outputs = [runner.vocabulary.decode(ids) for ids in generated]
     predictions, targets = _postprocess(task, outputs, examples)
     values: dict[str, float] = {}
