@@ -48,7 +48,7 @@ def get_config(arg=None):
         c.data.inputs_length = 128
         c.data.batch_size = 32
         c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=60))
-        c.train.update(dict(num_steps=600, log_every=25, eval_every=200, eval_batches=0,
+        c.train.update(dict(num_steps=600, log_every=25, eval_every=200, eval_batches=8,
                             checkpoint_every=200))
     else:
         c.data.inputs_length = 128
