@@ -544,7 +544,8 @@ def eight_devices():
 @pytest.mark.parametrize("mesh", ["fsdp8", "tensor8"])
 def test_two_steps_on_8_devices_match_one_device(eight_devices, family, mesh):
     one, run = eight_devices[f"{family}/one"], eight_devices[f"{family}/{mesh}"]
-    np.testing.assert_allclose(run["losses"], one["losses"], rtol=0, atol=1e-4)
+    # float32 sums in another order (measured: <= 8e-6 on ELECTRA's 43-nat loss, 4 ulp).
+    np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-6, atol=1e-5)
     assert run["losses"][1] < run["losses"][0]
     assert run["diff"] <= 1e-5  # every parameter after two AdamW updates
     assert one["sharded"] == 0
