@@ -48,6 +48,7 @@ from t5x_like import losses
 from t5x_like.data import sentence_pairs
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError
+from t5x_like.errors import check as _check
 from t5x_like.families.base import Family
 from t5x_like.models.encoder import EncoderConfig, EncoderModel
 from t5x_like.objectives.masking import MaskingConfig, mask, word_start_table
@@ -56,11 +57,6 @@ from t5x_like.objectives.spans import SPAN_KINDS, SpanLengths
 LAYOUTS = ("nsp", "sop", "full_sentences")
 _LABELS = {"nsp": "next_sentence_label", "sop": "sentence_order_label"}
 STATIC_MASKING_SALT = 0x57A71C  # folded into the seed key for static masks
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 # --------------------------------------------------------------------------- host data
@@ -172,10 +168,6 @@ class EncoderFamily(Family):
         self.word_starts = word_starts_of(vocabulary) if o.whole_word else None
 
     # ------------------------------------------------------------------ schema
-    @classmethod
-    def model_defaults(cls) -> dict:
-        return {**super().model_defaults(), "vocab_size": 0}  # 0 = derive from the vocabulary
-
     @classmethod
     def objective_defaults(cls) -> dict:
         return dict(

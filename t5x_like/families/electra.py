@@ -34,8 +34,9 @@ from flax import nnx
 
 from t5x_like import losses
 from t5x_like.errors import UserError
+from t5x_like.errors import check as _check
 from t5x_like.families.base import summarize
-from t5x_like.families.bert import EncoderFamily, _check
+from t5x_like.families.bert import EncoderFamily
 from t5x_like.models.encoder import ElectraPair, EncoderConfig
 from t5x_like.objectives.replaced_tokens import sample_replacements
 
