@@ -68,8 +68,10 @@ def test_prefix_on_a_scanned_t5_matches_the_unrolled_model():
 
     flat = {**params, "model": unstack(params["model"])}
     batch = synthetic_batch(scanned)
+    # Two different compiled programs (scan vs unrolled) reassociate float32 sums: equal up to
+    # float32 rounding (measured max difference 1.5e-6 on logits of size ~0.1), not bit for bit.
     np.testing.assert_allclose(predictions(scanned, params, batch),
-                               predictions(unrolled, flat, batch))
+                               predictions(unrolled, flat, batch), rtol=1e-5, atol=1e-5)
 
 
     dec = shift_right(batch["targets"])
