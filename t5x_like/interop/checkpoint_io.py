@@ -26,10 +26,12 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "v
 
 
 def family_for(model_config) -> str:
-    """The first registered family whose module config is ``model_config``'s class."""
+    """The family named by the checkpoint's ``model_type`` (bert, roberta, albert, electra) when
+    it trains this config class, else the first registered family that does."""
     from t5x_like.families import FAMILIES, family_class
 
-    for name in FAMILIES:
+    preferred = getattr(model_config, "model_type", None)
+    for name in ([preferred] if preferred in FAMILIES else []) + list(FAMILIES):
         if isinstance(model_config, family_class(name).config_class):
             return name
     raise UserError(f"no family trains a {type(model_config).__name__}; the checkpoint can be "
