@@ -257,9 +257,11 @@ def test_missing_or_truncated_shard_is_one_sentence(damage, error, tmp_path):
         files[1].write_bytes(files[1].read_bytes()[: files[1].stat().st_size // 2 + 7])
     batches = raw_token_batches(name, split="train", raw_length=32, batch_size=4, seed=0,
                                 shuffle=False, repeat=False)
+    consumed = []
     with pytest.raises(UserError) as info:
-        for _ in batches:
-            pass
+        for batch in batches:
+            consumed.append(batch["tokens"].shape)
+    assert consumed and set(consumed) == {(4, 32)}  # shard 0's batches arrived whole first
     text = str(info.value)
     assert "\n" not in text
     assert re.match(rf"reading split 'train' of task '{name}' failed: {error}: .*a data file is "
