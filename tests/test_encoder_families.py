@@ -9,11 +9,11 @@ and 8 fake devices (fsdp, tensor) equal to one.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
+import family_runs
 import jax
 import numpy as np
 import pytest
@@ -59,20 +59,7 @@ RUN = [
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module and the CLI runs it starts (a resumed
-    run compiles what the run it resumes compiled); the previous setting is restored after."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    folder = str(tmp_path_factory.mktemp("jax_cache"))
-    saved = (jax.config.jax_compilation_cache_dir,
-             jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-    cc.reset_cache()
+    yield from family_runs.compilation_cache_env(tmp_path_factory)
 
 
 def overrides(family: str) -> list[str]:
@@ -161,50 +148,11 @@ def test_bad_objective_settings_are_one_sentence(family, override, message):
 # --------------------------------------------------------------------------- training
 
 
-def _losses(workdir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def _restart_from_step_10(straight, resumed) -> None:
-    """A copy of a finished 20-step run as it was after step 10."""
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "20")
-    shutil.rmtree(resumed / "tensorboard")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= 10]
-    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-
-
-def _params(workdir):
-    from t5x_like.evaluation.driver import load_checkpoint
-
-    exp, params, step = load_checkpoint(workdir)
-    return exp, jax.device_get(params), step
-
-
 # Mean of the last five logged losses below the first five by at least this much. Chance MLM
 # is ln(8192) = 9.01 nats; 20 AdamW steps at 3e-3 learn the unigram frequencies (measured
 # drops: 0.6-1.1 nats for the MLM families; ELECTRA's 50 x BCE falls by ~10 as the
 # discriminator learns that ~13% of the tokens are replaced).
 MIN_DROP = {"bert": 0.3, "roberta": 0.3, "albert": 0.3, "spanbert": 0.5, "electra": 3.0}
-
-
-def _check_run(family, straight, resumed) -> None:
-    losses = _losses(straight)
-    assert sorted(losses) == list(range(1, 21))
-    first = np.mean([losses[s] for s in range(1, 6)])
-    last = np.mean([losses[s] for s in range(16, 21)])
-    assert last < first - MIN_DROP[family], (first, last)
-    _, a, step_a = _params(straight)
-    _, b, step_b = _params(resumed)
-    assert step_a == step_b == 20
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
-    again = _losses(resumed)
-    assert [again[s] for s in range(11, 21)] == [losses[s] for s in range(11, 21)]
 
 
 EVAL_METRICS = {"roberta": (), "albert": ("sop/accuracy",), "spanbert": ("sbo/accuracy",),
@@ -221,10 +169,10 @@ def test_trains_and_resumes_bit_exact_in_process(family, tmp_path, capsys):
     assert result["step"] == 20 and np.isfinite(result["eval/loss"])
     for name in ("accuracy", *EVAL_METRICS[family]):
         assert 0.0 <= result[f"eval/{name}"] <= 1.0, name
-    _restart_from_step_10(straight, resumed)
+    family_runs.restart_from_step_10(straight, resumed)
     train(config, resumed)
     assert "resumed from step 10" in capsys.readouterr().out
-    _check_run(family, straight, resumed)
+    family_runs.check_run(straight, resumed, min_drop=MIN_DROP[family])
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +184,7 @@ def bert_run(tmp_path_factory, compilation_cache):
     command = ["train", "--config", f"{CONFIGS['bert']}:tiny"]
     result = run_cli(*command, "--workdir", str(straight), *args, env=compilation_cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    _restart_from_step_10(straight, resumed)
+    family_runs.restart_from_step_10(straight, resumed)
     result = run_cli(*command, "--workdir", str(resumed), *args, env=compilation_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 10" in result.stdout
@@ -249,7 +197,7 @@ def bert_run(tmp_path_factory, compilation_cache):
 
 def test_bert_trains_and_resumes_bit_exact_through_the_cli(bert_run):
     straight, resumed, _, _ = bert_run
-    _check_run("bert", straight, resumed)
+    family_runs.check_run(straight, resumed, min_drop=MIN_DROP["bert"])
 
 
 def test_bert_eval_prints_mlm_and_nsp_metrics(bert_run):
