@@ -5,9 +5,10 @@
 
 About 1/K of each segment's tokens (K = 6: 85 of 512) are predicted, the last of a random
 factorisation order; ``--config.objective.span=True`` picks the reference's n-gram spans of
-1..``max_span`` tokens instead of single ones. Memory: each raw chunk is ``model.mem_len``
-tokens of previous segment (stop-gradient memory) + ``data.inputs_length`` trained tokens
-(families/xlnet.py); ``--config.model.mem_len=0`` turns recurrence off.
+1..``max_span`` tokens instead of single ones. Memory: each layer's last ``model.mem_len``
+states are carried, under stop-gradient, to the next batch, whose row i continues row i's
+text for ``objective.consecutive_batches`` batches (families/xlnet.py);
+``--config.model.mem_len=0`` turns recurrence off.
 
 Presets: ``tiny`` (CPU minutes), ``small`` (6 x 512) and ``base`` (XLNet-base: 12 x 768,
 12 heads, d_ff 3072, 512 tokens + 384 memory, dropout 0.1, AdamW with linear decay).

@@ -40,7 +40,8 @@ class Experiment:
         return jax.random.key(self.config.seed)
 
     def abstract_state(self) -> dict:
-        """Shapes, dtypes and shardings of ``{params, opt_state, step, rng}``, no memory used."""
+        """Shapes, dtypes and shardings of ``{params, opt_state, step, rng}`` (and the
+        family's ``carry``, if any), no memory used."""
         shapes = jax.eval_shape(self._init_state, jax.random.key_data(self.root_key))
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -50,12 +51,21 @@ class Experiment:
 
     def _init_state(self, rng: jax.Array) -> dict:
         params = self.family.init(jax.random.wrap_key_data(rng))
-        return {
+        state = {
             "params": params,
             "opt_state": self.tx.init(params),
             "step": jax.numpy.zeros((), jax.numpy.int32),
             "rng": rng,
         }
+        carry = self.family.initial_carry(self.config.data.batch_size)
+        return state if carry is None else {**state, "carry": carry}
+
+    def initial_carry(self) -> dict | None:
+        """The family's carry for a fresh pass over the data (evaluation), in its shardings."""
+        carry = self.family.initial_carry(self.config.data.batch_size)
+        if carry is None:
+            return None
+        return jax.device_put(carry, self.state_shardings["carry"])
 
     def init_state(self) -> dict:
         """Fresh state, created directly in its shardings (never whole on one device)."""
@@ -133,6 +143,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     opt_sh = partitioning.named(mesh, partitioning.opt_state_specs(tx, abstract_params, specs,
                                                                     mesh))
     state_shardings = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+    carry = jax.eval_shape(lambda: family.initial_carry(batch))
+    if carry is not None:  # per-example state (XLNet's memory) is split as the batch is
+        data_sharding = partitioning.batch_sharding(mesh, rules)
+        state_shardings["carry"] = jax.tree.map(lambda _: data_sharding, carry)
     return Experiment(
         config=resolved,
         vocabulary=vocabulary,

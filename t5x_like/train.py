@@ -41,32 +41,42 @@ EVAL_KEY_SALT = 0x5EED  # folded into the seed key so evaluation masks never dep
 
 
 def accumulate_gradients(family, params: dict, features: dict, key: jax.Array, accum: int):
-    """(summed gradients, summed metrics) over ``accum`` equal micro-batches of ``features``.
+    """(summed gradients, summed metrics, carry) over ``accum`` equal micro-batches.
 
     Sums, not means: divided once by the total weight, they equal the whole batch's gradient
-    whatever the split. Micro-batch i gets dropout key ``fold_in(key, i)``.
+    whatever the split. Micro-batch i gets dropout key ``fold_in(key, i)``. The family's
+    carry for the next batch (``sums['carry']``, per example; None without one) is
+    concatenated back in batch order, not summed.
     """
     grad_fn = jax.grad(family.loss_fn, has_aux=True)
+
+    def micro_step(mb, k):
+        grads, sums = grad_fn(params, mb, k)
+        return (grads, sums), sums.pop("carry", None)
+
     if accum == 1:
-        return grad_fn(params, features, key)
+        (grads, sums), carry = micro_step(features, key)
+        return grads, sums, carry
     micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), features)
 
-    def add_micro(carry, inputs):
+    def add_micro(total, inputs):
         index, mb = inputs
-        g, s = grad_fn(params, mb, jax.random.fold_in(key, index))
-        return jax.tree.map(jnp.add, carry, (g, s)), None
+        summed, carry = micro_step(mb, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, total, summed), carry
 
-    zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro), key)[0]
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    (grads, sums), _ = jax.lax.scan(add_micro, zeros, (jnp.arange(accum), micro))
-    return grads, sums
+    (grads, sums), carries = jax.lax.scan(add_micro, zeros, (jnp.arange(accum), micro))
+    carry = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), carries)
+    return grads, sums, carry
 
 
 def make_train_step(exp: Experiment):
     """A jitted ``(state, batch) -> (state, metrics)`` with donated state.
 
-    An update whose loss or gradient is not finite is skipped (``faults``): parameters and
-    optimizer state stay as they were, the step counter advances, ``metrics['skipped']`` is 1.
+    An update whose loss or gradient is not finite is skipped (``faults``): parameters,
+    optimizer state and carry stay as they were, the step counter advances,
+    ``metrics['skipped']`` is 1.
     """
     family, tx, schedule = exp.family, exp.tx, exp.schedule
     accum = exp.config.optimizer.grad_accum_steps
@@ -77,8 +87,10 @@ def make_train_step(exp: Experiment):
         noise_key, dropout_key = jax.random.split(key)
         # The objective runs on the whole batch first, so micro-batching changes no mask.
         features = family.features(batch, noise_key)
+        if "carry" in state:
+            features["carry"] = state["carry"]
         params = state["params"]
-        grads, sums = accumulate_gradients(family, params, features, dropout_key, accum)
+        grads, sums, carry = accumulate_gradients(family, params, features, dropout_key, accum)
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         if nan_steps:
@@ -98,6 +110,8 @@ def make_train_step(exp: Experiment):
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
+        if carry is not None:
+            new_state["carry"] = faults.keep_if(ok, carry, state["carry"])
         metrics = {
             **summarize(sums),
             "loss": loss,
@@ -117,16 +131,21 @@ def make_train_step(exp: Experiment):
 
 
 def make_eval_step(exp: Experiment):
-    """A jitted ``(params, batch) -> summed metrics`` with a fixed corruption key."""
+    """A jitted ``(params, batch, key, carry) -> summed metrics`` (with ``'carry'``, the
+    next batch's, when the family has one)."""
     family = exp.family
 
-    def eval_step(params: dict, batch: dict, key: jax.Array):
+    def eval_step(params: dict, batch: dict, key: jax.Array, carry: dict | None):
         features = family.features(batch, key)
+        if carry is not None:
+            features["carry"] = carry
         _, sums = family.loss_fn(params, features, key, train=False)
         return sums
 
+    carry_sharding = exp.state_shardings.get("carry")
     return jax.jit(
-        eval_step, in_shardings=(exp.state_shardings["params"], exp.batch_sharding, None)
+        eval_step,
+        in_shardings=(exp.state_shardings["params"], exp.batch_sharding, None, carry_sharding),
     )
 
 
@@ -171,11 +190,12 @@ def evaluate(
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
     eval_step = eval_step or make_eval_step(exp)
     key = jax.random.fold_in(exp.root_key, EVAL_KEY_SALT)
-    totals = None
+    totals, carry = None, exp.initial_carry()
     for i, batch in enumerate(device_batches(exp, split=split, repeat=False, shuffle=False)):
         if num_batches and i >= num_batches:
             break
-        sums = eval_step(params, batch, jax.random.fold_in(key, i))
+        sums = eval_step(params, batch, jax.random.fold_in(key, i), carry)
+        carry = sums.pop("carry", None)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise UserError(

@@ -145,3 +145,52 @@ def test_same_batches_in_another_process():
     here = take(3, name=tasks.DEFAULT_TASK, raw_length=32, seed=11, skip_batches=2)
     digest = hashlib.sha256(b"".join(x.tobytes() for x in here)).hexdigest()
     assert out.stdout.strip().splitlines()[-1] == digest
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_continuing_rows_deal_the_stream_in_blocks(text_task, shuffle):
+    """With consecutive_batches=T, batch t of block k holds, in row i, chunk k*B*T + i*T + t
+    of the stream: the stream of a single row, which is the chunks in order (documents
+    shuffled, chunks not)."""
+    rows, segments = 4, 3
+    stream = np.concatenate(take(2 * rows * segments, name=text_task, batch_size=1,
+                                 consecutive_batches=2, shuffle=shuffle))
+    dealt = take(2 * segments, name=text_task, batch_size=rows, consecutive_batches=segments,
+                 shuffle=shuffle)
+    for t, batch in enumerate(dealt):
+        block, step = divmod(t, segments)
+        for i in range(rows):
+            np.testing.assert_array_equal(batch[i], stream[block * rows * segments
+                                                           + i * segments + step])
+    resumed = take(2, name=text_task, batch_size=rows, consecutive_batches=segments,
+                   shuffle=shuffle, skip_batches=2)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(dealt[2:4]))
+    if shuffle:  # the documents are shuffled: not the unshuffled stream
+        plain = np.concatenate(take(rows * segments, name=text_task, batch_size=1,
+                                    consecutive_batches=2, shuffle=False))
+        assert not np.array_equal(plain, stream[:len(plain)])
+    else:  # and the single-row stream is the plain one, chunk for chunk
+        plain = np.concatenate(take(2 * rows * segments, name=text_task, batch_size=1,
+                                    shuffle=False))
+        np.testing.assert_array_equal(plain, stream)
+
+
+def test_a_finite_split_is_one_block_of_the_longest_rows(text_task):
+    """repeat=False: row i holds chunks i*T .. i*T+T-1 with T = chunks // rows."""
+    args = dict(name=text_task, split="validation", shuffle=False, repeat=False)
+    chunks = np.concatenate(take(10**6, batch_size=1, **args))
+    rows = 2
+    segments = len(chunks) // rows
+    dealt = take(10**6, batch_size=rows, consecutive_batches=5, **args)
+    assert len(dealt) == segments >= 2
+    for t, batch in enumerate(dealt):
+        np.testing.assert_array_equal(batch, chunks[[t, segments + t]])
+
+
+def test_continuing_rows_refuse_a_mixture(text_task):
+    tasks.register_mixture("pipeline_rows_mix", [text_task, tasks.DEFAULT_TASK], temperature=1.0)
+    try:
+        with pytest.raises(UserError, match="is a mixture"):
+            take(1, name="pipeline_rows_mix", consecutive_batches=2)
+    finally:
+        seqio.MixtureRegistry.remove("pipeline_rows_mix")

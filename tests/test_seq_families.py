@@ -274,32 +274,50 @@ def test_bart_sentence_ends_come_from_the_vocabulary_and_permutation_keeps_sente
     assert len(orders) > 4  # each row draws its own order
 
 
-def test_xlnet_memory_is_the_previous_segment_of_the_chunk():
-    """The first mem_len tokens of a chunk are the memory, the rest the permuted segment; the
-    loss equals the model run by hand with mems from the previous segment, and changes when
-    the memory is another row's."""
+def test_xlnet_memory_is_carried_from_the_previous_batch():
+    """The train state carries each row's memory: after a step, layer 0's memory is the
+    embedding of that row's last mem_len tokens (the layer's input, no dropout here), and the
+    next step's loss is the model run by hand with that memory. Micro-batches split and
+    rejoin the memory in row order. The data side (row i of batch t+1 continues row i of
+    batch t) is tests/test_pipeline.py::test_continuing_rows_deal_the_stream_in_blocks."""
     from t5x_like import losses
+    from t5x_like.experiment import build
+    from t5x_like.train import accumulate_gradients, device_batches, make_train_step
 
-    fam = _family("xlnet")
-    tokens = np.asarray(
-        np.random.default_rng(0).integers(3, 8000, (4, fam.raw_length)), np.int32)
-    assert fam.raw_length == 16 + 32
-    f = fam.features({"tokens": tokens}, jax.random.key(1))
-    assert (np.asarray(f["memory_tokens"]) == tokens[:, :16]).all()
-    assert (np.asarray(f["inputs"]) == tokens[:, 16:]).all()
-    assert np.asarray(f["target_weights"]).sum() == 4 * round(32 / 6)
-    params = fam.init(jax.random.key(2))
-    loss, sums = fam.loss_fn(params, f, jax.random.key(3), train=False)
-    model = fam.model(params)
-    mems = model(jax.numpy.asarray(tokens[:, :16])).mems
-    assert mems.shape == (1, 4, 16, 32)
+    config = tiny("xlnet", "model.dropout_rate=0.0", "objective.consecutive_batches=4")
+    exp = build(config)
+    assert exp.family.consecutive_batches == 4 and exp.family.raw_length == 32
+    state = exp.init_state()
+    assert not np.asarray(state["carry"]["mems"]).any()  # zeros before the first batch
+    batches = device_batches(exp, split="train")
+    first, second = next(batches), next(batches)
+    step = make_train_step(exp)
+    params0 = jax.device_get(state["params"])
+    state, _ = step(state, first)
+    mems = np.asarray(state["carry"]["mems"])  # [B, layers, M, d]
+    assert mems.shape == (8, 1, 16, 32)
+    embedded = params0["word_embedding"][np.asarray(first["tokens"])[:, -16:]]
+    np.testing.assert_allclose(mems[:, 0], embedded, rtol=1e-6)
+
+    params = jax.device_get(state["params"])
+    key = jax.random.key(5)
+    f = jax.device_get(exp.family.features(second, key))
+    f["carry"] = {"mems": mems}
+    _, sums = exp.family.loss_fn(params, f, key, train=False)
+    model = exp.family.model(params)
     out = model(f["inputs"], perm_mask=f["perm_mask"], target_mapping=f["target_mapping"],
-                mems=mems)
+                mems=np.swapaxes(mems, 0, 1))
     by_hand = losses.cross_entropy_with_z_loss(out.logits, f["targets"], f["target_weights"])
     np.testing.assert_allclose(sums["cross_entropy"], by_hand["cross_entropy"], rtol=1e-6)
-    other = {**f, "memory_tokens": np.roll(np.asarray(f["memory_tokens"]), 1, axis=0)}
-    assert abs(float(fam.loss_fn(params, other, jax.random.key(3), train=False)[0]) -
-               float(loss)) > 1e-4
+    np.testing.assert_allclose(sums["carry"]["mems"], np.swapaxes(out.mems, 0, 1), rtol=1e-6)
+    other = {**f, "carry": {"mems": np.roll(mems, 1, axis=0)}}  # another row's memory
+    assert abs(float(exp.family.loss_fn(params, other, key, train=False)[1]["cross_entropy"])
+               - float(sums["cross_entropy"])) > 1e-4
+
+    whole = accumulate_gradients(exp.family, params, f, key, 1)
+    split = accumulate_gradients(exp.family, params, f, key, 4)
+    np.testing.assert_allclose(split[2]["mems"], whole[2]["mems"], rtol=1e-6)
+    np.testing.assert_allclose(split[1]["loss"], whole[1]["loss"], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- axes, devices

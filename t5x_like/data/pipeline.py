@@ -7,6 +7,13 @@ is chunks [k*B, (k+1)*B) of that sequence, so resuming after n batches is
 ``skip_batches=n``: the trainer stores how many batches it consumed, nothing else. Skipping
 replays the stream on the host (tokenising as it goes), which costs time proportional to n
 but is exact.
+
+Continuing rows (``consecutive_batches`` = T > 1, for XLNet's memory): chunks keep stream
+order (documents or files are still shuffled per epoch, chunks are not), and each block of
+B x T consecutive chunks is dealt so that row i of the next T batches holds chunks
+i*T .. i*T + T - 1: every row continues its own text from one batch to the next, as
+Transformer-XL's batchify lays out a corpus. A finite split (``repeat=False``) is one block,
+as long as the split allows.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def raw_token_batches(
     shard_index: int = 0,
     num_shards: int = 1,
     vocabulary: seqio.Vocabulary | None = None,
+    consecutive_batches: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields {"tokens": int32[batch_size, raw_length]} from task or mixture ``name``.
 
@@ -65,6 +73,7 @@ def raw_token_batches(
     shard of the documents. ``vocabulary``, when given, must be the one the task tokenises
     with (a guard against training on ids from another vocabulary). Mistakes (unknown
     name or split, a split smaller than one batch) raise UserError at the call.
+    ``consecutive_batches`` > 1 makes rows continue across batches (module docstring).
     """
     tf_runtime.configure()
     import t5x_like.tasks  # noqa: F401  (registers the default task)
@@ -76,9 +85,15 @@ def raw_token_batches(
                         f"{', '.join(sorted(provider.splits))}")
     if not 0 <= shard_index < num_shards:
         raise UserError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
-    if raw_length < 1 or batch_size < 1 or skip_batches < 0:
-        raise UserError(f"raw_length={raw_length} and batch_size={batch_size} must be positive "
-                        f"and skip_batches={skip_batches} not negative")
+    if raw_length < 1 or batch_size < 1 or skip_batches < 0 or consecutive_batches < 1:
+        raise UserError(f"raw_length={raw_length}, batch_size={batch_size} and "
+                        f"consecutive_batches={consecutive_batches} must be positive and "
+                        f"skip_batches={skip_batches} not negative")
+    continuing = consecutive_batches > 1
+    if continuing and isinstance(provider, seqio.Mixture):
+        raise UserError(f"{name!r} is a mixture, whose examples interleave several tasks, so "
+                        "rows cannot continue one text across batches; train this objective "
+                        "on a task, or turn its memory off")
     if "targets" not in provider.output_features:
         raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
                         "task; register its text with t5x_like.tasks.register_text_task")
@@ -101,10 +116,30 @@ def raw_token_batches(
         shard_info=shard_info,
         num_epochs=None if repeat else 1,
         try_in_mem_cache=False,
+        # a buffer of one keeps chunk order; documents are still shuffled by the source
+        **({"shuffle_buffer_size": 1} if continuing else {}),
     )
     ds = ds.map(lambda ex: ex["targets"])
+    if continuing:
+        with _read_errors(name, split):
+            ds = _continuing_rows(ds, batch_size, raw_length, consecutive_batches, repeat)
     ds = ds.skip(skip_batches * batch_size).batch(batch_size, drop_remainder=True).prefetch(2)
     return _numpy_batches(ds, name, split)
+
+
+def _continuing_rows(ds, rows: int, length: int, segments: int, repeat: bool):
+    """Chunks in stream order -> chunks in the order that makes row i continue its text."""
+    import tensorflow as tf
+
+    if not repeat:  # one block over the whole finite split: the longest rows it allows
+        count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+        segments = max(count // rows, 1)
+
+    def deal(block):
+        by_row = tf.reshape(block, [rows, segments, length])
+        return tf.reshape(tf.transpose(by_row, [1, 0, 2]), [segments * rows, length])
+
+    return ds.batch(rows * segments, drop_remainder=True).map(deal).unbatch()
 
 
 def _numpy_batches(ds, name: str, split: str) -> Iterator[dict[str, np.ndarray]]:

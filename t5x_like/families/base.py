@@ -10,6 +10,11 @@ differentiated and ``sums['weight']`` its normaliser; every other key is a sum d
 end, by the weight of its group: ``'nsp/correct'`` by ``'nsp/weight'``, ``'correct'`` by
 ``'weight'``. Sums add up across devices, micro-batches and evaluation batches, so every mean
 is exact whatever the split.
+
+Carry: a family whose examples depend on the previous batch (XLNet's memory) returns
+``initial_carry``, per-example arrays (batch first) that live in the train state and so in
+checkpoints; ``loss_fn`` finds them in ``batch['carry']`` and returns the next batch's in
+``sums['carry']``, which is split and concatenated over micro-batches, never summed.
 """
 
 from __future__ import annotations
@@ -120,7 +125,17 @@ class Family:
             shard_index=shard_index,
             num_shards=num_shards,
             vocabulary=self.vocabulary,
+            consecutive_batches=self.consecutive_batches,
         )
+
+    @property
+    def consecutive_batches(self) -> int:
+        """How many batches a row continues one text (``data.pipeline``); 1 = independent."""
+        return 1
+
+    def initial_carry(self, batch_size: int) -> dict | None:
+        """The carry before the first batch (module docstring), or None when there is none."""
+        return None
 
     # ------------------------------------------------------------------ contract
     def features(self, batch: dict, key: jax.Array) -> dict:
