@@ -1,9 +1,11 @@
 """orbax checkpoints of a run: train state + where the data stream stood + the resolved config.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``. ``state`` is the pytree
+Layout: ``WORKDIR/checkpoints/<step>/{state,meta[,carry]}``. ``state`` is the pytree
 ``{params, opt_state, step, rng}`` saved sharded (each host writes its shards, restore places
 them on whatever mesh the abstract state asks for); ``meta`` is JSON (batches consumed, the
-config). Nothing is ever unpickled.
+config). A family's per-example ``carry`` (XLNet's memory) is an item of its own, so
+evaluation, which starts its own carry with any batch size, never reads it. Nothing is ever
+unpickled.
 
 Crash safety. orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` (state and meta
 together) and renames it to ``<step>/`` only when every file is written, so the data position
@@ -106,10 +108,19 @@ def fingerprint(state: Any) -> dict[str, list[int]]:
     }
 
 
+def _split_carry(state: Any) -> tuple[Any, Any]:
+    """(state without its ``carry``, the carry or None): the carry is saved as its own item."""
+    if isinstance(state, dict) and "carry" in state:
+        return {k: v for k, v in state.items() if k != "carry"}, state["carry"]
+    return state, None
+
+
 def _check_fingerprint(state: Any, meta: dict) -> None:
     expected = meta.get("fingerprint")
     if not expected:  # written before fingerprints existed
         return
+    if not (isinstance(state, dict) and "carry" in state):  # a carry left on disk
+        expected = {k: v for k, v in expected.items() if not k.startswith("['carry']")}
     actual = fingerprint(state)
     bad = [k for k in expected if actual.get(k) != expected[k]]
     if bad or set(actual) != set(expected):
@@ -139,7 +150,7 @@ class Checkpoints:
                     read_only=read_only,
                     cleanup_tmp_directories=not read_only,
                 ),
-                item_names=("state", "meta"),
+                item_names=("state", "meta", "carry"),
             )
         except OSError as e:
             raise UserError(
@@ -176,14 +187,12 @@ class Checkpoints:
         if step in self.unreadable:
             self._move_aside(step)
         meta = {**meta, "fingerprint": fingerprint(state)}
+        state, carry = _split_carry(state)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if carry is not None:
+            items["carry"] = ocp.args.StandardSave(carry)
         try:
-            started = self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=True,
-            )
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # OSError, tensorstore and orbax errors alike
             raise self._save_error(step, e) from e
         if not started:
@@ -226,23 +235,25 @@ class Checkpoints:
         self.manager.reload()
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest readable (state, meta), or None when there is none.
+        """The newest readable (state, meta), or None when there is none (a state whose
+        ``carry`` no longer fits comes back without it).
 
         A step that fails to restore (truncated files, flipped bytes, missing metadata) is
         reported and skipped in favour of the one before it. A writable manager moves it aside
         at once (orbax would otherwise refuse to save any step below it); a read-only one
         leaves its files untouched.
         """
+        abstract_state, abstract_carry = _split_carry(abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if abstract_carry is not None:
+            items["carry"] = ocp.args.StandardRestore(abstract_carry)
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                _check_fingerprint(restored["state"], restored["meta"])
+                restored = self._restore(step, items)
+                state = restored["state"]
+                if "carry" in restored:
+                    state = {**state, "carry": restored["carry"]}
+                _check_fingerprint(state, restored["meta"])
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 _say(
                     f"warning: checkpoint step {step} in {self.directory} is unreadable "
@@ -254,8 +265,22 @@ class Checkpoints:
                 continue
             self.last_saved = step
             meta = {k: v for k, v in restored["meta"].items() if k != "fingerprint"}
-            return restored["state"], meta
+            return state, meta
         return None
+
+    def _restore(self, step: int, items: dict) -> dict:
+        """The items of one step; a carry that no longer fits (the batch size changed) is
+        left out with a note, since the state without it is still good."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception:
+            if "carry" not in items:
+                raise
+            items = {k: v for k, v in items.items() if k != "carry"}
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            _say(f"note: the carry saved with checkpoint step {step} (per-example state such "
+                 "as XLNet's memory) does not fit this run's batch; it starts from zeros")
+            return restored
 
     def close(self) -> None:
         try:

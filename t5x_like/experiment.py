@@ -87,10 +87,18 @@ class Experiment:
         cut = getattr(self.family, "saved_state", None)
         return cut(state) if cut else state
 
-    def restore(self, checkpoints: Checkpoints) -> tuple[dict, dict] | None:
+    def restore(self, checkpoints: Checkpoints, *, carry: bool = True
+                ) -> tuple[dict, dict] | None:
         """(state, meta) from the newest readable checkpoint, or None; parameters a family
-        does not save are taken from ``initial_state`` (the pretrained checkpoint)."""
-        restored = checkpoints.restore_latest(self.saved_state(self.abstract_state()))
+        does not save are taken from ``initial_state`` (the pretrained checkpoint).
+        ``carry=False`` leaves the family's carry on disk (evaluation, which starts its own,
+        possibly with another batch size)."""
+        abstract = self.saved_state(self.abstract_state())
+        if not carry:
+            abstract.pop("carry", None)
+        restored = checkpoints.restore_latest(abstract)
+        if restored is not None and "carry" in abstract and "carry" not in restored[0]:
+            restored = {**restored[0], "carry": self.initial_carry()}, restored[1]
         if restored is None or not hasattr(self.family, "saved_state"):
             return restored
         saved, meta = restored

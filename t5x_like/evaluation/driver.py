@@ -24,7 +24,8 @@ def load_checkpoint(workdir: str | Path, overrides=()) -> tuple[Experiment, dict
     config_lib.validate(config)
     exp = build(config)
     checkpoints = Checkpoints(workdir, read_only=True)
-    restored = exp.restore(checkpoints)  # merges a fine-tuning run's saved part back
+    # merges a fine-tuning run's saved part back; evaluation starts its own carry
+    restored = exp.restore(checkpoints, carry=False)
     checkpoints.close()
     if restored is None:
         raise UserError(f"{workdir} has no readable checkpoint; train first with t5x-like train")
