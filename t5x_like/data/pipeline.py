@@ -51,6 +51,30 @@ def _check_one_batch(task: seqio.Task, split: str, raw_length: int, batch_size: 
     _probed.setdefault(task, set()).add(key)
 
 
+def pretraining_provider(name: str, split: str,
+                         vocabulary: seqio.Vocabulary | None = None) -> seqio.DatasetProviderBase:
+    """The registered task or mixture ``name``, checked to have ``split`` and pretraining
+    text ("targets") in ``vocabulary`` (when given): the guard against training on ids from
+    another vocabulary."""
+    tf_runtime.configure()
+    import t5x_like.tasks  # noqa: F401  (registers the default task)
+    from t5x_like.tasks.mixtures import get_provider
+
+    provider = get_provider(name)
+    if split not in provider.splits:
+        raise UserError(f"task {name!r} has no split {split!r}; it has "
+                        f"{', '.join(sorted(provider.splits))}")
+    if "targets" not in provider.output_features:
+        raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
+                        "task; register its text with t5x_like.tasks.register_text_task")
+    task_vocab = provider.output_features["targets"].vocabulary
+    if vocabulary is not None and vocabulary != task_vocab:
+        file = getattr(task_vocab, "sentencepiece_model_file", task_vocab)
+        raise UserError(f"task {name!r} tokenises with {file}, not the model's vocabulary; "
+                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
+    return provider
+
+
 def raw_token_batches(
     name: str,
     *,
@@ -75,14 +99,7 @@ def raw_token_batches(
     name or split, a split smaller than one batch) raise UserError at the call.
     ``consecutive_batches`` > 1 makes rows continue across batches (module docstring).
     """
-    tf_runtime.configure()
-    import t5x_like.tasks  # noqa: F401  (registers the default task)
-    from t5x_like.tasks.mixtures import get_provider
-
-    provider = get_provider(name)
-    if split not in provider.splits:
-        raise UserError(f"task {name!r} has no split {split!r}; it has "
-                        f"{', '.join(sorted(provider.splits))}")
+    provider = pretraining_provider(name, split, vocabulary)
     if not 0 <= shard_index < num_shards:
         raise UserError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
     if raw_length < 1 or batch_size < 1 or skip_batches < 0 or consecutive_batches < 1:
@@ -94,14 +111,6 @@ def raw_token_batches(
         raise UserError(f"{name!r} is a mixture, whose examples interleave several tasks, so "
                         "rows cannot continue one text across batches; train this objective "
                         "on a task, or turn its memory off")
-    if "targets" not in provider.output_features:
-        raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
-                        "task; register its text with t5x_like.tasks.register_text_task")
-    task_vocab = provider.output_features["targets"].vocabulary
-    if vocabulary is not None and vocabulary != task_vocab:
-        file = getattr(task_vocab, "sentencepiece_model_file", task_vocab)
-        raise UserError(f"task {name!r} tokenises with {file}, not the model's vocabulary; "
-                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
     shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     for task in tasks:

@@ -229,8 +229,10 @@ def sentence_pair_batches(
     num_shards: int = 1,
     skip_batches: int = 0,
     short_seq_prob: float = 0.1,
+    repeat: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless fixed-shape batches for ``objective`` (``nsp``, ``sop``, ``full_sentences``).
+    """Fixed-shape batches for ``objective`` (``nsp``, ``sop``, ``full_sentences``): endless,
+    or with ``repeat=False`` the whole batches of the first epoch only.
 
     Each batch: int32 ``input_ids``, ``token_type_ids``, ``attention_mask`` [batch_size,
     length], plus ``next_sentence_label`` (nsp, 1 = random B) or ``sentence_order_label``
@@ -274,16 +276,23 @@ def sentence_pair_batches(
         raise UserError(f"shard {shard_index} of {num_shards} yields no {objective} examples; "
                         "pairs need documents of at least two segments. Add text or use "
                         "fewer shards.")
+    if not repeat and epoch_size < batch_size:
+        raise UserError(f"shard {shard_index} of {num_shards} holds {epoch_size} {objective} "
+                        f"rows, fewer than one batch of {batch_size}; add text or lower "
+                        "data.batch_size")
     return _batches(epoch, batch_size, skip_batches * batch_size,
-                    None if objective == "full_sentences" else examples)
+                    None if objective == "full_sentences" else examples,
+                    epochs=None if repeat else 1)
 
 
 def _batches(epoch: Callable[[int], dict[str, np.ndarray]], batch_size: int, skip: int,
-             examples: Callable[[int], list] | None) -> Iterator[dict[str, np.ndarray]]:
-    """Cuts the stream of epochs into batches after dropping its first ``skip`` examples;
-    whole skipped epochs are only counted (``examples`` builds without encoding)."""
+             examples: Callable[[int], list] | None, epochs: int | None
+             ) -> Iterator[dict[str, np.ndarray]]:
+    """Cuts the stream of epochs (``epochs`` of them, None = endless) into batches after
+    dropping its first ``skip`` examples; whole skipped epochs are only counted
+    (``examples`` builds without encoding)."""
     e, buffer = 0, None
-    while True:
+    while epochs is None or e < epochs:
         if skip and examples is not None:
             count = len(examples(e))
             if count <= skip:

@@ -1,16 +1,11 @@
 """The masked-LM encoder families: BERT, RoBERTa, ALBERT and SpanBERT — one class, by config.
 
 Host side: the task's text is read through seqio (the task's own tokenisation, EOS stripped) as
-documents of segments, and ``data/sentence_pairs.py`` lays them out (``objective.layout``):
+documents of segments (``data/documents.py``; ``objective.examples_per_document`` says what a
+document is), and ``data/sentence_pairs.py`` lays them out (``objective.layout``):
 ``nsp`` (BERT: ``[CLS] A [SEP] B [SEP]``, B random from another document with p = 0.5),
 ``sop`` (ALBERT: two consecutive segments, swapped with p = 0.5) or ``full_sentences``
-(RoBERTa, SpanBERT: single rows of whole segments packed across documents). What a document is:
-
-- ``objective.examples_per_document = N > 0``: the task's examples, in source order, are the
-  consecutive segments of running text (the default corpus's speeches in play order, the
-  lines of a text file), and each run of N of them is a document;
-- ``0``: each example is a document (an article from TFDS, say) whose sentences — cut after
-  tokens ending in ``objective.sentence_end_chars`` — are its segments.
+(RoBERTa, SpanBERT: single rows of whole segments packed across documents).
 
 Device side (``features``, inside the jitted step): ``objectives.masking.mask`` selects and
 corrupts positions with the step key, a fresh mask every step (RoBERTa's dynamic masking).
@@ -32,7 +27,6 @@ pair mean for any split into micro-batches or devices. Metrics: ``accuracy`` / `
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Iterator
 from typing import ClassVar
@@ -41,14 +35,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import seqio
 from flax import nnx
 
 from t5x_like import losses
 from t5x_like.data import sentence_pairs
+from t5x_like.data.documents import task_documents
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
-from t5x_like.errors import check as _check
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.encoder import EncoderConfig, EncoderModel
 from t5x_like.objectives.masking import MaskingConfig, mask, word_start_table
@@ -60,68 +53,6 @@ STATIC_MASKING_SALT = 0x57A71C  # folded into the seed key for static masks
 
 
 # --------------------------------------------------------------------------- host data
-
-
-_DOCUMENTS: dict[tuple, tuple[object, list]] = {}
-
-
-def task_documents(name: str, split: str, vocabulary, *, examples_per_document: int,
-                   sentence_ends: tuple[int, ...] = ()) -> list[list[np.ndarray]]:
-    """The documents of ``split`` of task or mixture ``name``: lists of int32 segments.
-
-    Examples come through seqio in source order with the task's own preprocessing up to its
-    cache point (tokenised, EOS appended; the EOS is dropped here). Grouping: see the module
-    docstring. Held in memory and cached per process (re-registering the task invalidates it).
-    """
-    from t5x_like.data import tf_runtime
-
-    tf_runtime.configure()
-    import t5x_like.tasks  # noqa: F401  (registers the default task)
-    from t5x_like.tasks.mixtures import get_provider
-
-    provider = get_provider(name)
-    if split not in provider.splits:
-        raise UserError(f"task {name!r} has no split {split!r}; it has "
-                        f"{', '.join(sorted(provider.splits))}")
-    if "targets" not in provider.output_features:
-        raise UserError(f"task {name!r} has no 'targets' feature, so it is not a pretraining "
-                        "task; register its text with t5x_like.tasks.register_text_task")
-    if provider.output_features["targets"].vocabulary != vocabulary:
-        raise UserError(f"task {name!r} tokenises with another vocabulary than the model's; "
-                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
-    key = (name, split, examples_per_document, sentence_ends,
-           getattr(vocabulary, "sentencepiece_model_file", id(vocabulary)))
-    cached = _DOCUMENTS.get(key)
-    if cached is not None and cached[0] is provider:
-        return cached[1]
-    eos = vocabulary.eos_id
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    documents: list[list[np.ndarray]] = []
-    for task in tasks:
-        if split not in task.splits:
-            continue
-        ds = task.preprocess_precache(task.source.get_dataset(split=split, shuffle=False))
-        # Ragged batches: iterating one example at a time is ~10x slower in tf.data.
-        examples = []
-        for rows in ds.map(lambda ex: ex["targets"]).ragged_batch(4096):
-            splits = rows.row_splits.numpy()
-            for ids in np.split(rows.flat_values.numpy().astype(np.int32), splits[1:-1]):
-                ids = ids[:-1] if ids.size and ids[-1] == eos else ids
-                if ids.size:
-                    examples.append(ids)
-        if examples_per_document:
-            documents += [examples[i:i + examples_per_document]
-                          for i in range(0, len(examples), examples_per_document)]
-        else:
-            documents += [_sentences(ids, sentence_ends) for ids in examples]
-    _DOCUMENTS[key] = (provider, documents)
-    return documents
-
-
-def _sentences(ids: np.ndarray, ends: tuple[int, ...]) -> list[np.ndarray]:
-    """``ids`` cut after every sentence-ending id (the last piece may end without one)."""
-    cuts = np.flatnonzero(np.isin(ids, ends)) + 1
-    return [s for s in np.split(ids, cuts) if s.size]
 
 
 def word_starts_of(vocabulary) -> np.ndarray:
@@ -192,25 +123,25 @@ class EncoderFamily(Family):
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         o = c.objective
-        _check(o.name == cls.objective_name,
+        check(o.name == cls.objective_name,
                f"objective.name {o.name!r} is not {cls.objective_name!r}")
-        _check(o.layout in LAYOUTS, f"objective.layout must be one of {LAYOUTS}, got {o.layout!r}")
-        _check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
-        _check(0 <= o.max_predictions <= c.data.inputs_length,
+        check(o.layout in LAYOUTS, f"objective.layout must be one of {LAYOUTS}, got {o.layout!r}")
+        check(0.0 < o.mlm_rate < 1.0, f"objective.mlm_rate must lie in (0, 1), got {o.mlm_rate}")
+        check(0 <= o.max_predictions <= c.data.inputs_length,
                f"objective.max_predictions must be in [0, data.inputs_length], got "
                f"{o.max_predictions}")
-        _check(min(o.mask_fraction, o.random_fraction) >= 0
+        check(min(o.mask_fraction, o.random_fraction) >= 0
                and o.mask_fraction + o.random_fraction <= 1.0,
                "objective.mask_fraction and random_fraction must be >= 0 and sum to at most 1, "
                f"got {o.mask_fraction} and {o.random_fraction}")
-        _check(o.spans in SPAN_KINDS, f"objective.spans must be one of {SPAN_KINDS}, got "
+        check(o.spans in SPAN_KINDS, f"objective.spans must be one of {SPAN_KINDS}, got "
                f"{o.spans!r}")
         SpanLengths(o.spans, o.max_span_length, o.span_p)  # lengths and p, one sentence each
-        _check(0.0 <= o.short_seq_prob <= 1.0,
+        check(0.0 <= o.short_seq_prob <= 1.0,
                f"objective.short_seq_prob must lie in [0, 1], got {o.short_seq_prob}")
-        _check(o.examples_per_document >= 0,
+        check(o.examples_per_document >= 0,
                f"objective.examples_per_document must be >= 0, got {o.examples_per_document}")
-        _check(o.examples_per_document > 0 or bool(o.sentence_end_chars),
+        check(o.examples_per_document > 0 or bool(o.sentence_end_chars),
                "objective.examples_per_document=0 splits examples into sentences, but "
                "objective.sentence_end_chars is empty")
         cls._validate_model(c)
@@ -218,23 +149,23 @@ class EncoderFamily(Family):
     @classmethod
     def _validate_model(cls, c: ml_collections.ConfigDict) -> None:
         m, o = c.model, c.objective
-        _check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
+        check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
         pairs = o.layout in _LABELS
-        _check(m.nsp_head == pairs,
+        check(m.nsp_head == pairs,
                f"objective.layout={o.layout!r} needs model.nsp_head={pairs} (the sentence-pair "
                f"head is trained by nsp/sop layouts only); set model.nsp_head={pairs}"
                + ("" if pairs else " and model.pooler=False"))
-        _check(m.sbo_head == o.span_boundary_objective,
+        check(m.sbo_head == o.span_boundary_objective,
                f"objective.span_boundary_objective={o.span_boundary_objective} needs "
                f"model.sbo_head={o.span_boundary_objective}")
-        _check(not o.span_boundary_objective or o.layout == "full_sentences",
+        check(not o.span_boundary_objective or o.layout == "full_sentences",
                "the span-boundary objective trains on single segments: set "
                "objective.layout='full_sentences'")
-        _check(c.data.inputs_length + m.position_offset <= m.max_position_embeddings,
+        check(c.data.inputs_length + m.position_offset <= m.max_position_embeddings,
                f"data.inputs_length={c.data.inputs_length} (+ position_offset "
                f"{m.position_offset}) exceeds model.max_position_embeddings="
                f"{m.max_position_embeddings}")
-        _check(cls.module_class is not EncoderModel or m.mlm_head,
+        check(cls.module_class is not EncoderModel or m.mlm_head,
                "model.mlm_head=False leaves the MLM objective nothing to train")
         EncoderConfig.from_dict({**m.to_dict(), "vocab_size": m.vocab_size or 1})
 
@@ -273,31 +204,12 @@ class EncoderFamily(Family):
         the first epoch of this host's shard, then stops.
         """
         del shuffle
-        o, length = self.config.objective, self.config.data.inputs_length
-        documents = self.documents(split)
-        special = self._special()
-        stream = sentence_pairs.sentence_pair_batches(
-            documents, objective=o.layout, length=length, batch_size=batch_size,
-            seed=self.config.seed, special=special, shard_index=shard_index,
-            num_shards=num_shards, skip_batches=skip_batches, short_seq_prob=o.short_seq_prob)
-        if repeat:
-            return stream
-        whole = self._first_epoch_size(documents, special, shard_index, num_shards) // batch_size
-        _check(whole > 0, f"split {split!r} of task {self.config.data.task!r} (shard "
-               f"{shard_index} of {num_shards}) holds fewer than one batch of {batch_size} "
-               f"{o.layout} rows; add text or lower data.batch_size")
-        return itertools.islice(stream, max(whole - skip_batches, 0))
-
-    def _first_epoch_size(self, documents, special, shard_index: int, num_shards: int) -> int:
-        """Rows in epoch 0 of this shard, drawn as ``sentence_pair_batches`` draws them (its
-        documented generator: ``default_rng([seed, shard, num_shards, epoch])``)."""
-        o, length = self.config.objective, self.config.data.inputs_length
-        shard = documents[shard_index::num_shards]
-        if o.layout == "full_sentences":
-            return len(sentence_pairs.full_sentence_rows(shard, length, special)["input_ids"])
-        rng = np.random.default_rng([self.config.seed, shard_index, num_shards, 0])
-        return len(sentence_pairs._pair_examples(shard, rng, o.layout, length - 3,
-                                                 o.short_seq_prob))
+        o = self.config.objective
+        return sentence_pairs.sentence_pair_batches(
+            self.documents(split), objective=o.layout, length=self.config.data.inputs_length,
+            batch_size=batch_size, seed=self.config.seed, special=self._special(),
+            shard_index=shard_index, num_shards=num_shards, skip_batches=skip_batches,
+            short_seq_prob=o.short_seq_prob, repeat=repeat)
 
     # ------------------------------------------------------------------ objective
     def _row_keys(self, tokens: jax.Array, key: jax.Array) -> jax.Array:

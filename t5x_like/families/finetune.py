@@ -16,7 +16,7 @@ from flax import nnx
 
 from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.families.t5 import shift_right
 from t5x_like.finetune import checkpoint as ft_checkpoint
@@ -49,11 +49,6 @@ FINETUNE_DEFAULTS = dict(
     prefix_hidden=512,
     stage_steps=100,
 )
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 class Parts(nnx.Module):
@@ -99,12 +94,12 @@ class _FinetuneFamily(Family):
         modes.check_mode(f.mode)
         for name in ("targets_length", "adapter_size", "lora_rank", "prompt_length",
                      "prefix_length", "prefix_hidden", "stage_steps", "max_answer_length"):
-            _check(f[name] > 0, f"config field finetune.{name} must be positive, got {f[name]}")
-        _check(f.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {f.lora_alpha}")
-        _check(all(isinstance(n, str) for n in f.label_names),
+            check(f[name] > 0, f"config field finetune.{name} must be positive, got {f[name]}")
+        check(f.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {f.lora_alpha}")
+        check(all(isinstance(n, str) for n in f.label_names),
                f"finetune.label_names must be strings, got {f.label_names}")
         for name, value in cls.head_switches.items():
-            _check(c.model[name] == value, f"config field model.{name} must be {value} when "
+            check(c.model[name] == value, f"config field model.{name} must be {value} when "
                    f"fine-tuning (the pretraining heads are not used)")
         cls.config_class.from_dict({**c.model.to_dict(), "vocab_size": c.model.vocab_size or 1})
 
@@ -263,7 +258,7 @@ class T5FinetuneFamily(_FinetuneFamily):
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         super().validate_config(c)
-        _check(c.finetune.mode != "feature", "finetune.mode='feature' reads encoder layers "
+        check(c.finetune.mode != "feature", "finetune.mode='feature' reads encoder layers "
                "into a task head: use the bert_finetune family (configs/bert_classify.py)")
 
     def _encoder_tokens(self, inputs: jax.Array) -> jax.Array:
@@ -366,17 +361,17 @@ class EncoderFinetuneFamily(_FinetuneFamily):
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
         super().validate_config(c)
         f = c.finetune
-        _check(f.head in heads.HEADS, f"config field finetune.head={f.head!r} is not one of "
+        check(f.head in heads.HEADS, f"config field finetune.head={f.head!r} is not one of "
                f"{heads.HEADS}")
-        _check(f.pooling in heads.POOLINGS, f"config field finetune.pooling={f.pooling!r} is "
+        check(f.pooling in heads.POOLINGS, f"config field finetune.pooling={f.pooling!r} is "
                f"not one of {heads.POOLINGS}")
-        _check(f.pooling == "cls" or c.model.pooler,
+        check(f.pooling == "cls" or c.model.pooler,
                "finetune.pooling='pooled' needs model.pooler=True; or set finetune.pooling='cls'")
         if f.head in ("classification", "token_classification"):
-            _check(len(f.label_names) >= 2, f"finetune.head={f.head!r} needs at least two "
+            check(len(f.label_names) >= 2, f"finetune.head={f.head!r} needs at least two "
                    "finetune.label_names (the class words of the task's targets)")
         extra = f.prompt_length if f.mode == "prompt" else 0
-        _check(c.data.inputs_length + extra + c.model.position_offset
+        check(c.data.inputs_length + extra + c.model.position_offset
                <= c.model.max_position_embeddings,
                f"data.inputs_length={c.data.inputs_length} (+ {extra} prompt tokens) exceeds "
                f"model.max_position_embeddings={c.model.max_position_embeddings}")
