@@ -95,6 +95,11 @@ def test_eval_only_run_and_errors(tmp_path):
     assert run.evals == {"eval/squad.json": {"em": 80.1, "f1": 88.0}}
     out = report.write_report([tmp_path / "ev"], tmp_path / "ev.md")
     assert "| em | 80.1 |" in out.read_text()
+    # what `t5x-like eval --task --json` writes: metrics nested per task
+    (tmp_path / "ev" / "tasks.json").write_text(json.dumps(
+        {"step": 7, "mode": "decode", "metrics": {"glue_cola": {"matthews_corrcoef": 41.5}}}))
+    assert report.load_run(tmp_path / "ev").evals["tasks.json"] == {
+        "step": 7.0, "metrics/glue_cola/matthews_corrcoef": 41.5}
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no metrics.jsonl"):
         report.load_run(tmp_path / "empty")

@@ -46,6 +46,20 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _flat_numbers(data, prefix: str = "") -> dict[str, float]:
+    """The numbers of a JSON object, nested keys joined by '/': ``t5x-like eval --task``
+    writes ``{"metrics": {task: {metric: value}}}``, which becomes ``metrics/task/metric``."""
+    if not isinstance(data, dict):
+        return {}
+    out = {}
+    for key, value in data.items():
+        if _is_number(value):
+            out[prefix + str(key)] = float(value)
+        elif isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{prefix}{key}/"))
+    return out
+
+
 def load_run(path: str | Path) -> Run:
     """Reads a run directory; a UserError when it holds neither metrics.jsonl nor eval JSON."""
     path = Path(path)
@@ -69,8 +83,7 @@ def load_run(path: str | Path) -> Run:
             data = json.loads(candidate.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        numbers = {k: float(v) for k, v in data.items() if _is_number(v)} if isinstance(
-            data, dict) else {}
+        numbers = _flat_numbers(data)
         if numbers:
             run.evals[str(candidate.relative_to(path))] = numbers
     if not run.rows and not run.evals:
