@@ -13,6 +13,7 @@ at batch 4096), which is not among ``optimizer.name``; these presets use AdamW (
 batch 256, warmup 10k, linear decay, weight decay 0.01).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -24,30 +25,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "base"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="base")
     c = base_config("albert")
     layers, hidden, heads, length = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
                         intermediate_size=4 * hidden, embedding_size=128))
     c.data.inputs_length = length
     c.objective.max_predictions = 80 if length == 512 else 20
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)
     if preset == "tiny":
-        c.model.scan_layers = False
-        c.data.batch_size = 32
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        presets.tiny_run(c, batch_size=32, learning_rate=1e-3, warmup_steps=100)
     else:
-        c.data.batch_size = 256
-        c.optimizer.learning_rate = 1e-4
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=125_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, batch_size=256, learning_rate=1e-4, warmup_steps=10_000,
+                         num_steps=125_000)
     c.lock()
     return c

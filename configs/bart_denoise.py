@@ -16,6 +16,7 @@ Presets: ``tiny`` (CPU minutes), ``small`` (6+6 layers x 512), ``base`` (BART-ba
 12 heads, d_ff 3072, dropout 0.1, 512 tokens, AdamW b2 0.98 with linear decay).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -27,28 +28,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("bart")
     d_model, heads, d_ff, enc, dec, length, batch = SIZES[preset]
     c.model.update(dict(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=enc,
                         num_decoder_layers=dec, max_position_embeddings=max(length, 1024)))
     c.data.inputs_length = length
     c.data.batch_size = batch
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.98, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c, b2=0.98)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, dropout_rate=0.0))
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        c.model.dropout_rate = 0.0
+        presets.tiny_run(c, learning_rate=1e-3, warmup_steps=100)
     else:
-        c.optimizer.learning_rate = 4e-4
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=500_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, learning_rate=4e-4, warmup_steps=10_000, num_steps=500_000)
     c.lock()
     return c

@@ -14,6 +14,7 @@ Devlin et al.'s recipe: AdamW lr 2e-5..5e-5 (tiny: 1e-3), warmup 10%, linear dec
 0.1. Default task: ``play_lines`` (which of five plays a speech comes from).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 from t5x_like.tasks.play_lines import LABELS
 
@@ -29,32 +30,23 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "base"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="base")
     c = base_config("bert_finetune")
     layers, hidden, heads = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
                         intermediate_size=4 * hidden))
     c.data.task = "play_lines"
+    c.data.inputs_length = 128
     c.finetune.head = "classification"
     c.finetune.label_names = LABELS
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, hidden_dropout_rate=0.0,
-                            attention_dropout_rate=0.0))  # as the tiny pretraining preset
-        c.data.inputs_length = 128
-        c.data.batch_size = 32
-        c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=60))
-        c.train.update(dict(num_steps=600, log_every=25, eval_every=200, eval_batches=8,
-                            checkpoint_every=200))
+        # No dropout, as the tiny pretraining preset.
+        c.model.update(dict(hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
+        presets.tiny_run(c, batch_size=32, learning_rate=1e-3, warmup_steps=60, num_steps=600,
+                         eval_every=200, checkpoint_every=200)
     else:
-        c.data.inputs_length = 128
-        c.data.batch_size = 32
-        c.optimizer.update(dict(learning_rate=2e-5, warmup_steps=1000))
-        c.train.update(dict(num_steps=10_000, log_every=100, eval_every=1000,
-                            checkpoint_every=1000))
+        presets.full_run(c, batch_size=32, learning_rate=2e-5, warmup_steps=1000,
+                         num_steps=10_000, eval_every=1000, checkpoint_every=1000)
     c.lock()
     return c

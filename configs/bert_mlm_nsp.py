@@ -14,6 +14,7 @@ weight decay 0.01, dropout 0.1 (``tiny``: lr 1e-3, no dropout). Whole-word maski
 ``--config.objective.whole_word=True``; static masks: ``--config.objective.static_masking=True``.
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -28,9 +29,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "base"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="base")
     c = base_config("bert")
     layers, hidden, heads = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
@@ -38,22 +37,12 @@ def get_config(arg=None):
     long = preset in ("base", "large")
     c.data.inputs_length = 512 if long else 128
     c.objective.max_predictions = 80 if long else 20
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)  # BERT's: b2 0.999, eps 1e-6, weight decay 0.01, clipping 1.0
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, hidden_dropout_rate=0.0,
-                            attention_dropout_rate=0.0))
-        c.data.batch_size = 32
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        c.model.update(dict(hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
+        presets.tiny_run(c, batch_size=32, learning_rate=1e-3, warmup_steps=100)
     else:
-        c.data.batch_size = 256
-        c.optimizer.learning_rate = 1e-4
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=1_000_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, batch_size=256, learning_rate=1e-4, warmup_steps=10_000,
+                         num_steps=1_000_000)
     c.lock()
     return c

@@ -11,6 +11,7 @@ prediction: the best start <= end within ``finetune.max_answer_length`` tokens. 
 al.: AdamW lr 3e-5 (tiny: 1e-3), 2 epochs, 384 tokens.
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -25,9 +26,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "base"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="base")
     c = base_config("bert_finetune")
     layers, hidden, heads = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
@@ -37,23 +36,15 @@ def get_config(arg=None):
     c.finetune.pooling = "cls"
     c.finetune.targets_length = 64
     c.finetune.max_answer_length = 30
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, hidden_dropout_rate=0.0,
-                            attention_dropout_rate=0.0))
+        c.model.update(dict(hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
         c.data.inputs_length = 128
-        c.data.batch_size = 32
-        c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=100))
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        presets.tiny_run(c, batch_size=32, learning_rate=1e-3, warmup_steps=100)
     else:
         c.model.max_position_embeddings = 512
         c.data.inputs_length = 384
-        c.data.batch_size = 32
-        c.optimizer.update(dict(learning_rate=3e-5, warmup_steps=554))
-        c.train.update(dict(num_steps=5540, log_every=100, eval_every=1000, eval_batches=0,
-                            checkpoint_every=1000))
+        presets.full_run(c, batch_size=32, learning_rate=3e-5, warmup_steps=554, num_steps=5540,
+                         eval_every=1000, eval_batches=0, checkpoint_every=1000)
     c.lock()
     return c

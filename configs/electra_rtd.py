@@ -12,6 +12,7 @@ Presets: ``tiny`` (2 x 128, CPU minutes), ``small`` (ELECTRA-Small: 12 layers, h
 decay, weight decay 0.01, eps 1e-6, dropout 0.1 (``tiny``: none).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -23,9 +24,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("electra")
     layers, hidden, heads, embedding, length, batch, lr = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
@@ -34,18 +33,11 @@ def get_config(arg=None):
     c.data.inputs_length = length
     c.data.batch_size = batch
     c.objective.max_predictions = 80 if length == 512 else 20
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0, learning_rate=lr))
+    presets.adamw(c, learning_rate=lr)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, hidden_dropout_rate=0.0,
-                            attention_dropout_rate=0.0))
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        c.model.update(dict(hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
+        presets.tiny_run(c, warmup_steps=100)
     else:
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=1_000_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, warmup_steps=10_000, num_steps=1_000_000)
     c.lock()
     return c

@@ -11,6 +11,7 @@ learned positions for RoPE; ``--config.model.tie_word_embeddings=False`` unties 
 ``--config.objective.document_mask=False`` lets attention cross document boundaries.
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -22,29 +23,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("gpt")
     d_model, heads, d_ff, layers, length, batch = SIZES[preset]
     c.model.update(dict(d_model=d_model, num_heads=heads, d_kv=d_model // heads, d_ff=d_ff,
                         num_layers=layers, max_length=max(length, 1024)))
     c.data.inputs_length = length
     c.data.batch_size = batch
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="cosine", b1=0.9, b2=0.95, eps=1e-8,
-                            weight_decay=0.1, grad_clip_norm=1.0))
+    presets.adamw(c, schedule="cosine", b2=0.95, eps=1e-8, weight_decay=0.1)  # GPT-2's
     if preset == "tiny":
-        c.model.scan_layers = False  # unrolled: faster per step on CPU, short compile
-        c.optimizer.learning_rate = 3e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        presets.tiny_run(c, learning_rate=3e-3, warmup_steps=100)
     else:
         c.model.dropout_rate = 0.1 if preset == "base" else 0.0
-        c.optimizer.learning_rate = 6e-4
-        c.optimizer.warmup_steps = 2000
-        c.train.update(dict(num_steps=100_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, learning_rate=6e-4, warmup_steps=2000, num_steps=100_000)
     c.lock()
     return c

@@ -11,6 +11,7 @@ dropout 0.1). Positions start at 2 as in RoBERTa (``model.position_offset``), so
 away (``data.vocab_path``); the default corpus vocabulary is used here.
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -22,9 +23,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "base"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="base")
     c = base_config("roberta")
     layers, hidden, heads, length, batch = SIZES[preset]
     c.model.update(dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
@@ -32,20 +31,12 @@ def get_config(arg=None):
     c.data.inputs_length = length
     c.data.batch_size = batch
     c.objective.max_predictions = 80 if length == 512 else 20
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.98, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=0.0))
+    presets.adamw(c, b2=0.98, grad_clip_norm=0.0)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, hidden_dropout_rate=0.0,
-                            attention_dropout_rate=0.0))
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        c.model.update(dict(hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
+        presets.tiny_run(c, learning_rate=1e-3, warmup_steps=100)
     else:
-        c.optimizer.learning_rate = 6e-4 if preset == "base" else 1e-4
-        c.optimizer.warmup_steps = 24_000 if preset == "base" else 10_000
-        c.train.update(dict(num_steps=500_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, learning_rate=6e-4 if preset == "base" else 1e-4,
+                         warmup_steps=24_000 if preset == "base" else 10_000, num_steps=500_000)
     c.lock()
     return c

@@ -13,6 +13,7 @@ the pretrained run's (a mismatch stops with the field to set). Default task: ``p
 with the mode).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -25,9 +26,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("t5_finetune")
     d_model, d_kv, heads, d_ff, enc, dec = SIZES[preset]
     c.model.update(dict(d_model=d_model, d_kv=d_kv, num_heads=heads, d_ff=d_ff,
@@ -37,16 +36,12 @@ def get_config(arg=None):
     c.optimizer.update(dict(name="adafactor", schedule="constant", learning_rate=1e-3,
                             warmup_steps=0))
     if preset == "tiny":
-        c.model.scan_layers = False  # as the tiny pretraining preset
         c.data.inputs_length = 64
-        c.data.batch_size = 32
-        c.optimizer.learning_rate = 3e-3  # a tiny model takes a larger step (as its pretraining)
-        c.train.update(dict(num_steps=300, log_every=25, eval_every=150, eval_batches=8,
-                            checkpoint_every=150))
+        # Unrolled as the tiny pretraining preset; a tiny model takes a larger step (as there).
+        presets.tiny_run(c, batch_size=32, learning_rate=3e-3, num_steps=300, eval_every=150,
+                         checkpoint_every=150)
     else:
         c.data.inputs_length = 512
-        c.data.batch_size = 128
-        c.train.update(dict(num_steps=262_144, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, batch_size=128, num_steps=262_144)
     c.lock()
     return c

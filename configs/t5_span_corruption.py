@@ -9,6 +9,7 @@ Presets: ``tiny`` (a few minutes on a laptop CPU, what ``make demo`` trains), ``
 rsqrt schedule, z-loss 1e-4, no dropout in pretraining).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -21,32 +22,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config()
     d_model, d_kv, heads, d_ff, enc, dec = SIZES[preset]
     c.model.update(dict(d_model=d_model, d_kv=d_kv, num_heads=heads, d_ff=d_ff,
                         num_encoder_layers=enc, num_decoder_layers=dec))
     if preset == "tiny":
-        # Sized for `make demo`: ~0.3 s a step on 2 CPU cores. Unrolled layers: on CPU a
-        # scanned stack is ~20% slower per step (benchmarks/RESULTS.md); compile stays short.
-        c.model.scan_layers = False
+        # Sized for `make demo`: ~0.3 s a step on 2 CPU cores. tiny_run unrolls the layers: on
+        # CPU a scanned stack is ~20% slower per step (benchmarks/RESULTS.md).
         c.data.inputs_length = 128
-        c.data.batch_size = 16
-        c.optimizer.learning_rate = 0.01
-        c.optimizer.warmup_steps = 200
-        c.train.num_steps = 1000
-        c.train.log_every = 25
-        c.train.eval_every = 500
-        c.train.eval_batches = 8
-        c.train.checkpoint_every = 250
+        presets.tiny_run(c, batch_size=16, learning_rate=0.01, warmup_steps=200)
     else:
         c.data.inputs_length = 512
-        c.data.batch_size = 128
-        c.train.num_steps = 524_288
-        c.train.log_every = 100
-        c.train.eval_every = 5000
-        c.train.checkpoint_every = 5000
+        presets.full_run(c, batch_size=128, num_steps=524_288)
     c.lock()
     return c

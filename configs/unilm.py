@@ -12,6 +12,7 @@ Presets: ``tiny`` (CPU minutes), ``small`` (6 x 512) and ``base`` (BERT-base siz
 The module is the decoder LM (pre-LN) with the mode's mask in place of the causal one.
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -23,29 +24,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("unilm")
     d_model, heads, d_ff, layers, length, batch = SIZES[preset]
     c.model.update(dict(d_model=d_model, num_heads=heads, d_kv=d_model // heads, d_ff=d_ff,
                         num_layers=layers, max_length=length))
     c.data.inputs_length = length
     c.data.batch_size = batch
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)
     if preset == "tiny":
-        c.model.scan_layers = False
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        presets.tiny_run(c, learning_rate=1e-3, warmup_steps=100)
     else:
         c.model.dropout_rate = 0.1
-        c.optimizer.learning_rate = 1e-4
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=1_000_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, learning_rate=1e-4, warmup_steps=10_000, num_steps=1_000_000)
     c.lock()
     return c

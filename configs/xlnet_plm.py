@@ -14,6 +14,7 @@ Presets: ``tiny`` (CPU minutes), ``small`` (6 x 512) and ``base`` (XLNet-base: 1
 12 heads, d_ff 3072, 512 tokens + 384 memory, dropout 0.1, AdamW with linear decay).
 """
 
+from t5x_like import presets
 from t5x_like.config import base_config
 
 SIZES = {
@@ -25,28 +26,18 @@ SIZES = {
 
 
 def get_config(arg=None):
-    preset = arg or "small"
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SIZES)}")
+    preset = presets.choose(SIZES, arg, default="small")
     c = base_config("xlnet")
     d_model, heads, d_ff, layers, length, mem_len, batch = SIZES[preset]
     c.model.update(dict(d_model=d_model, num_heads=heads, d_ff=d_ff, num_layers=layers,
                         mem_len=mem_len))
     c.data.inputs_length = length
     c.data.batch_size = batch
-    c.loss.z_loss = 0.0
-    c.optimizer.update(dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6,
-                            weight_decay=0.01, grad_clip_norm=1.0))
+    presets.adamw(c)
     if preset == "tiny":
-        c.model.update(dict(scan_layers=False, dropout_rate=0.0))
-        c.optimizer.learning_rate = 1e-3
-        c.optimizer.warmup_steps = 100
-        c.train.update(dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
-                            checkpoint_every=250))
+        c.model.dropout_rate = 0.0
+        presets.tiny_run(c, learning_rate=1e-3, warmup_steps=100)
     else:
-        c.optimizer.learning_rate = 4e-4
-        c.optimizer.warmup_steps = 10_000
-        c.train.update(dict(num_steps=500_000, log_every=100, eval_every=5000,
-                            checkpoint_every=5000))
+        presets.full_run(c, learning_rate=4e-4, warmup_steps=10_000, num_steps=500_000)
     c.lock()
     return c
