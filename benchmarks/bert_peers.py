@@ -29,25 +29,22 @@ Results: a table on stdout and ``benchmarks/results_bert.json``; the record is `
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-import traceback
 from pathlib import Path
 
 from common import (
-    MB,
     ROOT,
     current_rss_bytes,
     environment,
-    format_table,
-    peak_rss_bytes,
-    ratios,
-    run_worker,
-    time_steps,
-    wait_for_quiet,
+    memory_growth,
+    our_rss_baseline,
+    peer_args,
+    print_summary,
+    report_worker,
+    run_all,
+    time_flax_peer,
+    time_our_step,
+    time_torch_peer,
+    write_report,
     xla_memory,
 )
 
@@ -84,7 +81,6 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
 
     from t5x_like import config as config_lib
     from t5x_like.experiment import build
-    from t5x_like.train import make_train_step
 
     overrides = [
         f"model.vocab_size={VOCAB}", "model.hidden_dropout_rate=0.0",
@@ -102,40 +98,22 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     if got != (HIDDEN, LAYERS, HEADS, FFN, POSITIONS):
         raise RuntimeError(f"the mini preset is {got}, not the benchmark's config")
     ids = synthetic_ids(salt=1)
-    import t5x_like.tasks  # noqa: F401  (seqio + TensorFlow: imported before the baseline)
-    from t5x_like.data.vocab import get_vocabulary
-
-    get_vocabulary(config.data.vocab_path or None)
-    rss_before = current_rss_bytes()
+    rss_before = our_rss_baseline(config)  # seqio + TensorFlow + vocabulary: imported before
 
     exp = build(config)
     state = exp.init_state()
     host = {"input_ids": ids, "token_type_ids": np.zeros_like(ids),
             "attention_mask": np.ones_like(ids)}
     batch = jax.device_put(host, exp.batch_sharding)
-    step = make_train_step(exp)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
-        holder["loss"] = float(metrics["loss"])
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps,
-                        tokens_per_step=TOKENS_PER_STEP)
+    timing, compiled = time_our_step(exp, state, batch, warmup=args.warmup, steps=args.steps,
+                                     tokens_per_step=TOKENS_PER_STEP)
     features = jax.jit(exp.family.features)(batch, jax.random.key(SEED))
     return {
         **timing,
-        "compile_s": compile_s,
-        "final_loss": holder["loss"],
         "num_params": int(exp.family.num_params),
         "mlm_slots": int(features["positions"].shape[1]),
         "selected_per_row": float(np.mean(np.sum(features["target_weights"], axis=1))),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
+        **memory_growth(rss_before),
         "xla_memory_bytes": xla_memory(compiled),
         "timed_via": "step.lower(state, batch).compile() of make_train_step(exp); state donated",
     }
@@ -169,7 +147,6 @@ def peer_batch() -> dict:
 
 
 def run_flax(args) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -179,11 +156,6 @@ def run_flax(args) -> dict:
     rss_before = current_rss_bytes()
 
     model = FlaxBertForMaskedLM(hf_config(), seed=SEED, dtype=jnp.float32)
-    params = model.params
-    tx = optax.adamw(LEARNING_RATE, weight_decay=0.0)
-    opt_state = tx.init(params)
-    batch = jax.device_put({"input_ids": data["input_ids"], "labels": data["labels"],
-                            "attention_mask": np.ones_like(data["input_ids"])})
 
     def loss_fn(params, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -193,70 +165,28 @@ def run_flax(args) -> dict:
             logits, jnp.maximum(batch["labels"], 0))
         return jnp.sum(ce * weights) / jnp.sum(weights)
 
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    start = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state,
-                                                                batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"params": params, "opt_state": opt_state}
-
-    def run_step():
-        holder["params"], holder["opt_state"], loss = compiled(holder["params"],
-                                                               holder["opt_state"], batch)
-        jax.block_until_ready((holder["params"], holder["opt_state"], loss))
-        holder["loss"] = float(loss)
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps,
-                        tokens_per_step=TOKENS_PER_STEP)
+    host_batch = {"input_ids": data["input_ids"], "labels": data["labels"],
+                  "attention_mask": np.ones_like(data["input_ids"])}
+    result = time_flax_peer(loss_fn, model.params, host_batch, rss_before=rss_before,
+                            learning_rate=LEARNING_RATE, weight_decay=0.0, warmup=args.warmup,
+                            steps=args.steps, tokens_per_step=TOKENS_PER_STEP)
     return {
-        **timing,
-        "compile_s": compile_s,
-        "final_loss": holder["loss"],
-        "num_params": int(sum(x.size for x in jax.tree.leaves(holder["params"]))),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
-        "xla_memory_bytes": xla_memory(compiled),
+        **result,
         "timed_via": "jax.jit(train_step, donate params + opt_state).lower().compile(); "
                      "model(..., train=False) (dropout is 0 either way)",
     }
 
 
 def run_torch(args) -> dict:
-    import torch
     from transformers import BertForMaskedLM
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    torch.manual_seed(SEED)
     data = peer_batch()
-    inputs = torch.from_numpy(data["input_ids"]).long()
-    labels = torch.from_numpy(data["labels"]).long()
-    rss_before = current_rss_bytes()
-
-    model = BertForMaskedLM(hf_config())
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-    holder = {}
-
-    def run_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        holder["loss"] = loss.item()
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps,
-                        tokens_per_step=TOKENS_PER_STEP)
+    result = time_torch_peer(lambda: BertForMaskedLM(hf_config()), data["input_ids"],
+                             data["labels"], seed=SEED, learning_rate=LEARNING_RATE,
+                             weight_decay=0.0, warmup=args.warmup, steps=args.steps,
+                             tokens_per_step=TOKENS_PER_STEP)
     return {
-        **timing,
-        "final_loss": holder["loss"],
-        "num_params": int(sum(p.numel() for p in model.parameters())),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
-        "torch_threads": torch.get_num_threads(),
+        **result,
         "timed_via": "eager; model.train(); loss from labels (-100 ignored); torch AdamW",
     }
 
@@ -272,71 +202,27 @@ RUNNERS = {
 # --------------------------------------------------------------------------- driver
 
 
-def worker(args) -> None:
-    try:
-        result = {"ok": True, **RUNNERS[args.worker](args)}
-    except Exception as e:  # reported in the table, not hidden
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
-    parser.add_argument("--only", choices=IMPLEMENTATIONS, action="append",
-                        help="run only this implementation (repeatable)")
-    parser.add_argument("--timeout", type=int, default=400, help="seconds per implementation")
-    parser.add_argument("--quiet-wait", type=float, default=45,
-                        help="seconds to wait, per implementation, for other load to pass")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results_bert.json")
-    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
+    args = peer_args(argv, description=__doc__.split("\n")[0], implementations=IMPLEMENTATIONS,
+                     default_out=ROOT / "benchmarks/results_bert.json")
     if args.worker:
-        worker(args)
+        report_worker(RUNNERS[args.worker], args, RESULT_PREFIX)
         return
 
     env = environment()
     print(f"{env['nproc']} x {env['cpu']}, load average {env['loadavg_at_start'][0]:.2f}; "
           f"{BATCH} x {LENGTH} = {TOKENS_PER_STEP} tokens/step, {args.warmup} warm-up + "
           f"{args.steps} timed steps", flush=True)
-    results = {}
-    for name in args.only or IMPLEMENTATIONS:
-        print(f"running {name} ...", flush=True)
-        waited = wait_for_quiet(args.quiet_wait)
-        results[name] = r = run_worker(
-            Path(__file__).resolve(), name, ["--steps", str(args.steps), "--warmup",
-                                             str(args.warmup)],
-            prefix=RESULT_PREFIX, timeout=args.timeout)
-        r["waited_for_quiet_s"] = waited
-        if r.get("ok"):
-            print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other processes "
-                  f"took {100 * r['other_processes_cpu_share']:.0f}% of the cores", flush=True)
-        else:
-            print(f"  FAILED: {r['error']}", flush=True)
-    print()
-    print(format_table(results, TITLES))
-    summary = ratios(results, ("ours", "ours_unrolled"))
-    for label, value in summary.items():
-        print(f"{label}: {value:.2f}x")
-    report = {
-        "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
-        "environment": env,
-        "config": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "ffn": FFN,
-                   "vocab": VOCAB, "length": LENGTH, "batch": BATCH,
-                   "mlm_slots_ours": PREDICTIONS, "masked_positions_peers": PREDICTIONS,
-                   "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
-                   "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
-                   "warmup_steps": args.warmup, "timed_steps": args.steps},
-        "results": results,
-        "ratios": summary,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    results = run_all(Path(__file__).resolve(), args.only or IMPLEMENTATIONS,
+                      ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout)
+    summary = print_summary(results, TITLES, ("ours", "ours_unrolled"))
+    config = {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "ffn": FFN, "vocab": VOCAB,
+              "length": LENGTH, "batch": BATCH, "mlm_slots_ours": PREDICTIONS,
+              "masked_positions_peers": PREDICTIONS, "tokens_per_step": TOKENS_PER_STEP,
+              "dtype": "float32", "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
+              "warmup_steps": args.warmup, "timed_steps": args.steps}
+    write_report(args.out, env=env, config=config, results=results, summary=summary)
 
 
 if __name__ == "__main__":

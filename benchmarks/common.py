@@ -3,11 +3,14 @@ subprocess per implementation, the environment record and the results table.
 
 ``t5_peers.py`` and ``bert_peers.py`` each define their implementations and call these; every
 implementation runs in its own process (``run_worker``), which prints one JSON line prefixed by
-the script's result prefix.
+the script's result prefix. The command line (``peer_args``), the driver loop (``run_all``,
+``print_summary``, ``write_report``) and the timed training loops of ours and of the peers
+(``time_our_step``, ``time_flax_peer``, ``time_torch_peer``) are the same in both scripts.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,7 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -30,6 +36,13 @@ def current_rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_growth(rss_before: int) -> dict:
+    """The result's memory fields: RSS just before the model was built, and how far the peak
+    rose above it (weights, optimizer state, compilation and activations)."""
+    return {"rss_before_model_mb": rss_before / MB,
+            "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB}
 
 
 def busy_cpu_seconds() -> tuple[float, float]:
@@ -186,3 +199,197 @@ def ratios(results: dict, ours: tuple[str, ...]) -> dict:
     if "flax" in speed and "torch" in speed:
         out["flax / torch"] = speed["flax"] / speed["torch"]
     return out
+
+
+# --------------------------------------------------------------------------- timed training loops
+
+
+def our_rss_baseline(config) -> int:
+    """RSS before our model is built: ``build()`` imports the seqio tasks (TensorFlow) and loads
+    the default vocabulary (training it on first use), so both happen first, as the peers'
+    imports do, and stay out of the memory the model is charged with."""
+    import t5x_like.tasks  # noqa: F401
+    from t5x_like.data.vocab import get_vocabulary
+
+    get_vocabulary(config.data.vocab_path or None)
+    return current_rss_bytes()
+
+
+def time_our_step(exp, state, batch, *, warmup: int, steps: int,
+                  tokens_per_step: int) -> tuple[dict, Any]:
+    """Times our train step through the executable ``lower(...).compile()`` returns (calling
+    the jitted function after ``compile()`` would compile it again), the state donated.
+
+    Returns the timing with ``compile_s`` and ``final_loss``, and the compiled step.
+    """
+    import jax
+
+    from t5x_like.train import make_train_step
+
+    step = make_train_step(exp)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        holder["loss"] = float(metrics["loss"])
+
+    timing = time_steps(run_step, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step)
+    return {**timing, "compile_s": compile_s, "final_loss": holder["loss"]}, compiled
+
+
+def time_flax_peer(loss_fn: Callable, params, host_batch: dict, *extra_args, rss_before: int,
+                   learning_rate: float, weight_decay: float, warmup: int, steps: int,
+                   tokens_per_step: int) -> dict:
+    """Times optax AdamW steps on ``loss_fn(params, batch, *extra_args)`` under ``jax.jit``
+    (params and optimizer state donated, through the compiled executable as ours)."""
+    import jax
+    import optax
+
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    opt_state = tx.init(params)
+    batch = jax.device_put(host_batch)
+
+    def train_step(params, opt_state, batch, *extra):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, *extra)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    start = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, batch, *extra_args).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"params": params, "opt_state": opt_state}
+
+    def run_step():
+        holder["params"], holder["opt_state"], loss = compiled(
+            holder["params"], holder["opt_state"], batch, *extra_args)
+        jax.block_until_ready((holder["params"], holder["opt_state"], loss))
+        holder["loss"] = float(loss)
+
+    timing = time_steps(run_step, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step)
+    return {
+        **timing,
+        "compile_s": compile_s,
+        "final_loss": holder["loss"],
+        "num_params": int(sum(x.size for x in jax.tree.leaves(holder["params"]))),
+        **memory_growth(rss_before),
+        "xla_memory_bytes": xla_memory(compiled),
+    }
+
+
+def time_torch_peer(build_model: Callable, inputs, labels, *, seed: int, learning_rate: float,
+                    weight_decay: float, warmup: int, steps: int, tokens_per_step: int) -> dict:
+    """Times eager PyTorch steps (``model.train()``, loss from ``labels``, torch AdamW) on all
+    the cores; ``build_model()`` runs after the memory baseline."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(seed)
+    inputs = torch.from_numpy(inputs).long()
+    labels = torch.from_numpy(labels).long()
+    rss_before = current_rss_bytes()
+
+    model = build_model()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,
+                                  weight_decay=weight_decay)
+    holder = {}
+
+    def run_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=inputs, labels=labels).loss  # shifts or ignores labels itself
+        loss.backward()
+        optimizer.step()
+        holder["loss"] = loss.item()
+
+    timing = time_steps(run_step, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step)
+    return {
+        **timing,
+        "final_loss": holder["loss"],
+        "num_params": int(sum(p.numel() for p in model.parameters())),
+        **memory_growth(rss_before),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def peer_args(argv: Sequence[str] | None, *, description: str, implementations: Sequence[str],
+              default_out: Path, extra: dict[str, dict] | None = None) -> argparse.Namespace:
+    """Both scripts' command line; ``extra`` options (flag: add_argument keywords) are listed
+    after ``--only``. ``--worker NAME`` (hidden) runs one implementation in this process."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    parser.add_argument("--only", choices=implementations, action="append",
+                        help="run only this implementation (repeatable)")
+    for flag, options in (extra or {}).items():
+        parser.add_argument(flag, **options)
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per implementation")
+    parser.add_argument("--quiet-wait", type=float, default=45,
+                        help="seconds to wait, per implementation, for other load to pass")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--worker", choices=implementations, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    return args
+
+
+def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
+                  prefix: str) -> None:
+    """One implementation in this process; prints one JSON line (or the error) at the end, for
+    ``run_worker`` in the driver to read."""
+    try:
+        result = {"ok": True, **runner(args)}
+    except Exception as e:  # reported in the table, not hidden
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()}
+    print(prefix + json.dumps(result), flush=True)
+
+
+def run_all(script: Path, names: Sequence[str], worker_args: list[str], *, prefix: str,
+            quiet_wait: float, timeout: float) -> dict:
+    """Runs each implementation in its own process, one after another, each after waiting (up
+    to ``quiet_wait`` s) for a quiet machine; prints a line per implementation."""
+    results = {}
+    for name in names:
+        print(f"running {name} ...", flush=True)
+        waited = wait_for_quiet(quiet_wait)
+        results[name] = r = run_worker(script, name, worker_args, prefix=prefix, timeout=timeout)
+        r["waited_for_quiet_s"] = waited
+        if r.get("ok"):
+            print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+                  f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other processes "
+                  f"took {100 * r['other_processes_cpu_share']:.0f}% of the cores", flush=True)
+        else:
+            print(f"  FAILED: {r['error']}", flush=True)
+    return results
+
+
+def print_summary(results: dict, titles: dict[str, str], ours: tuple[str, ...]) -> dict:
+    """Prints the results table and the speed ratios; returns the ratios."""
+    print()
+    print(format_table(results, titles))
+    summary = ratios(results, ours)
+    for label, value in summary.items():
+        print(f"{label}: {value:.2f}x")
+    return summary
+
+
+def write_report(out: Path, *, env: dict, config: dict, results: dict, summary: dict) -> None:
+    """Writes the JSON record (command, environment, config, results, ratios) to ``out``."""
+    report = {
+        "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
+        "environment": env,
+        "config": config,
+        "results": results,
+        "ratios": summary,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -34,28 +34,27 @@ Results: a table on stdout and ``benchmarks/results.json``; the record is ``RESU
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from common import (
-    MB,
     ROOT,
     current_rss_bytes,
     environment,
-    peak_rss_bytes,
-    run_worker,
-    wait_for_quiet,
+    memory_growth,
+    our_rss_baseline,
+    peer_args,
+    print_summary,
+    report_worker,
+    run_all,
+    time_flax_peer,
+    time_our_step,
+    time_torch_peer,
+    write_report,
     xla_memory,
 )
-from common import format_table as _format_table
-from common import ratios as _ratios
-from common import time_steps as _time_steps
 
 RESULT_PREFIX = "T5_PEERS_RESULT "
 # ours_unrolled is a diagnostic row: our model with its layers unrolled instead of scanned.
@@ -77,10 +76,6 @@ TOKENS_PER_STEP = BATCH * (INPUTS_LENGTH + TARGETS_LENGTH)
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def time_steps(run_step, *, warmup: int, steps: int) -> dict:
-    return _time_steps(run_step, warmup=warmup, steps=steps, tokens_per_step=TOKENS_PER_STEP)
 
 
 def synthetic_batch(shape: tuple[int, ...], salt: int):
@@ -124,7 +119,6 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     workarounds = stub_missing_modules()
     from t5x_like import config as config_lib
     from t5x_like.experiment import build
-    from t5x_like.train import make_train_step
 
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
         f"data.inputs_length={INPUTS_LENGTH}", f"data.batch_size={BATCH}",
@@ -134,13 +128,7 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     ]
     config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"), overrides)
     tokens = synthetic_batch((BATCH, RAW_LENGTH), salt=1)
-    # build() imports the seqio tasks (TensorFlow) and loads the default vocabulary, training
-    # it on first use: both happen here, before the memory baseline, as the peers' imports do.
-    import t5x_like.tasks  # noqa: F401
-    from t5x_like.data.vocab import get_vocabulary
-
-    get_vocabulary(config.data.vocab_path or None)
-    rss_before = current_rss_bytes()
+    rss_before = our_rss_baseline(config)
 
     exp = build(config)
     family = exp.family
@@ -149,18 +137,8 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
                            f"got {family.raw_length} -> {family.targets_length}")
     state = exp.init_state()
     batch = jax.device_put({"tokens": tokens}, exp.batch_sharding)
-    step = make_train_step(exp)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
-        holder["loss"] = float(metrics["loss"])
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+    timing, compiled = time_our_step(exp, state, batch, warmup=args.warmup, steps=args.steps,
+                                     tokens_per_step=TOKENS_PER_STEP)
 
     # The objective alone: its share of the step.
     features = jax.jit(family.features)
@@ -179,11 +157,8 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     corruption_ms = 1000 * statistics.median(corruption)
     return {
         **timing,
-        "compile_s": compile_s,
-        "final_loss": holder["loss"],
         "num_params": int(family.num_params),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
+        **memory_growth(rss_before),
         "xla_memory_bytes": xla_memory(compiled),
         "span_corruption_ms_median": corruption_ms,
         "span_corruption_share": corruption_ms / timing["step_ms_median"],
@@ -244,44 +219,20 @@ def run_flax(args) -> dict:
     rss_before = current_rss_bytes()
 
     model = FlaxT5ForConditionalGeneration(hf_config(), seed=SEED, dtype=jnp.float32)
-    params = model.params
-    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    opt_state = tx.init(params)
-    batch = jax.device_put({"inputs": data["inputs"], "decoder_inputs": decoder_inputs,
-                            "targets": data["targets"]})
 
     def loss_fn(params, batch, dropout_rng):
         logits = model(input_ids=batch["inputs"], decoder_input_ids=batch["decoder_inputs"],
                        params=params, dropout_rng=dropout_rng, train=False).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
-    def train_step(params, opt_state, batch, dropout_rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = jax.random.key(SEED)
-    start = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        params, opt_state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"params": params, "opt_state": opt_state}
-
-    def run_step():
-        holder["params"], holder["opt_state"], loss = compiled(
-            holder["params"], holder["opt_state"], batch, rng)
-        jax.block_until_ready((holder["params"], holder["opt_state"], loss))
-        holder["loss"] = float(loss)
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+    host_batch = {"inputs": data["inputs"], "decoder_inputs": decoder_inputs,
+                  "targets": data["targets"]}
+    result = time_flax_peer(loss_fn, model.params, host_batch, jax.random.key(SEED),
+                            rss_before=rss_before, learning_rate=LEARNING_RATE,
+                            weight_decay=WEIGHT_DECAY, warmup=args.warmup, steps=args.steps,
+                            tokens_per_step=TOKENS_PER_STEP)
     return {
-        **timing,
-        "compile_s": compile_s,
-        "final_loss": holder["loss"],
-        "num_params": int(sum(x.size for x in jax.tree.leaves(holder["params"]))),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
-        "xla_memory_bytes": xla_memory(compiled),
+        **result,
         "timed_via": "jax.jit(train_step, donate params + opt_state).lower().compile(); "
                      "model(..., train=False) (dropout is 0 either way); jnp.clip shimmed",
     }
@@ -291,38 +242,15 @@ def run_flax(args) -> dict:
 
 
 def run_torch(args) -> dict:
-    import torch
     from transformers import T5ForConditionalGeneration
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
-    data = peer_batch()
-    inputs = torch.from_numpy(data["inputs"]).long()
-    labels = torch.from_numpy(data["targets"]).long()
-    rss_before = current_rss_bytes()
-
-    model = T5ForConditionalGeneration(hf_config())
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE,
-                                  weight_decay=WEIGHT_DECAY)
-    holder = {}
-
-    def run_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=inputs, labels=labels).loss  # shifts labels right itself
-        loss.backward()
-        optimizer.step()
-        holder["loss"] = loss.item()
-
-    timing = time_steps(run_step, warmup=args.warmup, steps=args.steps)
+    data = peer_batch()  # the model shifts the labels right itself
+    result = time_torch_peer(lambda: T5ForConditionalGeneration(hf_config()), data["inputs"],
+                             data["targets"], seed=SEED, learning_rate=LEARNING_RATE,
+                             weight_decay=WEIGHT_DECAY, warmup=args.warmup, steps=args.steps,
+                             tokens_per_step=TOKENS_PER_STEP)
     return {
-        **timing,
-        "final_loss": holder["loss"],
-        "num_params": int(sum(p.numel() for p in model.parameters())),
-        "rss_before_model_mb": rss_before / MB,
-        "peak_rss_delta_mb": (peak_rss_bytes() - rss_before) / MB,
-        "torch_threads": torch.get_num_threads(),
+        **result,
         "timed_via": "eager; model.train(); loss from labels; torch.optim.AdamW (default foreach)",
     }
 
@@ -338,89 +266,36 @@ RUNNERS = {
 # --------------------------------------------------------------------------- driver
 
 
-def worker(args) -> None:
-    """One implementation in this process; prints one JSON line (or the error) at the end."""
-    try:
-        result = {"ok": True, **RUNNERS[args.worker](args)}
-    except Exception as e:  # reported in the table, not hidden
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def run_in_subprocess(name: str, args) -> dict:
-    return run_worker(Path(__file__).resolve(), name,
-                      ["--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--corruption-calls", str(args.corruption_calls)],
-                      prefix=RESULT_PREFIX, timeout=args.timeout)
-
-
-def format_table(results: dict) -> str:
-    return _format_table(results, TITLES)
-
-
-def ratios(results: dict) -> dict:
-    return _ratios(results, ("ours", "ours_unrolled"))
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
-    parser.add_argument("--only", choices=IMPLEMENTATIONS, action="append",
-                        help="run only this implementation (repeatable)")
-    parser.add_argument("--corruption-calls", type=int, default=50,
-                        help="calls of the span corruption alone (median reported)")
-    parser.add_argument("--timeout", type=int, default=400, help="seconds per implementation")
-    parser.add_argument("--quiet-wait", type=float, default=45,
-                        help="seconds to wait, per implementation, for other load to pass")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results.json")
-    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
+    args = peer_args(argv, description=__doc__.split("\n")[0], implementations=IMPLEMENTATIONS,
+                     default_out=ROOT / "benchmarks/results.json",
+                     extra={"--corruption-calls": dict(
+                         type=int, default=50,
+                         help="calls of the span corruption alone (median reported)")})
     if args.worker:
-        worker(args)
+        report_worker(RUNNERS[args.worker], args, RESULT_PREFIX)
         return
 
     env = environment()
     print(f"{env['nproc']} x {env['cpu']}, load average {env['loadavg_at_start'][0]:.2f}; "
           f"{BATCH} x ({INPUTS_LENGTH} + {TARGETS_LENGTH}) = {TOKENS_PER_STEP} tokens/step, "
           f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    results = {}
-    for name in args.only or IMPLEMENTATIONS:
-        print(f"running {name} ...", flush=True)
-        waited = wait_for_quiet(args.quiet_wait)
-        results[name] = r = run_in_subprocess(name, args)
-        r["waited_for_quiet_s"] = waited
-        if r.get("ok"):
-            print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other processes "
-                  f"took {100 * r['other_processes_cpu_share']:.0f}% of the cores", flush=True)
-        else:
-            print(f"  FAILED: {r['error']}", flush=True)
-    print()
-    print(format_table(results))
-    for label, value in ratios(results).items():
-        print(f"{label}: {value:.2f}x")
+    results = run_all(Path(__file__).resolve(), args.only or IMPLEMENTATIONS,
+                      ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--corruption-calls", str(args.corruption_calls)],
+                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout)
+    summary = print_summary(results, TITLES, ("ours", "ours_unrolled"))
     for name in ("ours", "ours_unrolled"):
         r = results.get(name, {})
         if r.get("ok"):
             print(f"span corruption alone: {r['span_corruption_ms_median']:.2f} ms = "
                   f"{100 * r['span_corruption_share']:.2f}% of the {name} step")
-    report = {
-        "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
-        "environment": env,
-        "config": {**MODEL, "batch": BATCH, "inputs_length": INPUTS_LENGTH,
-                   "targets_length": TARGETS_LENGTH, "raw_length_ours": RAW_LENGTH,
-                   "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
-                   "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
-                   "warmup_steps": args.warmup, "timed_steps": args.steps},
-        "results": results,
-        "ratios": ratios(results),
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    config = {**MODEL, "batch": BATCH, "inputs_length": INPUTS_LENGTH,
+              "targets_length": TARGETS_LENGTH, "raw_length_ours": RAW_LENGTH,
+              "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
+              "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
+              "warmup_steps": args.warmup, "timed_steps": args.steps}
+    write_report(args.out, env=env, config=config, results=results, summary=summary)
 
 
 if __name__ == "__main__":
