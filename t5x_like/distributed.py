@@ -15,25 +15,44 @@ Which processes belong to one run is decided, in this order, by:
 Everything after this works per process: each reads its own shard of the data
 (``train.device_batches``), process 0 alone writes metrics and the config, and orbax
 coordinates the checkpoint files.
+
+When a process dies (SIGKILL, a lost host), the others would wait in their next collective,
+and JAX's own coordination service would end them only after its heartbeat timeout, with a
+C++ fatal log and a stack trace (its missed-heartbeat callback cannot be replaced from Python
+in jaxlib 0.10: the status it passes has no Python type). So every process also runs a
+``_Watchdog`` thread: it bumps a counter under ``t5x_like/alive/`` in the coordination
+service's key-value store and watches the others' counters; one that stays unchanged for
+``--heartbeat-timeout`` seconds (default 30, ``$T5X_LIKE_HEARTBEAT_TIMEOUT``) stops this
+process with one sentence and exit status 75. JAX's heartbeat timeout is set well above ours
+(``_jax_heartbeat_s``): it remains the backstop, e.g. when the coordinator (process 0) itself
+dies, which JAX reports at once from C++.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import socket
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from t5x_like.errors import UserError
+from t5x_like.errors import UserError, check
 
 ENV_COORDINATOR = "T5X_LIKE_COORDINATOR"
 ENV_NUM_PROCESSES = "T5X_LIKE_NUM_PROCESSES"
 ENV_PROCESS_ID = "T5X_LIKE_PROCESS_ID"
 ENV_MODE = "T5X_LIKE_DISTRIBUTED"  # auto | off
 ENV_TIMEOUT = "T5X_LIKE_INIT_TIMEOUT"  # seconds to wait for all processes (default 300)
+ENV_HEARTBEAT = "T5X_LIKE_HEARTBEAT_TIMEOUT"  # seconds of silence before a process counts as dead
+DEFAULT_HEARTBEAT_S = 30
+MIN_HEARTBEAT_S = 5
+PEER_LOST_EXIT = 75  # sysexits' EX_TEMPFAIL: restarting every process resumes the run
+ALIVE_DIR = "t5x_like/alive/"  # key-value directory of the watchdogs' counters
 
 T = TypeVar("T")
 
@@ -47,6 +66,7 @@ class Cluster:
     num_processes: int = 1
     process_id: int = 0
     timeout_s: int = 300
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator service")
     group.add_argument("--num-processes", type=int, help="processes in the run")
     group.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"stop when another process has been silent this long (default "
+        f"${ENV_HEARTBEAT} or {DEFAULT_HEARTBEAT_S}; at least {MIN_HEARTBEAT_S})",
+    )
 
 
 def _int(text: str | int | None, what: str) -> int | None:
@@ -92,6 +119,14 @@ def resolve(args: argparse.Namespace | None = None, env=None) -> Cluster:
     pid = getattr(args, "process_id", None)
     pid = pid if pid is not None else _int(env.get(ENV_PROCESS_ID), ENV_PROCESS_ID)
     timeout = _int(env.get(ENV_TIMEOUT), ENV_TIMEOUT) or 300
+    heartbeat = getattr(args, "heartbeat_timeout", None)
+    heartbeat = heartbeat if heartbeat is not None else _int(env.get(ENV_HEARTBEAT), ENV_HEARTBEAT)
+    heartbeat = DEFAULT_HEARTBEAT_S if heartbeat is None else heartbeat
+    check(
+        heartbeat >= MIN_HEARTBEAT_S,
+        f"the heartbeat timeout must be at least {MIN_HEARTBEAT_S} s, got {heartbeat}; "
+        f"fix --heartbeat-timeout or ${ENV_HEARTBEAT}",
+    )
     mode = env.get(ENV_MODE, "").strip().lower()
     if mode not in ("", "auto", "off"):
         raise UserError(f"${ENV_MODE}={mode!r} must be 'auto', 'off' or unset")
@@ -121,9 +156,9 @@ def resolve(args: argparse.Namespace | None = None, env=None) -> Cluster:
         _check_address(coordinator)
         if num == 1:
             return Cluster("single")
-        return Cluster("explicit", coordinator, num, pid, timeout)
+        return Cluster("explicit", coordinator, num, pid, timeout, heartbeat)
     if mode == "auto" or (mode != "off" and _slurm_multi_task(env)):
-        return Cluster("auto", timeout_s=timeout)
+        return Cluster("auto", timeout_s=timeout, heartbeat_s=heartbeat)
     return Cluster("single")
 
 
@@ -149,9 +184,13 @@ def initialize(args: argparse.Namespace | None = None) -> Cluster:
                 num_processes=cluster.num_processes,
                 process_id=cluster.process_id,
                 initialization_timeout=cluster.timeout_s,
+                heartbeat_timeout_seconds=_jax_heartbeat_s(cluster.heartbeat_s),
             )
         else:
-            jax.distributed.initialize(initialization_timeout=cluster.timeout_s)
+            jax.distributed.initialize(
+                initialization_timeout=cluster.timeout_s,
+                heartbeat_timeout_seconds=_jax_heartbeat_s(cluster.heartbeat_s),
+            )
     except ValueError as e:  # JAX's cluster detection found nothing it knows
         raise UserError(
             f"${ENV_MODE}=auto but JAX detected no Cloud TPU, SLURM or MPI cluster ({e}); "
@@ -166,13 +205,19 @@ def initialize(args: argparse.Namespace | None = None) -> Cluster:
             f"was started with the same coordinator address, that process 0 is running and "
             f"that the port is reachable"
         ) from e
-    return Cluster(
+    joined = Cluster(
         cluster.mode,
         cluster.coordinator,
         jax.process_count(),
         jax.process_index(),
         cluster.timeout_s,
+        cluster.heartbeat_s,
     )
+    if joined.num_processes > 1:
+        from jax._src import distributed as jax_distributed  # the client multihost_utils uses
+
+        _Watchdog(jax_distributed.global_state.client, joined).start()
+    return joined
 
 
 def _probe_coordinator(cluster: Cluster) -> None:
@@ -207,6 +252,159 @@ def _probe_coordinator(cluster: Cluster) -> None:
                     f"${ENV_COORDINATOR}"
                 ) from None
             time.sleep(0.5)
+
+
+def _interval_s(heartbeat_s: float) -> float:
+    """How often a watchdog bumps its counter and reads the others': six times per timeout."""
+    return min(max(heartbeat_s / 6, 0.5), 10.0)
+
+
+def _jax_heartbeat_s(heartbeat_s: int) -> int:
+    """JAX's own heartbeat timeout: the backstop, far enough above ours that our sentence
+    comes first (JAX may notice a missing heartbeat up to half its timeout early)."""
+    return int(2 * (heartbeat_s + _interval_s(heartbeat_s)) + 10)
+
+
+# XLA status codes that start the message of an error raised by a collective or by the
+# coordination service (e.g. "UNKNOWN: Gloo AllGather failed: ... Connection closed by peer").
+_RUNTIME_CODES = ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED",
+                  "CANCELLED", "FAILED_PRECONDITION", "DATA_LOSS")
+
+
+def _from_runtime(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) came from a collective or the coordination
+    service: the usual first symptom of another process dying."""
+    import jax
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, jax.errors.JaxRuntimeError):
+            return True
+        if str(exc).split(":", 1)[0] in _RUNTIME_CODES:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class _Watchdog:
+    """Stops this process, in one sentence, when another process of the run goes silent.
+
+    Each process bumps ``ALIVE_DIR/<its id>`` every ``_interval_s`` and reads the directory;
+    a counter unchanged for ``heartbeat_s`` (on this process's clock, so hosts' clocks need not
+    agree) means that process is dead or hung. The check runs in a thread, so it works
+    whether the main thread waits in a collective or computes on the host; JAX releases the
+    GIL while it compiles and runs, so a busy host keeps its own counter moving.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        cluster: Cluster,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.client = client
+        self.cluster = cluster
+        self.timeout = cluster.heartbeat_s
+        self.interval = _interval_s(cluster.heartbeat_s)
+        self.clock = clock
+        # Set at interpreter exit: the others are still judged (this process waits for them
+        # in JAX's shutdown barrier), but a service that is gone is no longer an error.
+        self.exiting = threading.Event()
+        self.count = 0
+        now = clock()
+        others = set(range(cluster.num_processes)) - {cluster.process_id}
+        self.last_value: dict[int, str | None] = dict.fromkeys(others)
+        self.last_change = dict.fromkeys(others, now)
+        self.last_tick = now
+        self.failing_since: float | None = None
+
+    def start(self) -> None:
+        atexit.register(self._at_exit)  # after jax's own atexit, so it runs before shutdown
+        previous = sys.excepthook
+
+        def hook(kind, exc, tb):
+            # A collective that failed because a peer died: give the watchdog the time it
+            # needs to name that peer (it ends the process, so this never returns) instead of
+            # a traceback. Other runtime errors keep their traceback, this much later.
+            if not issubclass(kind, KeyboardInterrupt) and _from_runtime(exc):
+                threading.Event().wait(self.timeout + 3 * self.interval)
+            previous(kind, exc, tb)
+
+        sys.excepthook = hook
+        threading.Thread(target=self._run, name="t5x_like-watchdog", daemon=True).start()
+
+    def _at_exit(self) -> None:
+        """A process that is exiting waits in JAX's shutdown barrier: not a dead one."""
+        try:
+            self.client.key_value_set(
+                f"{ALIVE_DIR}{self.cluster.process_id}", "exit", allow_overwrite=True
+            )
+        except Exception:
+            pass
+        self.exiting.set()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            verdict = self.tick()
+            if verdict == "exit":
+                return
+            if verdict:
+                _stop_process(verdict)
+
+    def tick(self) -> str | None:
+        """One round: bump, read, judge. Returns the sentence to stop with, "exit" once
+        this process is exiting and the service is gone, or None."""
+        now = self.clock()
+        if now - self.last_tick > self.timeout / 2:  # this thread itself was not scheduled:
+            self.last_change = dict.fromkeys(self.last_change, now)  # judge nobody on that
+        self.last_tick = now
+        self.count += 1
+        try:
+            self.client.key_value_set(
+                f"{ALIVE_DIR}{self.cluster.process_id}", str(self.count), allow_overwrite=True
+            )
+            entries = self.client.key_value_dir_get(ALIVE_DIR)
+        except Exception as e:
+            if self.exiting.is_set():
+                return "exit"
+            self.failing_since = self.failing_since or now
+            if now - self.failing_since < self.timeout:
+                return None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            return (
+                f"process {self.cluster.process_id} of {self.cluster.num_processes} lost "
+                f"contact with the coordinator {self.cluster.coordinator or '(process 0)'} "
+                f"for {self.timeout} s ({first}); this run is stopping: restart all processes "
+                f"with the same command to resume from the last checkpoint"
+            )
+        self.failing_since = None
+        values = {key.rsplit("/", 1)[-1]: value for key, value in entries}
+        for j in list(self.last_change):
+            value = values.get(str(j))
+            if value == "exit":  # finished, waiting for the others in JAX's shutdown
+                del self.last_change[j]
+            elif value != self.last_value[j]:
+                self.last_value[j], self.last_change[j] = value, now
+        dead = sorted(j for j, t in self.last_change.items() if now - t >= self.timeout)
+        if not dead:
+            return None
+        who = (f"process {dead[0]}" if len(dead) == 1
+               else f"processes {', '.join(map(str, dead))}")
+        return (
+            f"{who} of {self.cluster.num_processes} stopped responding (no heartbeat for "
+            f"{self.timeout} s); this run is stopping: restart all processes with the same "
+            f"command to resume from the last checkpoint"
+        )
+
+
+def _stop_process(sentence: str) -> None:
+    """Ends the process at once: the main thread may be blocked in a collective that will
+    never return, so no exception could reach it. Checkpoints already written are intact."""
+    newline = "\n" if os.isatty(2) else ""  # past a progress bar
+    os.write(2, f"{newline}error: {sentence}\n".encode())
+    os._exit(PEER_LOST_EXIT)
 
 
 def until_any_exhausted(items: Iterator[T]) -> Iterator[T]:

@@ -10,14 +10,18 @@ restore in one process to the reference parameters.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 from conftest import ROOT, TINY_CONFIG, TINY_OVERRIDES, run_cli
 
+from t5x_like import distributed
+from t5x_like.errors import UserError
 from t5x_like.launch import local
 
 STEPS = 3
@@ -161,3 +165,162 @@ def test_no_coordinator_is_one_sentence(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: process 1 found no coordinator at 127.0.0.1:{port} within 2 s")
     assert not (tmp_path / "w").exists()  # it stopped before doing anything
+
+
+HEARTBEAT_S = 10
+
+
+def _complete_steps(workdir):
+    folder = workdir / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _logged_steps(workdir):
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line cut by the kill
+    return steps
+
+
+def _start_pair(workdir, num_steps, logs):
+    """Starts processes 0 and 1 of one training run; their output goes to files named
+    LOGS + out0, err0, ... (files, not pipes: nobody has to drain them)."""
+    port = local.free_port()
+    argv = [
+        sys.executable, "-m", "t5x_like.cli", "train", "--config", TINY_CONFIG,
+        "--workdir", str(workdir), f"--heartbeat-timeout={HEARTBEAT_S}", *TINY_OVERRIDES,
+        f"--config.train.num_steps={num_steps}", "--config.train.checkpoint_every=2",
+        "--config.train.eval_batches=0",
+    ]
+    procs = []
+    for i in range(2):
+        out = open(f"{logs}out{i}", "w+")  # noqa: SIM115
+        err = open(f"{logs}err{i}", "w+")  # noqa: SIM115
+        env = local.process_env(os.environ, index=i, processes=2, port=port, devices=2)
+        procs.append((subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
+    return procs
+
+
+def _read(f):
+    f.flush()
+    f.seek(0)
+    return f.read()
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """Two processes train; once checkpoint 4 is complete, process 1 is SIGKILLed. Returns
+    what process 0 did next: its exit status, stderr, seconds from the kill to its exit."""
+    workdir = tmp_path_factory.mktemp("killed") / "run"
+    procs = _start_pair(workdir, 100_000, f"{workdir.parent}/")
+    try:
+        deadline = time.monotonic() + 300
+        while not [s for s in _complete_steps(workdir) if s >= 4]:
+            assert all(p.poll() is None for p, _, _ in procs), _read(procs[0][2])[-3000:]
+            assert time.monotonic() < deadline, "the two processes never reached step 4"
+            time.sleep(0.1)
+        procs[1][0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        survivor, _, err = procs[0]
+        try:
+            survivor.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 0 was still running 120 s after process 1 was killed")
+        took = time.monotonic() - killed_at
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {
+        "workdir": workdir,
+        "returncode": survivor.returncode,
+        "stderr": _read(err),
+        "took": took,
+        "last_logged": max(_logged_steps(workdir)),
+        "saved": max(_complete_steps(workdir)),
+    }
+
+
+@pytest.mark.multiprocess
+def test_survivor_of_a_killed_process_stops_in_one_sentence(killed_run):
+    """Process 0, left waiting in a collective that will never finish, exits non-zero well
+    within 2 minutes, naming the dead process in one line and without a traceback."""
+    stderr = killed_run["stderr"]
+    assert killed_run["returncode"] == distributed.PEER_LOST_EXIT, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: process 1 of 2 stopped responding (no heartbeat for {HEARTBEAT_S} s); this "
+        f"run is stopping: restart all processes with the same command to resume from the "
+        f"last checkpoint"
+    )
+    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr[-3000:]
+    assert killed_run["took"] < 120  # the sentence shows that our watchdog ended it, not
+    # JAX's heartbeat backstop (set more than twice as high, a C++ fatal log)
+    print(f"survivor exited {killed_run['took']:.1f} s after the kill (heartbeat timeout "
+          f"{HEARTBEAT_S} s)")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_after_a_killed_process_a_rerun_of_both_resumes(killed_run):
+    workdir, saved = killed_run["workdir"], killed_run["saved"]
+    procs = _start_pair(workdir, saved + 2, f"{workdir.parent}/rerun-")
+    for p, _, err_file in procs:
+        p.wait(timeout=300)
+        assert p.returncode == 0, _read(err_file)[-3000:]
+    assert f"resumed from step {saved} in {workdir}" in _read(procs[0][1])
+    print(f"steps lost: {killed_run['last_logged'] - saved} (logged "
+          f"{killed_run['last_logged']} before the kill, resumed from {saved})")
+
+
+def test_heartbeat_timeout_is_checked():
+    assert distributed.resolve(None, {}).heartbeat_s == distributed.DEFAULT_HEARTBEAT_S
+    env = {distributed.ENV_HEARTBEAT: "3"}
+    with pytest.raises(UserError, match="heartbeat timeout must be at least 5 s, got 3"):
+        distributed.resolve(None, env)
+    with pytest.raises(UserError, match="T5X_LIKE_HEARTBEAT_TIMEOUT must be an integer"):
+        distributed.resolve(None, {distributed.ENV_HEARTBEAT: "ten"})
+
+
+class _FakeStore:
+    """The two key-value calls the watchdog makes, in memory."""
+
+    def __init__(self):
+        self.values = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def test_watchdog_names_the_silent_process_not_a_finished_one_nor_itself_when_starved():
+    store, now = _FakeStore(), [0.0]
+    cluster = distributed.Cluster("explicit", "127.0.0.1:1", 3, 0, heartbeat_s=10)
+    dog = distributed._Watchdog(store, cluster, clock=lambda: now[0])
+
+    def tick(t, beats=()):
+        now[0] = t
+        for j in beats:
+            store.values[f"{distributed.ALIVE_DIR}{j}"] = f"{t}"
+        return dog.tick()
+
+    assert tick(1, [1, 2]) is None and tick(2, [1]) is None
+    store.values[f"{distributed.ALIVE_DIR}2"] = "exit"  # 2 finished: waits at JAX's shutdown
+    assert [tick(t) for t in (4, 6, 8, 10, 11.9)] == [None] * 5  # 1 silent since t=2
+    assert tick(12) == (
+        "process 1 of 3 stopped responding (no heartbeat for 10 s); this run is stopping: "
+        "restart all processes with the same command to resume from the last checkpoint"
+    )
+    # this thread itself not scheduled for 30 s: nobody is blamed for that gap
+    dog = distributed._Watchdog(store, cluster, clock=lambda: now[0])
+    assert tick(13, [1]) is None and tick(43) is None
+    assert [tick(t) for t in (47, 51, 52.9)] == [None] * 3
+    assert tick(53).startswith("process 1 of 3 stopped responding")
