@@ -91,7 +91,10 @@ def _cmd_eval(args, overrides):
                 f"\n  truth:  {sample['truth']}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        import jax
+
+        if jax.process_index() == 0:  # one writer: every process holds the same report
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _task_metrics(args, overrides, name: str) -> None:

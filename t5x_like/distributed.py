@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from t5x_like.errors import UserError, check
 
 ENV_COORDINATOR = "T5X_LIKE_COORDINATOR"
@@ -428,3 +430,15 @@ def until_any_exhausted(items: Iterator[T]) -> Iterator[T]:
         if not np.all(flags):
             return
         yield item
+
+
+def host_array(x) -> np.ndarray:
+    """The whole value of ``x`` on this host: an array sharded over several processes is
+    gathered from all of them (every process must call this, in the same order)."""
+    import jax
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

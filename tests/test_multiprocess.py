@@ -119,6 +119,26 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores(two_proce
                                    err_msg=name)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_process_eval_gathers_its_baseline_and_samples(two_process_run, tmp_path):
+    """The unigram baseline and the span-filling samples read arrays sharded over both
+    processes: each process gathers the whole of them and prints the same report."""
+    workdir, _ = two_process_run
+    report = tmp_path / "eval.json"
+    result = run_cli(
+        "launch", "local", "--processes=2", "--devices-per-process=2", "--",
+        "eval", "--checkpoint", str(workdir), "--batches", "1", "--samples", "2",
+        "--json", str(report),
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    scores = json.loads(report.read_text())
+    assert 0 < scores["loss"] < 12 and 0 < scores["unigram_loss"] < 12
+    lines = {i: [x.split("] ", 1)[1] for x in result.stdout.splitlines()
+                 if x.startswith(f"[{i}] ") and ("loss" in x or "model" in x)] for i in (0, 1)}
+    assert lines[0] and lines[0] == lines[1]
+
+
 UNEVEN = textwrap.dedent(
     """
     from t5x_like import distributed

@@ -12,6 +12,7 @@ from t5x_like import config as config_lib
 from t5x_like import decoding
 from t5x_like import train as train_lib
 from t5x_like.checkpoints import Checkpoints
+from t5x_like.distributed import host_array
 from t5x_like.errors import UserError
 from t5x_like.experiment import Experiment, build
 
@@ -64,9 +65,9 @@ def unigram_baseline(exp: Experiment, *, train_batches: int = 32, eval_batches: 
 def _scored_targets(features: dict) -> np.ndarray:
     """The target ids a family scores: where ``target_weights`` (if it has them) is non-zero,
     else the non-padding targets."""
-    targets = np.asarray(features["targets"])
+    targets = host_array(features["targets"])
     weights = features.get("target_weights")
-    return targets[np.asarray(weights) > 0 if weights is not None else targets > 0]
+    return targets[host_array(weights) > 0 if weights is not None else targets > 0]
 
 
 def token_stream(exp: Experiment, *, split: str, chunk: int, max_chunks: int = 0) -> np.ndarray:
@@ -102,7 +103,7 @@ def perplexity(exp: Experiment, params: dict, *, window: int | None = None,
     score = jax.jit(exp.family.score_batch)
 
     def total(tokens: np.ndarray, weights: np.ndarray) -> float:
-        return float(np.sum(score(params, {"tokens": tokens, "weights": weights})))
+        return float(np.sum(host_array(score(params, {"tokens": tokens, "weights": weights}))))
 
     result = sliding_window_perplexity(stream, total, window=window, stride=stride,
                                        batch_size=batch_size)
@@ -181,9 +182,9 @@ def fill_spans(
     batch = next(
         train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False, shuffle=False)
     )
-    raw = np.asarray(jax.device_get(batch["tokens"]))[:num_examples, :length]
+    raw = host_array(batch["tokens"])[:num_examples, :length]
     features = exp.family.features({"tokens": raw}, jax.random.key(seed))
-    predicted = np.asarray(
+    predicted = host_array(
         exp.family.predict_batch(
             params, {"inputs": features["inputs"]}, max_length=features["targets"].shape[1] + 8
         )
