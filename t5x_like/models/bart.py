@@ -20,18 +20,8 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.decoder_lm import (
-    ACTIVATIONS,
-    POSITION_AXIS,
-    FeedForward,
-    LayerNorm,
-    MultiHeadAttention,
-    check_choices,
-    check_sizes,
-    dropout_keys,
-    layer_keys,
-    strict_from_dict,
-)
+from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.decoder_lm import POSITION_AXIS
 
 POSITION_OFFSET = 2  # BART's learned position table has 2 extra rows; position p reads p + 2
 
@@ -61,7 +51,7 @@ class BartConfig:
 
     def __post_init__(self):
         check_choices("BART", self, {
-            "activation": tuple(ACTIVATIONS), "dtype": tuple(L.DTYPES),
+            "activation": tuple(L.ACTIVATIONS), "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES), "remat_policy": tuple(L.REMAT_POLICIES)})
         check_sizes("BART", self, ("vocab_size", "d_model", "num_heads", "d_ff",
                                    "num_encoder_layers", "num_decoder_layers",
@@ -83,13 +73,13 @@ class BartConfig:
 def _blocks(c: BartConfig, rngs: nnx.Rngs) -> dict:
     dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
     return {
-        "attention": lambda: MultiHeadAttention(
+        "attention": lambda: L.MultiHeadAttention(
             c.d_model, c.num_heads, c.d_kv, use_bias=True, init_std=c.init_std,
             out_init_std=c.init_std, dropout_rate=c.attention_dropout_rate, dtype=dt,
             param_dtype=pdt, rngs=rngs),
-        "norm": lambda: LayerNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt,
-                                  rngs=rngs),
-        "mlp": lambda: FeedForward(
+        "norm": lambda: L.LayerNorm(c.d_model, eps=c.layer_norm_epsilon, dtype=dt,
+                                    param_dtype=pdt, rngs=rngs),
+        "mlp": lambda: L.FeedForward(
             c.d_model, c.d_ff, activation=c.activation, gated=False, use_bias=True,
             init_std=c.init_std, out_init_std=c.init_std, dropout_rate=c.activation_dropout_rate,
             dtype=dt, param_dtype=pdt, rngs=rngs),
@@ -215,7 +205,7 @@ class Bart(nnx.Module):
     def _dropout_keys(self, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:
         c = self.config
         used = max(c.dropout_rate, c.attention_dropout_rate, c.activation_dropout_rate) > 0
-        return dropout_keys(used, enable_dropout, rngs, n)
+        return L.dropout_keys(used, enable_dropout, rngs, n)
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
@@ -230,7 +220,7 @@ class Bart(nnx.Module):
         def body(layer, x, key):
             return layer(x, mask=mask, dropout_key=key), None
 
-        return self._run(self.encoder.layers, x, layer_keys(k_layers, c.num_encoder_layers),
+        return self._run(self.encoder.layers, x, L.layer_keys(k_layers, c.num_encoder_layers),
                          body)[0]
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
@@ -249,7 +239,7 @@ class Bart(nnx.Module):
             return layer(y, encoded, self_mask=causal, cross_mask=cross_mask,
                          dropout_key=key)[0], None
 
-        y, _ = self._run(self.decoder.layers, y, layer_keys(k_layers, c.num_decoder_layers),
+        y, _ = self._run(self.decoder.layers, y, L.layer_keys(k_layers, c.num_decoder_layers),
                          body)
         return self._logits(y)
 

@@ -8,8 +8,8 @@ GPT-NeoX and Llama): tests/test_decoder_lm.py.
 
 Attention is causal, restricted to a document when ``segment_ids`` are given (packed rows;
 segment 0 = padding), or given outright by ``attention_mask`` [B, L, L] (prefix LM / UniLM).
-The blocks with biases (``LayerNorm``, ``MultiHeadAttention``, ``FeedForward``) are shared with
-BART (models/bart.py).
+The blocks with biases (``LayerNorm``, ``MultiHeadAttention``, ``FeedForward``) live in
+models/layers.py, shared with BART.
 """
 
 from __future__ import annotations
@@ -25,44 +25,11 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
+from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf): BART, GPT-NeoX
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,  # with gated_mlp: Llama's SwiGLU
-}
 POSITION_EMBEDDINGS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 POSITION_AXIS = "position"  # rows of a learned position table (replicated: no rule maps it)
-
-
-def check_choices(kind: str, config: Any, choices: Mapping[str, tuple]) -> None:
-    """UserError naming the first field of ``config`` whose value is not among its choices."""
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} is not one of "
-                            f"{tuple(allowed)}")
-
-
-def check_sizes(kind: str, config: Any, positive: tuple[str, ...], rates: tuple[str, ...]):
-    for name in positive:
-        if not (isinstance(getattr(config, name), int) and getattr(config, name) > 0):
-            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} must be a "
-                            "positive integer")
-    for name in rates:
-        if not 0.0 <= getattr(config, name) < 1.0:
-            raise UserError(f"{kind} config field {name}={getattr(config, name)!r} must be in "
-                            "[0, 1)")
-
-
-def strict_from_dict(cls: type, kind: str, d: Mapping[str, Any]) -> Any:
-    """Strict: an unknown key is a typo or a different architecture, so it is refused."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in d:
-        if key not in known:
-            raise UserError(f"unknown {kind} config key {key!r}; known keys: {sorted(known)}")
-    return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +60,7 @@ class DecoderLMConfig:
     def __post_init__(self):
         check_choices("decoder LM", self, {
             "position_embedding": POSITION_EMBEDDINGS, "norm": NORMS,
-            "activation": tuple(ACTIVATIONS), "dtype": tuple(L.DTYPES),
+            "activation": tuple(L.ACTIVATIONS), "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES), "remat_policy": tuple(L.REMAT_POLICIES)})
         check_sizes("decoder LM", self,
                     ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers",
@@ -105,122 +72,6 @@ class DecoderLMConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecoderLMConfig:
         return strict_from_dict(cls, "decoder LM", d)
-
-
-# --------------------------------------------------------------------------- shared blocks
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm with scale and bias (GPT-2, BART); statistics in float32."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
-        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-def _zeros_param(rngs, shape, names, dtype):
-    return L.make_param(rngs, jax.nn.initializers.zeros, shape, names, dtype)
-
-
-class MultiHeadAttention(nnx.Module):
-    """Attention with optional biases and softmax(q k^T / sqrt(d_kv)) (GPT-2 and BART's scale).
-
-    Kernels as ``layers.Attention``: q/k/v [embed, heads, kv], out [heads, kv, embed]; biases
-    q/k/v [heads, kv], out [embed]. The scale is applied to the projected query.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, use_bias: bool,
-                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        qkv, shape = ("embed", "heads", "kv"), (d_model, num_heads, d_kv)
-        self.query = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
-        self.key = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
-        self.value = L.make_param(rngs, L.normal(init_std), shape, qkv, param_dtype)
-        self.out = L.make_param(rngs, L.normal(out_init_std), (num_heads, d_kv, d_model),
-                                ("heads", "kv", "embed"), param_dtype)
-        if use_bias:
-            self.query_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
-            self.key_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
-            self.value_bias = _zeros_param(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
-            self.out_bias = _zeros_param(rngs, (d_model,), ("embed",), param_dtype)
-        self.use_bias = use_bias
-        self.scale = d_kv**-0.5
-        self.dropout_rate = dropout_rate
-        self.dtype = dtype
-
-    def _project(self, x: jax.Array, name: str) -> jax.Array:
-        y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
-        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
-
-    def project_q(self, x: jax.Array) -> jax.Array:
-        """Scaled queries [B, T, N, H]."""
-        return self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
-
-    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, S, N, H] (what a KV cache stores)."""
-        return self._project(x, "key"), self._project(x, "value")
-
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
-               dropout_key: jax.Array | None = None) -> jax.Array:
-        y = L.attention(q, k, v, bias=None, mask=mask, dropout_rate=self.dropout_rate,
-                        dropout_key=dropout_key)
-        y = jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
-        return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
-
-
-class FeedForward(nnx.Module):
-    """act(x Wi + b) Wo + b, or gated act(x W0) * (x W1) Wo; dropout on the hidden activations."""
-
-    def __init__(self, d_model: int, d_ff: int, *, activation: str, gated: bool, use_bias: bool,
-                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        self.inputs = ("wi_0", "wi_1") if gated else ("wi",)
-        for name in self.inputs:
-            setattr(self, name, L.make_param(rngs, L.normal(init_std), (d_model, d_ff),
-                                             ("embed", "mlp"), param_dtype))
-            if use_bias:
-                setattr(self, f"{name}_bias", _zeros_param(rngs, (d_ff,), ("mlp",), param_dtype))
-        self.wo = L.make_param(rngs, L.normal(out_init_std), (d_ff, d_model), ("mlp", "embed"),
-                               param_dtype)
-        if use_bias:
-            self.wo_bias = _zeros_param(rngs, (d_model,), ("embed",), param_dtype)
-        self.activation = activation
-        self.use_bias = use_bias
-        self.dropout_rate = dropout_rate
-        self.dtype = dtype
-
-    def _dense(self, x: jax.Array, name: str) -> jax.Array:
-        y = jnp.einsum("...d,df->...f", x, getattr(self, name)[...].astype(self.dtype))
-        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
-
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        h = ACTIVATIONS[self.activation](self._dense(x, self.inputs[0]))
-        if len(self.inputs) == 2:
-            h = h * self._dense(x, self.inputs[1])
-        return self._dense(L.dropout(h, self.dropout_rate, dropout_key), "wo")
-
-
-def dropout_keys(rate_used: bool, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:
-    """n dropout keys from ``rngs`` when dropout is on, else n Nones."""
-    if not enable_dropout or not rate_used:
-        return [None] * n
-    if rngs is None:
-        raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
-    return L.split_key(rngs.dropout(), n)
-
-
-def layer_keys(key: jax.Array | None, n: int) -> jax.Array | None:
-    return None if key is None else jax.random.split(key, n)
 
 
 # --------------------------------------------------------------------------- positions, masks
@@ -275,7 +126,7 @@ def self_attention_mask(length: int, segment_ids: jax.Array | None,
 
 
 def _norm(c: DecoderLMConfig, rngs: nnx.Rngs) -> nnx.Module:
-    kind = LayerNorm if c.norm == "layernorm" else L.RMSNorm
+    kind = L.LayerNorm if c.norm == "layernorm" else L.RMSNorm
     return kind(c.d_model, eps=c.layer_norm_epsilon, dtype=L.dtype_of(c.dtype),
                 param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
 
@@ -285,14 +136,14 @@ class DecoderLayer(nnx.Module):
         dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
         out_std = c.init_std / (2 * c.num_layers) ** 0.5  # GPT-2's scaled residual projections
         self.pre_attention_norm = _norm(c, rngs)
-        self.attention = MultiHeadAttention(
+        self.attention = L.MultiHeadAttention(
             c.d_model, c.num_heads, c.d_kv, use_bias=c.use_bias, init_std=c.init_std,
             out_init_std=out_std, dropout_rate=c.attention_dropout_rate, dtype=dt,
             param_dtype=pdt, rngs=rngs)
         self.pre_mlp_norm = _norm(c, rngs)
-        self.mlp = FeedForward(c.d_model, c.d_ff, activation=c.activation, gated=c.gated_mlp,
-                               use_bias=c.use_bias, init_std=c.init_std, out_init_std=out_std,
-                               dropout_rate=0.0, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = L.FeedForward(c.d_model, c.d_ff, activation=c.activation, gated=c.gated_mlp,
+                                 use_bias=c.use_bias, init_std=c.init_std, out_init_std=out_std,
+                                 dropout_rate=0.0, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.dropout_rate = c.dropout_rate
 
     def __call__(self, x, *, mask, rotary, dropout_key=None, cache=None, start=None):
@@ -384,14 +235,14 @@ class DecoderLM(nnx.Module):
             positions = (positions_in_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(length), ids.shape))
         mask = self_attention_mask(length, segment_ids, attention_mask)
-        k_embed, k_layers = dropout_keys(c.dropout_rate > 0 or c.attention_dropout_rate > 0,
-                                         enable_dropout, rngs, 2)
+        k_embed, k_layers = L.dropout_keys(c.dropout_rate > 0 or c.attention_dropout_rate > 0,
+                                           enable_dropout, rngs, 2)
         x, rotary = self._embed(ids, positions, k_embed)
 
         def body(layer, x, key):
             return layer(x, mask=mask, rotary=rotary, dropout_key=key)[0], None
 
-        x, _ = self._run(x, layer_keys(k_layers, c.num_layers), body)
+        x, _ = self._run(x, L.layer_keys(k_layers, c.num_layers), body)
         return self.final_norm(x)
 
     def __call__(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,

@@ -35,6 +35,7 @@ from flax import nnx
 from t5x_like.compress import quantize as Q
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
+from t5x_like.models.config_checks import check_choices, strict_from_dict
 
 MODEL_TYPES = ("bert", "roberta", "albert", "electra")  # names the HF layout; math is by fields
 HIDDEN_ACTS = ("gelu", "gelu_new")  # exact erf GELU; tanh approximation (ALBERT's default)
@@ -77,7 +78,7 @@ class EncoderConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layer_num_heads", tuple(self.layer_num_heads))
-        choices = {
+        check_choices("encoder", self, {
             "model_type": MODEL_TYPES,
             "hidden_act": HIDDEN_ACTS,
             "layer_sharing": LAYER_SHARING,
@@ -85,11 +86,7 @@ class EncoderConfig:
             "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"encoder config field {name}={getattr(self, name)!r} is not one "
-                                f"of {allowed}")
+        })
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "num_layer_groups", "sbo_max_span_length"):
             if getattr(self, name) <= 0:
@@ -127,13 +124,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EncoderConfig:
-        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown encoder config key {key!r}; known keys: "
-                                f"{sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, "encoder", d)
 
     @property
     def table_size(self) -> int:
@@ -170,10 +161,6 @@ def generator_config(config: EncoderConfig) -> EncoderConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=name == "gelu_new")
 
 
 def _scalar(rngs: nnx.Rngs) -> nnx.Param:
@@ -227,23 +214,10 @@ class Dense(nnx.Module):
         return y.astype(self.dtype) + bias
 
 
-class LayerNorm(nnx.Module):
-    """Mean/variance LayerNorm with scale and bias; statistics in float32."""
-
-    def __init__(self, dim: int, c: EncoderConfig, *, rngs: nnx.Rngs):
-        pdt = L.dtype_of(c.param_dtype)
-        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), pdt)
-        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), pdt)
-        self.eps = c.layer_norm_eps
-        self.dtype = L.dtype_of(c.dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+def _layer_norm(dim: int, c: EncoderConfig, rngs: nnx.Rngs) -> L.LayerNorm:
+    """The shared scale-and-bias layer norm with this config's epsilon and dtypes."""
+    return L.LayerNorm(dim, eps=c.layer_norm_eps, dtype=L.dtype_of(c.dtype),
+                       param_dtype=L.dtype_of(c.param_dtype), rngs=rngs)
 
 
 TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -270,7 +244,7 @@ class Embeddings(nnx.Module):
             for name in TABLES:
                 if hasattr(self, name):
                     setattr(self, f"{name}_scale", _scalar(rngs))
-        self.norm = LayerNorm(e, c, rngs=rngs)
+        self.norm = _layer_norm(e, c, rngs)
         self.position_offset = c.position_offset
         self.quantize = c.quantize
         self.dtype = L.dtype_of(c.dtype)
@@ -314,14 +288,6 @@ class Embeddings(nnx.Module):
         return jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)
 
 
-def _attention_with_probs(q, k, v, mask, rate, key) -> tuple[jax.Array, jax.Array]:
-    """(output, float32 probabilities [B, heads, T, S]): the explicit path, for TinyBERT."""
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    y = jnp.einsum("bnts,bsnh->btnh", L.dropout(probs, rate, key).astype(v.dtype), v)
-    return y, probs
-
-
 class SelfAttention(nnx.Module):
     """Biased q/k/v/out projections, scaled dot-product attention, then LN(x + attention).
 
@@ -337,7 +303,7 @@ class SelfAttention(nnx.Module):
         self.key = Dense(*heads, c, rngs=rngs)
         self.value = Dense(*heads, c, rngs=rngs)
         self.out = Dense((n, d), (h,), ("heads", "kv"), ("embed",), c, rngs=rngs)
-        self.norm = LayerNorm(h, c, rngs=rngs)
+        self.norm = _layer_norm(h, c, rngs)
         self.scale = d ** -0.5
         self.num_heads = n
         self.rates = (c.attention_dropout_rate, c.hidden_dropout_rate)
@@ -356,8 +322,9 @@ class SelfAttention(nnx.Module):
         else:
             q = self.query(x) * jnp.asarray(self.scale, x.dtype)
             if with_probs:
-                y, probs = _attention_with_probs(q, self.key(x), self.value(x), mask,
-                                                 self.rates[0], k_probs)
+                y, probs = L.attention_with_probs(q, self.key(x), self.value(x), bias=None,
+                                                  mask=mask, dropout_rate=self.rates[0],
+                                                  dropout_key=k_probs)
             else:
                 y = L.attention(q, self.key(x), self.value(x), bias=None, mask=mask,
                                 dropout_rate=self.rates[0], dropout_key=k_probs)
@@ -373,12 +340,12 @@ class FeedForward(nnx.Module):
         h, i = c.hidden_size, c.intermediate_size
         self.wi = Dense((h,), (i,), ("embed",), ("mlp",), c, rngs=rngs)
         self.wo = Dense((i,), (h,), ("mlp",), ("embed",), c, rngs=rngs)
-        self.norm = LayerNorm(h, c, rngs=rngs)
+        self.norm = _layer_norm(h, c, rngs)
         self.hidden_act = c.hidden_act
         self.rate = c.hidden_dropout_rate
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        y = self.wo(_activation(self.hidden_act, self.wi(x)))
+        y = self.wo(L.ACTIVATIONS[self.hidden_act](self.wi(x)))
         return self.norm(x + L.dropout(y, self.rate, key))
 
 
@@ -499,7 +466,7 @@ class MLMHead(nnx.Module):
     def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs):
         e = c.table_size
         self.transform = Dense((c.hidden_size,), (e,), ("mlp",), ("embed",), c, rngs=rngs)
-        self.norm = LayerNorm(e, c, rngs=rngs)
+        self.norm = _layer_norm(e, c, rngs)
         self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,), ("vocab",),
                                  L.dtype_of(c.param_dtype))
         if c.quantize != "none":  # the tied decoder's input range
@@ -507,7 +474,7 @@ class MLMHead(nnx.Module):
         self.hidden_act = c.hidden_act
 
     def __call__(self, x: jax.Array, embeddings: Embeddings) -> jax.Array:
-        h = self.norm(_activation(self.hidden_act, self.transform(x)))
+        h = self.norm(L.ACTIVATIONS[self.hidden_act](self.transform(x)))
         h_range = None
         if hasattr(self, "decoder_range"):
             h_max = jax.lax.stop_gradient(jnp.max(jnp.abs(h.astype(jnp.float32))))
@@ -526,7 +493,7 @@ class DiscriminatorHead(nnx.Module):
         self.hidden_act = c.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.prediction(_activation(self.hidden_act, self.dense(x))).astype(jnp.float32)
+        return self.prediction(L.ACTIVATIONS[self.hidden_act](self.dense(x))).astype(jnp.float32)
 
 
 class SpanBoundaryHead(nnx.Module):
@@ -539,9 +506,9 @@ class SpanBoundaryHead(nnx.Module):
             L.dtype_of(c.param_dtype))
         self.dense1 = Dense((3, h), (h,), ("span_parts", "embed"), ("mlp",), c,
                             rngs=rngs)
-        self.norm1 = LayerNorm(h, c, rngs=rngs)
+        self.norm1 = _layer_norm(h, c, rngs)
         self.dense2 = Dense((h,), (e,), ("mlp",), ("embed",), c, rngs=rngs)
-        self.norm2 = LayerNorm(e, c, rngs=rngs)
+        self.norm2 = _layer_norm(e, c, rngs)
         self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,), ("vocab",),
                                  L.dtype_of(c.param_dtype))
         self.hidden_act = c.hidden_act
@@ -554,8 +521,8 @@ class SpanBoundaryHead(nnx.Module):
         right = _gather(hidden, span_boundaries[..., 1])
         offset = jnp.take(self.position_embeddings[...], span_boundaries[..., 2], axis=0)
         x = jnp.stack([left, right, offset.astype(left.dtype)], axis=-2)  # [B, P, 3, H]
-        h = self.norm1(_activation(self.hidden_act, self.dense1(x)))
-        h = self.norm2(_activation(self.hidden_act, self.dense2(h)))
+        h = self.norm1(L.ACTIVATIONS[self.hidden_act](self.dense1(x)))
+        h = self.norm2(L.ACTIVATIONS[self.hidden_act](self.dense2(h)))
         return embeddings.attend(h) + self.bias[...].astype(jnp.float32)
 
 
@@ -623,12 +590,8 @@ class EncoderModel(nnx.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if enable_dropout and (c.hidden_dropout_rate or c.attention_dropout_rate):
-            if rngs is None:
-                raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
-            k_embed, k_layers = L.split_key(rngs.dropout(), 2)
-        else:
-            k_embed = k_layers = None
+        k_embed, k_layers = L.dropout_keys(
+            bool(c.hidden_dropout_rate or c.attention_dropout_rate), enable_dropout, rngs, 2)
         x = L.dropout(self.embeddings(input_ids, token_type_ids), c.hidden_dropout_rate, k_embed)
         mask = (attention_mask > 0)[:, None, None, :]
         hidden, extras = self.encoder(x, mask, k_layers, output_hidden_states, head_mask,

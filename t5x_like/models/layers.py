@@ -70,6 +70,21 @@ def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return list(jax.random.split(key, n))
 
 
+def dropout_keys(rate_used: bool, enable_dropout: bool, rngs: nnx.Rngs | None,
+                 n: int) -> list[jax.Array | None]:
+    """n dropout keys from ``rngs`` when dropout is on (and some rate is non-zero), else Nones."""
+    if not enable_dropout or not rate_used:
+        return [None] * n
+    if rngs is None:
+        raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
+    return split_key(rngs.dropout(), n)
+
+
+def layer_keys(key: jax.Array | None, n: int) -> jax.Array | None:
+    """One key per layer stacked on a leading axis (``run_stack``'s per-layer input), or None."""
+    return None if key is None else jax.random.split(key, n)
+
+
 # --------------------------------------------------------------------------- norms, embeddings
 
 
@@ -86,6 +101,24 @@ class RMSNorm(nnx.Module):
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Mean/variance layer norm with scale and bias (BERT, GPT-2, BART, XLNet); float32 stats."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Embed(nnx.Module):
@@ -134,13 +167,23 @@ def attention(
 
 
 def explicit_attention(q, k, v, *, bias, mask, dropout_rate=0.0, dropout_key=None) -> jax.Array:
+    """``attention`` spelled out (dropout on the probabilities is possible here)."""
+    return attention_with_probs(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
+                                dropout_key=dropout_key)[0]
+
+
+def attention_with_probs(q, k, v, *, bias, mask, dropout_rate=0.0,
+                         dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """(output, float32 probabilities [B, heads, T, S] before dropout): the explicit path, whose
+    probabilities distillation (TinyBERT) reads."""
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+    probs = jax.nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bnts,bsnh->btnh", dropout(probs, dropout_rate, dropout_key).astype(v.dtype), v)
+    return y, probs
 
 
 class Attention(nnx.Module):
@@ -171,6 +214,56 @@ class Attention(nnx.Module):
         y = attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout_rate,
                       dropout_key=dropout_key, implementation=self.implementation)
         return jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
+
+
+def _zeros(rngs: nnx.Rngs, shape: Sequence[int], names: tuple[str, ...], dtype: Any) -> nnx.Param:
+    return make_param(rngs, jax.nn.initializers.zeros, shape, names, dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Attention with optional biases and softmax(q k^T / sqrt(d_kv)) (GPT-2 and BART's scale).
+
+    Kernels as ``Attention``: q/k/v [embed, heads, kv], out [heads, kv, embed]; biases
+    q/k/v [heads, kv], out [embed]. The scale is applied to the projected query.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, *, use_bias: bool,
+                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        qkv, shape = ("embed", "heads", "kv"), (d_model, num_heads, d_kv)
+        self.query = make_param(rngs, normal(init_std), shape, qkv, param_dtype)
+        self.key = make_param(rngs, normal(init_std), shape, qkv, param_dtype)
+        self.value = make_param(rngs, normal(init_std), shape, qkv, param_dtype)
+        self.out = make_param(rngs, normal(out_init_std), (num_heads, d_kv, d_model),
+                              ("heads", "kv", "embed"), param_dtype)
+        if use_bias:
+            self.query_bias = _zeros(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.key_bias = _zeros(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.value_bias = _zeros(rngs, (num_heads, d_kv), ("heads", "kv"), param_dtype)
+            self.out_bias = _zeros(rngs, (d_model,), ("embed",), param_dtype)
+        self.use_bias = use_bias
+        self.scale = d_kv**-0.5
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
+        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
+
+    def project_q(self, x: jax.Array) -> jax.Array:
+        """Scaled queries [B, T, N, H]."""
+        return self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, N, H] (what a KV cache stores)."""
+        return self._project(x, "key"), self._project(x, "value")
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+        y = attention(q, k, v, bias=None, mask=mask, dropout_rate=self.dropout_rate,
+                      dropout_key=dropout_key)
+        y = jnp.einsum("btnh,nhd->btd", y, self.out[...].astype(self.dtype))
+        return y + self.out_bias[...].astype(self.dtype) if self.use_bias else y
 
 
 # --------------------------------------------------------------------------- relative positions
@@ -237,35 +330,54 @@ class RelativePositionBias(nnx.Module):
 # --------------------------------------------------------------------------- feed-forward
 
 
-class MLP(nnx.Module):
-    """T5 feed-forward: gated-GELU (v1.1: gelu_tanh(x W0) * x W1) or ReLU (v1.0), then Wo."""
+# Feed-forward activations by their transformers names.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (GPT-2, T5)
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf): BERT, BART, XLNet
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # with gated=True: Llama's SwiGLU
+}
 
-    def __init__(self, d_model: int, d_ff: int, *, gated: bool, dropout_rate: float, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        def wi():
-            return make_param(rngs, normal(d_model**-0.5), (d_model, d_ff), ("embed", "mlp"),
-                              param_dtype)
 
-        if gated:
-            self.wi_0, self.wi_1 = wi(), wi()
-        else:
-            self.wi = wi()
-        self.wo = make_param(rngs, normal(d_ff**-0.5), (d_ff, d_model), ("mlp", "embed"),
+class FeedForward(nnx.Module):
+    """act(x Wi + b) Wo + b, or gated act(x W0) * (x W1) Wo; dropout on the hidden activations.
+
+    Kernels ``wi`` (gated: ``wi_0``, ``wi_1``) [embed, mlp] and ``wo`` [mlp, embed]. With
+    ``use_bias`` each kernel's bias is ``<kernel>_bias`` unless ``bias_names`` names it otherwise
+    (XLNet's ``bi``/``bo``): the names are checkpoint paths, so each model keeps its own.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, gated: bool, use_bias: bool,
+                 init_std: float, out_init_std: float, dropout_rate: float, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs, bias_names: dict[str, str] | None = None):
+        self.inputs = ("wi_0", "wi_1") if gated else ("wi",)
+        named = bias_names or {}
+        self.biases = tuple((w, named.get(w, f"{w}_bias")) for w in (*self.inputs, "wo")
+                            if use_bias)
+        bias_of = dict(self.biases)
+        for name in self.inputs:
+            setattr(self, name, make_param(rngs, normal(init_std), (d_model, d_ff),
+                                           ("embed", "mlp"), param_dtype))
+            if use_bias:
+                setattr(self, bias_of[name], _zeros(rngs, (d_ff,), ("mlp",), param_dtype))
+        self.wo = make_param(rngs, normal(out_init_std), (d_ff, d_model), ("mlp", "embed"),
                              param_dtype)
-        self.gated = gated
+        if use_bias:
+            setattr(self, bias_of["wo"], _zeros(rngs, (d_model,), ("embed",), param_dtype))
+        self.activation = activation
         self.dropout_rate = dropout_rate
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        def dense(w):
-            return jnp.einsum("btd,df->btf", x, w[...].astype(self.dtype))
+    def _dense(self, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("...d,df->...f", x, getattr(self, name)[...].astype(self.dtype))
+        bias = dict(self.biases).get(name)
+        return y if bias is None else y + getattr(self, bias)[...].astype(self.dtype)
 
-        if self.gated:
-            h = jax.nn.gelu(dense(self.wi_0), approximate=True) * dense(self.wi_1)
-        else:
-            h = jax.nn.relu(dense(self.wi))
-        h = dropout(h, self.dropout_rate, dropout_key)
-        return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        h = ACTIVATIONS[self.activation](self._dense(x, self.inputs[0]))
+        if len(self.inputs) == 2:
+            h = h * self._dense(x, self.inputs[1])
+        return self._dense(dropout(h, self.dropout_rate, dropout_key), "wo")
 
 
 # --------------------------------------------------------------------------- layer stacks
@@ -320,3 +432,4 @@ def run_stack(
         carry, out = apply(graphdef, state, carry, jax.tree.map(lambda a, i=i: a[i], per_layer))
         outs.append(out)
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+

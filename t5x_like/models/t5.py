@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5x_like.errors import UserError
 from t5x_like.models import layers as L
+from t5x_like.models.config_checks import check_choices, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 
@@ -44,26 +44,27 @@ class T5Config:
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
-        choices = {
+        check_choices("T5", self, {
             "feed_forward_proj": FEED_FORWARD_PROJ,
             "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES),
             "attention_implementation": tuple(L.ATTENTION_IMPLEMENTATIONS),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"T5 config field {name}={getattr(self, name)!r} is not one of "
-                                f"{allowed}")
+        })
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> T5Config:
-        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown T5 config key {key!r}; known keys: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, "T5", d)
+
+
+def _mlp(c: T5Config, rngs: nnx.Rngs) -> L.FeedForward:
+    """Gated-GELU (v1.1: gelu_tanh(x W0) * x W1) or ReLU (v1.0), then Wo; no biases."""
+    gated = c.feed_forward_proj == "gated-gelu"
+    return L.FeedForward(c.d_model, c.d_ff, activation="gelu_new" if gated else "relu",
+                         gated=gated, use_bias=False, init_std=c.d_model**-0.5,
+                         out_init_std=c.d_ff**-0.5, dropout_rate=c.dropout_rate,
+                         dtype=L.dtype_of(c.dtype), param_dtype=L.dtype_of(c.param_dtype),
+                         rngs=rngs)
 
 
 class EncoderLayer(nnx.Module):
@@ -76,8 +77,7 @@ class EncoderLayer(nnx.Module):
             param_dtype=pdt, rngs=rngs,
             implementation=L.ATTENTION_IMPLEMENTATIONS[c.attention_implementation])
         self.pre_mlp_norm = L.RMSNorm(c.d_model, **norm)
-        self.mlp = L.MLP(c.d_model, c.d_ff, gated=c.feed_forward_proj == "gated-gelu",
-                         dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = _mlp(c, rngs)
         self.dropout_rate = c.dropout_rate
 
     def __call__(self, x, *, bias, mask, dropout_key=None):
@@ -101,8 +101,7 @@ class DecoderLayer(nnx.Module):
         self.pre_cross_attention_norm = L.RMSNorm(c.d_model, **norm)
         self.cross_attention = L.Attention(c.d_model, c.num_heads, c.d_kv, **attn)
         self.pre_mlp_norm = L.RMSNorm(c.d_model, **norm)
-        self.mlp = L.MLP(c.d_model, c.d_ff, gated=c.feed_forward_proj == "gated-gelu",
-                         dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = _mlp(c, rngs)
         self.dropout_rate = c.dropout_rate
 
     def __call__(self, x, encoded, *, self_bias, self_mask, cross_mask, dropout_key=None,
@@ -174,19 +173,11 @@ class T5(nnx.Module):
 
     # ------------------------------------------------------------------ helpers
     def _dropout_keys(self, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:
-        if not enable_dropout or self.config.dropout_rate == 0.0:
-            return [None] * n
-        if rngs is None:
-            raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
-        return L.split_key(rngs.dropout(), n)
+        return L.dropout_keys(self.config.dropout_rate != 0.0, enable_dropout, rngs, n)
 
     def _run(self, layers, x, per_layer, body):
         return L.run_stack(layers, x, per_layer, body, scan=self.config.scan_layers,
                            remat_policy=self.config.remat_policy)
-
-    @staticmethod
-    def _layer_keys(key: jax.Array | None, n: int) -> jax.Array | None:
-        return None if key is None else jax.random.split(key, n)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         c = self.config
@@ -209,8 +200,7 @@ class T5(nnx.Module):
         def body(layer, x, key):
             return layer(x, bias=bias, mask=mask, dropout_key=key), None
 
-        x, _ = self._run(self.encoder.layers, x, self._layer_keys(k_layers, c.num_encoder_layers),
-                         body)
+        x, _ = self._run(self.encoder.layers, x, L.layer_keys(k_layers, c.num_encoder_layers), body)
         return L.dropout(self.encoder.final_norm(x), c.dropout_rate, k_final)
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
@@ -230,8 +220,7 @@ class T5(nnx.Module):
                          dropout_key=key)
             return y, None
 
-        y, _ = self._run(self.decoder.layers, y, self._layer_keys(k_layers, c.num_decoder_layers),
-                         body)
+        y, _ = self._run(self.decoder.layers, y, L.layer_keys(k_layers, c.num_decoder_layers), body)
         return self._logits(L.dropout(self.decoder.final_norm(y), c.dropout_rate, k_final))
 
     def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,

@@ -28,13 +28,10 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
+from t5x_like.models.config_checks import check_choices, strict_from_dict
 from t5x_like.objectives.permutation import stream_masks
 
-FF_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
+FF_ACTIVATIONS = ("gelu", "gelu_new", "relu")  # transformers' XLNet's, as in L.ACTIVATIONS
 ATTN_TYPES = ("bi",)  # "uni" (causal XLNet) is not implemented
 
 
@@ -59,17 +56,13 @@ class XLNetConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
-        choices = {
-            "ff_activation": tuple(FF_ACTIVATIONS),
+        check_choices("XLNet", self, {
+            "ff_activation": FF_ACTIVATIONS,
             "attn_type": ATTN_TYPES,
             "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"XLNet config field {name}={getattr(self, name)!r} is not one "
-                                f"of {allowed}")
+        })
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff"):
             if getattr(self, name) < 1:
                 raise UserError(f"XLNet config field {name}={getattr(self, name)} must be >= 1")
@@ -86,37 +79,13 @@ class XLNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> XLNetConfig:
-        """Strict: an unknown key is a typo or a different architecture, so it is refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown XLNet config key {key!r}; known keys: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, "XLNet", d)
 
 
 class XLNetOutput(NamedTuple):
     logits: jax.Array  # float32 [B, P, V] (query stream at the targets) or [B, L, V] (content)
     hidden: jax.Array  # the content stream's last hidden states [B, L, d_model]
     mems: jax.Array | None  # next segment's memory [layers, B, M, d_model], or None
-
-
-class LayerNorm(nnx.Module):
-    """Standard layer norm with scale and bias; statistics in float32."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.scale = L.make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
-        self.bias = L.make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",),
-                                 param_dtype)
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-                ).astype(self.dtype)
 
 
 def rel_shift(x: jax.Array, key_length: int) -> jax.Array:
@@ -182,26 +151,6 @@ class RelativeAttention(nnx.Module):
         return jnp.einsum("btnh,dnh->btd", y, self.out[...].astype(self.dtype))
 
 
-class FeedForward(nnx.Module):
-    def __init__(self, c: XLNetConfig, *, rngs: nnx.Rngs):
-        pdt, init = L.dtype_of(c.param_dtype), L.normal(c.initializer_range)
-        zeros = jax.nn.initializers.zeros
-        self.wi = L.make_param(rngs, init, (c.d_model, c.d_ff), ("embed", "mlp"), pdt)
-        self.bi = L.make_param(rngs, zeros, (c.d_ff,), ("mlp",), pdt)
-        self.wo = L.make_param(rngs, init, (c.d_ff, c.d_model), ("mlp", "embed"), pdt)
-        self.bo = L.make_param(rngs, zeros, (c.d_model,), ("embed",), pdt)
-        self.activation = FF_ACTIVATIONS[c.ff_activation]
-        self.dropout_rate = c.dropout_rate
-        self.dtype = L.dtype_of(c.dtype)
-
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        dt = self.dtype
-        h = self.activation(jnp.einsum("btd,df->btf", x, self.wi[...].astype(dt))
-                            + self.bi[...].astype(dt))
-        h = L.dropout(h, self.dropout_rate, dropout_key)
-        return jnp.einsum("btf,fd->btd", h, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
-
-
 class XLNetLayer(nnx.Module):
     """Two-stream attention then the feed-forward, each post-LN, on both streams."""
 
@@ -209,9 +158,13 @@ class XLNetLayer(nnx.Module):
         dt, pdt = L.dtype_of(c.dtype), L.dtype_of(c.param_dtype)
         norm = dict(eps=c.layer_norm_epsilon, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attention = RelativeAttention(c, rngs=rngs)
-        self.attention_norm = LayerNorm(c.d_model, **norm)
-        self.mlp = FeedForward(c, rngs=rngs)
-        self.mlp_norm = LayerNorm(c.d_model, **norm)
+        self.attention_norm = L.LayerNorm(c.d_model, **norm)
+        self.mlp = L.FeedForward(
+            c.d_model, c.d_ff, activation=c.ff_activation, gated=False, use_bias=True,
+            init_std=c.initializer_range, out_init_std=c.initializer_range,
+            dropout_rate=c.dropout_rate, dtype=dt, param_dtype=pdt, rngs=rngs,
+            bias_names={"wi": "bi", "wo": "bo"})  # XLNet's names (checkpoint paths)
+        self.mlp_norm = L.LayerNorm(c.d_model, **norm)
         self.dropout_rate = c.dropout_rate
 
     def __call__(self, h, g, mem, *, pos_enc, segment_diff, content_mask, query_mask,
@@ -289,12 +242,8 @@ class XLNet(nnx.Module):
         mem_length = 0 if mems is None else mems.shape[2]
         if mems is not None and mems.shape[0] != c.num_layers:
             raise UserError(f"mems has {mems.shape[0]} layers but the model has {c.num_layers}")
-        keys = [None] * 5
-        if enable_dropout and c.dropout_rate > 0:
-            if rngs is None:
-                raise ValueError("enable_dropout=True needs rngs=nnx.Rngs(dropout=key)")
-            keys = L.split_key(rngs.dropout(), 5)
-        k_h, k_g, k_pos, k_layers, k_out = keys
+        k_h, k_g, k_pos, k_layers, k_out = L.dropout_keys(c.dropout_rate > 0, enable_dropout,
+                                                          rngs, 5)
 
         if perm_mask is None and attention_mask is None and target_mapping is None:
             content_mask = query_mask = None
@@ -329,8 +278,8 @@ class XLNet(nnx.Module):
                          target_mapping=target_mapping, dropout_key=key)
             return (h, g), new_mem
 
-        layer_keys = None if k_layers is None else jax.random.split(k_layers, c.num_layers)
-        (h, g), new_mems = L.run_stack(self.layers, (h, g), (mems, layer_keys), body,
+        (h, g), new_mems = L.run_stack(self.layers, (h, g),
+                                       (mems, L.layer_keys(k_layers, c.num_layers)), body,
                                        scan=c.scan_layers, remat_policy=c.remat_policy)
         out = L.dropout(h if g is None else g, c.dropout_rate, k_out)
         logits = jnp.einsum("btd,vd->btv", out, table.astype(dt),
