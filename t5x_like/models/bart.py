@@ -124,12 +124,7 @@ class DecoderLayer(nnx.Module):
         precomputed, ``cross_key``/``cross_value`` (else they are projected from ``encoded``).
         """
         keys = L.split_key(dropout_key, 6)
-        k, v = self.self_attention.project_kv(x)
-        new_kv = None
-        if cache is not None:
-            new_kv = (k, v)
-            k = jax.lax.dynamic_update_slice(cache["self_key"], k, (0, position, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["self_value"], v, (0, position, 0, 0))
+        k, v, new_kv = L.extend_kv(cache, *self.self_attention.project_kv(x), position)
         y = self.self_attention.attend(self.self_attention.project_q(x), k, v, mask=self_mask,
                                        dropout_key=keys[0])
         x = self.self_attention_norm(x + L.dropout(y, self.dropout_rate, keys[1]))
@@ -256,16 +251,9 @@ class Bart(nnx.Module):
         with ``encoded``, also the cross-attention keys/values [layers, B, L, heads, d_kv]."""
         c = self.config
         self._check_length(max_decode_length, "decoding")
-        dt = L.dtype_of(c.dtype)
         shape = (c.num_decoder_layers, batch_size, max_decode_length, c.num_heads, c.d_kv)
-        cache = {"self_key": jnp.zeros(shape, dt), "self_value": jnp.zeros(shape, dt)}
-        if encoded is not None:
-            def body(layer, carry, _):
-                return carry, layer.cross_attention.project_kv(encoded.astype(dt))
-
-            _, (cache["cross_key"], cache["cross_value"]) = self._run(
-                self.decoder.layers, jnp.zeros(()), None, body)
-        return cache
+        return L.encoder_decoder_cache(self.decoder.layers, shape, L.dtype_of(c.dtype), encoded,
+                                       scan=c.scan_layers, remat_policy=c.remat_policy)
 
     def decode_step(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                     token_ids: jax.Array, cache: dict[str, jax.Array],
@@ -284,10 +272,4 @@ class Bart(nnx.Module):
                          cache=layer_cache, position=position)
 
         y, (k, v) = self._run(self.decoder.layers, y, cache, body)
-        start = (0, 0, position, 0, 0)
-        new_cache = {
-            **cache,
-            "self_key": jax.lax.dynamic_update_slice(cache["self_key"], k, start),
-            "self_value": jax.lax.dynamic_update_slice(cache["self_value"], v, start),
-        }
-        return self._logits(y)[:, 0], new_cache
+        return self._logits(y)[:, 0], L.write_kv(cache, k, v, position)

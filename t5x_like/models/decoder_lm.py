@@ -155,11 +155,7 @@ class DecoderLayer(nnx.Module):
         k, v = self.attention.project_kv(h)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        new_kv = None
-        if cache is not None:
-            new_kv = (k, v)
-            k = jax.lax.dynamic_update_slice(cache["key"], k, (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["value"], v, (0, start, 0, 0))
+        k, v, new_kv = L.extend_kv(cache, k, v, start, names=("key", "value"))
         y = self.attention.attend(q, k, v, mask=mask, dropout_key=keys[0])
         x = x + L.dropout(y, self.dropout_rate, keys[1])
         y = self.mlp(self.pre_mlp_norm(x))
@@ -300,8 +296,5 @@ class DecoderLM(nnx.Module):
             return layer(x, mask=mask, rotary=rotary, cache=layer_cache, start=start)
 
         y, (k, v) = self._run(x, {"key": cache["key"], "value": cache["value"]}, body)
-        at = (0, 0, start, 0, 0)
-        new_cache = {**cache, "valid": key_valid,
-                     "key": jax.lax.dynamic_update_slice(cache["key"], k, at),
-                     "value": jax.lax.dynamic_update_slice(cache["value"], v, at)}
+        new_cache = {**L.write_kv(cache, k, v, start, names=("key", "value")), "valid": key_valid}
         return self.logits(self.final_norm(y)), new_cache

@@ -4,7 +4,8 @@ Every parameter names its logical axes (``embed``, ``heads``, ``kv``, ``mlp``, `
 ``relpos_buckets``; stacks add ``layers``) and nothing else about placement:
 ``partitioning.py`` maps the names to mesh axes. Modules hold parameters only — no RNG state —
 so a model split once with ``nnx.split(model, nnx.Param)`` is a pure function of its params;
-dropout takes a key at call time.
+dropout takes a key at call time. The KV-cache helpers at the end serve every decoder's
+incremental decoding.
 """
 
 from __future__ import annotations
@@ -433,3 +434,49 @@ def run_stack(
         outs.append(out)
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
+
+# --------------------------------------------------------------------------- decoding caches
+
+
+KV_NAMES = ("self_key", "self_value")  # an encoder-decoder's cache entries (GPT's: key, value)
+
+
+def write_slots(buffer: jax.Array, x: jax.Array, start: Any) -> jax.Array:
+    """``buffer`` [..., S, heads, d_kv] with ``x`` [..., T, heads, d_kv] in slots start..start+T-1
+    (one layer's cache, or the stacked [layers, ...] one)."""
+    return jax.lax.dynamic_update_slice(buffer, x, (0,) * (x.ndim - 3) + (start, 0, 0))
+
+
+def extend_kv(cache: dict[str, jax.Array] | None, k: jax.Array, v: jax.Array, start: Any, *,
+              names: tuple[str, str] = KV_NAMES) -> tuple[jax.Array, jax.Array, tuple | None]:
+    """A decoder layer's (keys, values, new) for its new tokens' ``k``/``v`` [B, T, N, H]:
+    without a cache those and None; with this layer's ``cache``, its keys/values with the new
+    ones written at slot ``start`` (to attend over) and the new (k, v) (for the caller to store).
+    """
+    if cache is None:
+        return k, v, None
+    return (write_slots(cache[names[0]], k, start), write_slots(cache[names[1]], v, start),
+            (k, v))
+
+
+def write_kv(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array, start: Any, *,
+             names: tuple[str, str] = KV_NAMES) -> dict[str, jax.Array]:
+    """``cache`` with every layer's new keys/values [layers, B, T, N, H] at slot ``start``."""
+    return {**cache, names[0]: write_slots(cache[names[0]], k, start),
+            names[1]: write_slots(cache[names[1]], v, start)}
+
+
+def encoder_decoder_cache(decoder_layers: nnx.Module, shape: tuple[int, ...], dtype: Any,
+                          encoded: jax.Array | None, *, scan: bool,
+                          remat_policy: str) -> dict[str, jax.Array]:
+    """Zeroed ``self_key``/``self_value`` of ``shape`` [layers, B, max_len, heads, d_kv]; with
+    ``encoded``, also every decoder layer's ``cross_attention`` keys/values of it (``cross_key``/
+    ``cross_value`` [layers, B, L, heads, d_kv]), so decoding steps do not re-project it."""
+    cache = {"self_key": jnp.zeros(shape, dtype), "self_value": jnp.zeros(shape, dtype)}
+    if encoded is not None:
+        def body(layer, carry, _):
+            return carry, layer.cross_attention.project_kv(encoded.astype(dtype))
+
+        _, (cache["cross_key"], cache["cross_value"]) = run_stack(
+            decoder_layers, jnp.zeros(()), None, body, scan=scan, remat_policy=remat_policy)
+    return cache

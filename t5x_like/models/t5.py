@@ -113,12 +113,7 @@ class DecoderLayer(nnx.Module):
         """
         keys = L.split_key(dropout_key, 6)
         h = self.pre_self_attention_norm(x)
-        k, v = self.self_attention.project_kv(h)
-        new_kv = None
-        if cache is not None:
-            new_kv = (k, v)
-            k = jax.lax.dynamic_update_slice(cache["self_key"], k, (0, position, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["self_value"], v, (0, position, 0, 0))
+        k, v, new_kv = L.extend_kv(cache, *self.self_attention.project_kv(h), position)
         y = self.self_attention(h, k, v, bias=self_bias, mask=self_mask, dropout_key=keys[0])
         x = x + L.dropout(y, self.dropout_rate, keys[1])
 
@@ -240,15 +235,8 @@ class T5(nnx.Module):
         """
         c = self.config
         shape = (c.num_decoder_layers, batch_size, max_decode_length, c.num_heads, c.d_kv)
-        cache = {"self_key": jnp.zeros(shape, L.dtype_of(c.dtype)),
-                 "self_value": jnp.zeros(shape, L.dtype_of(c.dtype))}
-        if encoded is not None:
-            def body(layer, carry, _):
-                return carry, layer.cross_attention.project_kv(encoded.astype(L.dtype_of(c.dtype)))
-
-            _, (cache["cross_key"], cache["cross_value"]) = self._run(
-                self.decoder.layers, jnp.zeros(()), None, body)
-        return cache
+        return L.encoder_decoder_cache(self.decoder.layers, shape, L.dtype_of(c.dtype), encoded,
+                                       scan=c.scan_layers, remat_policy=c.remat_policy)
 
     def decode_step(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                     token_ids: jax.Array, cache: dict[str, jax.Array],
@@ -268,10 +256,4 @@ class T5(nnx.Module):
                          cross_mask=cross_mask, cache=layer_cache, position=position)
 
         y, (k, v) = self._run(self.decoder.layers, y, cache, body)
-        start = (0, 0, position, 0, 0)
-        new_cache = {
-            **cache,
-            "self_key": jax.lax.dynamic_update_slice(cache["self_key"], k, start),
-            "self_value": jax.lax.dynamic_update_slice(cache["self_value"], v, start),
-        }
-        return self._logits(self.decoder.final_norm(y))[:, 0], new_cache
+        return self._logits(self.decoder.final_norm(y))[:, 0], L.write_kv(cache, k, v, position)
