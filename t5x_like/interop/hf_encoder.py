@@ -22,13 +22,8 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
-from t5x_like.models.encoder import (
-    HIDDEN_ACTS,
-    ElectraPair,
-    EncoderConfig,
-    EncoderModel,
-    generator_config,
-)
+from t5x_like.models.encoder import ElectraPair, EncoderModel
+from t5x_like.models.encoder_config import HIDDEN_ACTS, EncoderConfig, generator_config
 
 MODEL_TYPES = ("bert", "roberta", "albert", "electra")
 MODEL_CLASS = EncoderModel
