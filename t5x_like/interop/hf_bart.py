@@ -12,9 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
@@ -71,7 +69,7 @@ _TIED_ALIASES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_token
 _QKV_BIAS = re.compile(r"\.(q_proj|k_proj|v_proj)\.bias$")
 
 # HF config key -> (our field, transformers' BartConfig default when the key is absent).
-_CONFIG_KEYS = {
+_CONFIG_KEYS: C.ConfigKeys = {
     "vocab_size": ("vocab_size", 50265),
     "d_model": ("d_model", 1024),
     "encoder_attention_heads": ("num_heads", 16),
@@ -97,29 +95,23 @@ _UNSUPPORTED = {"tie_word_embeddings": True, "add_final_layer_norm": False,
 
 def config_from_hf(hf: dict, **overrides: Any) -> BartConfig:
     """Our BartConfig from a transformers BART config dict (+ our own fields)."""
-    model_type = hf.get("model_type", "bart")
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"{C.CONFIG_FILE} has model_type={model_type!r}, not one of {MODEL_TYPES}")
-    fields = {ours: hf.get(key, default) for key, (ours, default) in _CONFIG_KEYS.items()}
+    C.check_model_type(hf, MODEL_TYPES)
+    fields = C.fields_from_hf(hf, _CONFIG_KEYS)
     for key, same in _SAME_AS.items():
         base = hf.get(same, _CONFIG_KEYS[same][1])
         if hf.get(key, base) != base:
             raise UserError(f"{C.CONFIG_FILE} has {key}={hf[key]} != {same}; t5x-like's BART "
                             "uses one value for encoder and decoder")
-    for key, required in _UNSUPPORTED.items():
-        if hf.get(key, required) != required:
-            raise UserError(f"{C.CONFIG_FILE} sets {key}={hf[key]!r}; t5x-like's BART supports "
-                            f"only {key}={required!r}")
+    C.check_unsupported(hf, _UNSUPPORTED, "BART")
     return BartConfig.from_dict({**fields, **overrides})
 
 
 def config_to_hf(config: BartConfig) -> dict:
     """A transformers ``BartConfig`` dict for ``BartForConditionalGeneration``."""
-    hf = {key: getattr(config, ours) for key, (ours, _) in _CONFIG_KEYS.items()}
     return {
         "architectures": ["BartForConditionalGeneration"],
         "model_type": "bart",
-        **hf,
+        **C.fields_to_hf(config, _CONFIG_KEYS),
         "decoder_attention_heads": config.num_heads,
         "decoder_ffn_dim": config.d_ff,
         "is_encoder_decoder": True,
@@ -130,10 +122,6 @@ def config_to_hf(config: BartConfig) -> dict:
 
 def _layer_counts(config: BartConfig) -> dict[str, int]:
     return {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
-
-
-def _abstract(config: BartConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Bart(config, rngs=nnx.Rngs(0))), nnx.Param)
 
 
 def _to_ours(tensors: dict[str, np.ndarray], config: BartConfig) -> dict:
@@ -148,34 +136,23 @@ def _to_ours(tensors: dict[str, np.ndarray], config: BartConfig) -> dict:
         out[name] = value
     bias = out.get("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
     out["final_logits_bias"] = bias.reshape(-1) if bias.ndim == 2 and bias.shape[0] == 1 else bias
-    if "model.shared.weight" not in out:
-        for alias in _TIED_ALIASES[:2]:
-            if alias in out:
-                out["model.shared.weight"] = out[alias]
-                break
-    return out
+    return C.fill_from_alias(out, "model.shared.weight", _TIED_ALIASES[:2])
 
 
 def params_from_hf(tensors: dict, config: BartConfig) -> dict:
     """A pure param dict for ``Bart(config)`` (as ``nnx.to_pure_dict`` gives) from HF tensors."""
-    _, state = _abstract(config)
-    return C.params_from_table(
-        _to_ours(tensors, config), state, BART_PARAMS, layer_counts=_layer_counts(config),
-        scan_layers=config.scan_layers, dtype=jax.numpy.dtype(config.param_dtype),
-        ignored=_TIED_ALIASES)
+    return C.import_params(_to_ours(tensors, config), Bart, config, BART_PARAMS,
+                           layer_counts=_layer_counts(config), ignored=_TIED_ALIASES)
 
 
 def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[Bart, BartConfig]:
     config = config_from_hf(hf_config, **overrides)
-    params = params_from_hf(C.read_weights(path), config)
-    return C.merge(_abstract(config)[0], params), config
+    return C.load_model(path, Bart, config, params_from_hf), config
 
 
 def export(model: Bart, config: BartConfig, out_dir: str | Path) -> Path:
     """Writes config.json + model.safetensors that ``BartForConditionalGeneration`` loads."""
-    tensors = C.tensors_from_table(nnx.state(model, nnx.Param), BART_PARAMS,
-                                   layer_counts=_layer_counts(config),
-                                   scan_layers=config.scan_layers)
+    tensors = C.export_tensors(model, config, BART_PARAMS, layer_counts=_layer_counts(config))
     for name, value in tensors.items():
         if _QKV_BIAS.search(name):
             tensors[name] = value.reshape(-1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +223,77 @@ def tensors_from_table(
 
 def merge(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))
+
+
+# --------------------------------------------------------------------------- architecture modules
+
+# HF config key -> (our config field, transformers' default when the key is absent).
+ConfigKeys = Mapping[str, tuple[str, Any]]
+
+
+def fields_from_hf(hf: Mapping[str, Any], keys: ConfigKeys) -> dict[str, Any]:
+    """Our config fields from an HF config dict; an absent key takes transformers' default."""
+    return {ours: hf.get(key, default) for key, (ours, default) in keys.items()}
+
+
+def fields_to_hf(config: Any, keys: ConfigKeys) -> dict[str, Any]:
+    """The HF config keys of ``keys`` with our config's values."""
+    return {key: getattr(config, ours) for key, (ours, _) in keys.items()}
+
+
+def check_model_type(hf: Mapping[str, Any], model_types: tuple[str, ...]) -> None:
+    """UserError unless config.json's ``model_type`` (absent: the first of ours) is ours."""
+    model_type = hf.get("model_type", model_types[0])
+    if model_type not in model_types:
+        raise UserError(f"{CONFIG_FILE} has model_type={model_type!r}, not one of {model_types}")
+
+
+def check_unsupported(hf: Mapping[str, Any], required: Mapping[str, Any], name: str) -> None:
+    """UserError naming the first option config.json sets that our ``name`` cannot express."""
+    for key, value in required.items():
+        if hf.get(key, value) != value:
+            raise UserError(f"{CONFIG_FILE} sets {key}={hf[key]!r}; t5x-like's {name} supports "
+                            f"only {key}={value!r}")
+
+
+def fill_from_alias(tensors: dict[str, np.ndarray], name: str,
+                    aliases: Iterable[str]) -> dict[str, np.ndarray]:
+    """``tensors`` with ``name`` copied from the first present alias when it is missing: some
+    exports keep only a tied copy of a tensor (e.g. an embedding as the output head)."""
+    if name in tensors:
+        return tensors
+    for alias in aliases:
+        if alias in tensors:
+            return {**tensors, name: tensors[alias]}
+    return tensors
+
+
+def abstract_model(model_class: type, config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """Structure and shapes of ``model_class(config)``'s params, without allocating or
+    initialising them."""
+    return nnx.split(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def import_params(tensors: dict[str, np.ndarray], model_class: type, config: Any,
+                  rows: Iterable[Row], *, layer_counts: Mapping[str, int],
+                  ignored: Iterable[str] = ()) -> dict:
+    """A pure param dict for ``model_class(config)`` (as ``nnx.to_pure_dict`` gives) from HF
+    tensors named as ``rows`` say, in the config's ``param_dtype`` and layer layout."""
+    _, state = abstract_model(model_class, config)
+    return params_from_table(tensors, state, rows, layer_counts=layer_counts,
+                             scan_layers=config.scan_layers, dtype=np.dtype(config.param_dtype),
+                             ignored=ignored)
+
+
+def export_tensors(model: nnx.Module, config: Any, rows: Iterable[Row], *,
+                   layer_counts: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """HF tensors (name -> float32 array) of ``model``'s params, named as ``rows`` say."""
+    return tensors_from_table(nnx.state(model, nnx.Param), rows, layer_counts=layer_counts,
+                              scan_layers=config.scan_layers)
+
+
+def load_model(path: Path, model_class: type, config: Any,
+               params_from_hf: Callable[[dict[str, np.ndarray], Any], dict]) -> nnx.Module:
+    """``model_class(config)`` holding the folder's weights, converted by ``params_from_hf``."""
+    params = params_from_hf(read_weights(path), config)
+    return merge(abstract_model(model_class, config)[0], params)

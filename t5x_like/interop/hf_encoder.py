@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
@@ -296,21 +295,13 @@ def _rows(config: EncoderConfig, prefix: str) -> list[C.Row]:
     return base + _head_rows(config.model_type)
 
 
-def _abstract(config: EncoderConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Structure and shapes of the model's params, without allocating or initialising."""
-    return nnx.split(nnx.eval_shape(lambda: EncoderModel(config, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def _normalise(tensors: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
     """Drops the ``bert.``-style prefix and fills canonical names from tied aliases."""
     prefix = _PREFIX[model_type]
     out = {name.removeprefix(prefix): value for name, value in tensors.items()}
     _, _, bias, aliases = _MLM[model_type]
-    if bias not in out and len(aliases) > 1 and aliases[1] in out:
-        out[bias] = out[aliases[1]]
-    if "embeddings.word_embeddings.weight" not in out and aliases[0] in out:
-        out["embeddings.word_embeddings.weight"] = out[aliases[0]]
-    return out
+    out = C.fill_from_alias(out, bias, aliases[1:2])
+    return C.fill_from_alias(out, "embeddings.word_embeddings.weight", aliases[:1])
 
 
 def heads_from_hf(hf_config: dict, tensors: dict[str, np.ndarray]) -> set[str]:
@@ -334,12 +325,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: EncoderConfig) -> dic
                                 f"implies {shape}; the weights and config.json do not belong "
                                 "together")
             tensors[name] = tensors[name].reshape(shape)
-    _, state = _abstract(config)
-    return C.params_from_table(
-        tensors, state, _rows(config, ""), layer_counts={"encoder": config.units},
-        scan_layers=config.scan_layers, dtype=np.dtype(config.param_dtype),
-        ignored=_MLM[config.model_type][3],
-    )
+    return C.import_params(tensors, EncoderModel, config, _rows(config, ""),
+                           layer_counts={"encoder": config.units},
+                           ignored=_MLM[config.model_type][3])
 
 
 def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[EncoderModel,
@@ -351,7 +339,7 @@ def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[EncoderM
     tensors = _normalise(C.read_weights(path), model_type)
     config = config_from_hf(hf_config, heads_from_hf(hf_config, tensors), **overrides)
     params = params_from_hf(tensors, config)
-    return C.merge(_abstract(config)[0], params), config
+    return C.merge(C.abstract_model(EncoderModel, config)[0], params), config
 
 
 def export(model: EncoderModel | ElectraPair, config: EncoderConfig, out_dir: str | Path) -> Path:
@@ -367,9 +355,8 @@ def export(model: EncoderModel | ElectraPair, config: EncoderConfig, out_dir: st
         return out
     hf_config = config_to_hf(config)
     prefix = _PREFIX[config.model_type] if _heads_of(config) - {"pooler"} else ""
-    tensors = C.tensors_from_table(
-        nnx.state(model, nnx.Param), _rows(config, prefix),
-        layer_counts={"encoder": config.units}, scan_layers=config.scan_layers)
+    tensors = C.export_tensors(model, config, _rows(config, prefix),
+                               layer_counts={"encoder": config.units})
     for name, value in tensors.items():
         if _ours_shape(name, config) is not None:
             tensors[name] = value.reshape(-1)

@@ -13,9 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
@@ -52,7 +50,7 @@ _CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
 
 # HF config key -> (our field, transformers' GPT2Config default when the key is absent).
-_CONFIG_KEYS = {
+_CONFIG_KEYS: C.ConfigKeys = {
     "vocab_size": ("vocab_size", 50257),
     "n_positions": ("max_length", 1024),
     "n_embd": ("d_model", 768),
@@ -76,14 +74,9 @@ _UNSUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": F
 
 def config_from_hf(hf: dict, **overrides: Any) -> DecoderLMConfig:
     """Our DecoderLMConfig from a transformers GPT-2 config dict (+ our own fields)."""
-    model_type = hf.get("model_type", "gpt2")
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"{C.CONFIG_FILE} has model_type={model_type!r}, not one of {MODEL_TYPES}")
-    for key, required in _UNSUPPORTED.items():
-        if hf.get(key, required) != required:
-            raise UserError(f"{C.CONFIG_FILE} sets {key}={hf[key]!r}; t5x-like's GPT-2 supports "
-                            f"only {key}={required!r}")
-    fields = {ours: hf.get(key, default) for key, (ours, default) in _CONFIG_KEYS.items()}
+    C.check_model_type(hf, MODEL_TYPES)
+    C.check_unsupported(hf, _UNSUPPORTED, "GPT-2")
+    fields = C.fields_from_hf(hf, _CONFIG_KEYS)
     if fields["d_ff"] is None:
         fields["d_ff"] = 4 * fields["d_model"]
     if fields["activation"] not in _ACTIVATIONS:
@@ -110,11 +103,10 @@ def config_to_hf(config: DecoderLMConfig) -> dict:
     if c.d_kv * c.num_heads != c.d_model:
         raise UserError(f"GPT-2 checkpoints need d_kv * num_heads == d_model, but the model has "
                         f"{c.d_kv} * {c.num_heads} != {c.d_model}")
-    hf = {key: getattr(c, ours) for key, (ours, _) in _CONFIG_KEYS.items()}
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        **hf,
+        **C.fields_to_hf(c, _CONFIG_KEYS),
         "n_ctx": c.max_length,
         "embd_pdrop": c.dropout_rate,
         "torch_dtype": "float32",
@@ -164,31 +156,22 @@ def _fuse(tensors: dict[str, np.ndarray], config: DecoderLMConfig) -> dict:
     return out  # a tied lm_head.weight is left out: transformers ties it to wte on loading
 
 
-def _abstract(config: DecoderLMConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def params_from_hf(tensors: dict, config: DecoderLMConfig) -> dict:
     """A pure param dict for ``DecoderLM(config)`` from GPT-2 tensors."""
-    _, state = _abstract(config)
-    return C.params_from_table(
-        _split_fused(tensors, config), state, GPT2_PARAMS,
-        layer_counts={"layers": config.num_layers}, scan_layers=config.scan_layers,
-        dtype=jax.numpy.dtype(config.param_dtype),
-        ignored=("lm_head.weight",) if config.tie_word_embeddings else ())
+    return C.import_params(_split_fused(tensors, config), DecoderLM, config, GPT2_PARAMS,
+                           layer_counts={"layers": config.num_layers},
+                           ignored=("lm_head.weight",) if config.tie_word_embeddings else ())
 
 
 def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[DecoderLM,
                                                                         DecoderLMConfig]:
     config = config_from_hf(hf_config, **overrides)
-    params = params_from_hf(C.read_weights(path), config)
-    return C.merge(_abstract(config)[0], params), config
+    return C.load_model(path, DecoderLM, config, params_from_hf), config
 
 
 def export(model: DecoderLM, config: DecoderLMConfig, out_dir: str | Path) -> Path:
     """Writes config.json + model.safetensors that ``GPT2LMHeadModel`` loads."""
     hf_config = config_to_hf(config)
-    tensors = C.tensors_from_table(nnx.state(model, nnx.Param), GPT2_PARAMS,
-                                   layer_counts={"layers": config.num_layers},
-                                   scan_layers=config.scan_layers)
+    tensors = C.export_tensors(model, config, GPT2_PARAMS,
+                               layer_counts={"layers": config.num_layers})
     return C.write_folder(out_dir, _fuse(tensors, config), hf_config)

@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
-from flax import nnx
-
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
 from t5x_like.models.t5 import FEED_FORWARD_PROJ, T5, T5Config
@@ -54,7 +51,7 @@ T5_PARAMS: tuple[C.Row, ...] = (
 _TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
 
 # HF config key -> (our field, HF's default when the key is absent, as in transformers' T5Config).
-_CONFIG_KEYS = {
+_CONFIG_KEYS: C.ConfigKeys = {
     "vocab_size": ("vocab_size", 32128),
     "d_model": ("d_model", 512),
     "d_kv": ("d_kv", 64),
@@ -73,10 +70,8 @@ _CONFIG_KEYS = {
 
 def config_from_hf(hf: dict, **overrides: Any) -> T5Config:
     """Our T5Config from a transformers T5 config dict (+ our own fields, e.g. scan_layers)."""
-    model_type = hf.get("model_type", "t5")
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"{C.CONFIG_FILE} has model_type={model_type!r}, not one of {MODEL_TYPES}")
-    fields = {ours: hf.get(key, default) for key, (ours, default) in _CONFIG_KEYS.items()}
+    C.check_model_type(hf, MODEL_TYPES)
+    fields = C.fields_from_hf(hf, _CONFIG_KEYS)
     if fields["num_decoder_layers"] is None:
         fields["num_decoder_layers"] = fields["num_encoder_layers"]
     if fields["feed_forward_proj"] not in FEED_FORWARD_PROJ:
@@ -87,11 +82,10 @@ def config_from_hf(hf: dict, **overrides: Any) -> T5Config:
 
 def config_to_hf(config: T5Config) -> dict:
     """A transformers ``T5Config`` dict for ``T5ForConditionalGeneration``."""
-    hf = {key: getattr(config, ours) for key, (ours, _) in _CONFIG_KEYS.items()}
     return {
         "architectures": ["T5ForConditionalGeneration"],
         "model_type": "t5",
-        **hf,
+        **C.fields_to_hf(config, _CONFIG_KEYS),
         "initializer_factor": 1.0,
         "is_encoder_decoder": True,
         "use_cache": True,
@@ -106,36 +100,20 @@ def _layer_counts(config: T5Config) -> dict[str, int]:
     return {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
 
 
-def _abstract(config: T5Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """Structure and shapes of ``T5(config)``'s params, without allocating or initialising."""
-    return nnx.split(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def params_from_hf(tensors: dict, config: T5Config) -> dict:
     """A pure param dict for ``T5(config)`` (as ``nnx.to_pure_dict`` gives) from HF tensors."""
-    if "shared.weight" not in tensors:  # some exports keep a tied copy instead
-        for alias in _TIED_ALIASES[:2]:
-            if alias in tensors:
-                tensors = {**tensors, "shared.weight": tensors[alias]}
-                break
-    _, state = _abstract(config)
-    return C.params_from_table(
-        tensors, state, T5_PARAMS, layer_counts=_layer_counts(config),
-        scan_layers=config.scan_layers, dtype=jax.numpy.dtype(config.param_dtype),
-        ignored=_TIED_ALIASES,
-    )
+    # Some exports keep a tied copy instead of shared.weight.
+    tensors = C.fill_from_alias(tensors, "shared.weight", _TIED_ALIASES[:2])
+    return C.import_params(tensors, T5, config, T5_PARAMS, layer_counts=_layer_counts(config),
+                           ignored=_TIED_ALIASES)
 
 
 def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[T5, T5Config]:
     config = config_from_hf(hf_config, **overrides)
-    params = params_from_hf(C.read_weights(path), config)
-    return C.merge(_abstract(config)[0], params), config
+    return C.load_model(path, T5, config, params_from_hf), config
 
 
 def export(model: T5, config: T5Config, out_dir: str | Path) -> Path:
     """Writes config.json + model.safetensors that ``T5ForConditionalGeneration`` loads."""
-    tensors = C.tensors_from_table(
-        nnx.state(model, nnx.Param), T5_PARAMS, layer_counts=_layer_counts(config),
-        scan_layers=config.scan_layers,
-    )
+    tensors = C.export_tensors(model, config, T5_PARAMS, layer_counts=_layer_counts(config))
     return C.write_folder(out_dir, tensors, config_to_hf(config))

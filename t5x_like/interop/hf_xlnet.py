@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
-from flax import nnx
-
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
-from t5x_like.models.xlnet import XLNet, XLNetConfig
+from t5x_like.models.xlnet import FF_ACTIVATIONS, XLNet, XLNetConfig
 
 MODEL_TYPES = ("xlnet",)
 MODEL_CLASS = XLNet
@@ -38,7 +35,7 @@ _MASK_EMB = "transformer.mask_emb"
 _TIED_ALIASES = ("lm_loss.weight",)  # a copy of the word embedding (tied), not read
 
 # HF config key -> (our field, transformers' default when the key is absent).
-_CONFIG_KEYS = {
+_CONFIG_KEYS: C.ConfigKeys = {
     "vocab_size": ("vocab_size", 32000),
     "d_model": ("d_model", 1024),
     "n_head": ("num_heads", 16),
@@ -65,18 +62,18 @@ def config_from_hf(hf: dict, **overrides: Any) -> XLNetConfig:
     if not hf.get("tie_word_embeddings", True):
         raise UserError(f"{C.CONFIG_FILE} sets tie_word_embeddings=false; t5x-like's XLNet "
                         "always ties lm_loss.weight to the word embedding")
-    fields = {ours: hf.get(key, default) for key, (ours, default) in _CONFIG_KEYS.items()}
+    fields = C.fields_from_hf(hf, _CONFIG_KEYS)
     fields["mem_len"] = fields["mem_len"] or 0  # transformers' None = ours 0
     fields["reuse_len"] = fields["reuse_len"] or 0
-    if fields["ff_activation"] not in ("gelu", "gelu_new", "relu"):
+    if fields["ff_activation"] not in FF_ACTIVATIONS:
         raise UserError(f"{C.CONFIG_FILE} has ff_activation={fields['ff_activation']!r}; "
-                        "supported: gelu, gelu_new, relu")
+                        f"supported: {', '.join(FF_ACTIVATIONS)}")
     return XLNetConfig.from_dict({**fields, **overrides})
 
 
 def config_to_hf(config: XLNetConfig) -> dict:
     """A transformers ``XLNetConfig`` dict for ``XLNetLMHeadModel``."""
-    hf = {key: getattr(config, ours) for key, (ours, _) in _CONFIG_KEYS.items()}
+    hf = C.fields_to_hf(config, _CONFIG_KEYS)
     hf["mem_len"] = config.mem_len or None
     hf["reuse_len"] = config.reuse_len or None
     return {
@@ -99,34 +96,21 @@ def _layer_counts(config: XLNetConfig) -> dict[str, int]:
     return {"layers": config.num_layers}
 
 
-def _abstract(config: XLNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Structure and shapes of ``XLNet(config)``'s params, without allocating them."""
-    return nnx.split(nnx.eval_shape(lambda: XLNet(config, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def params_from_hf(tensors: dict, config: XLNetConfig) -> dict:
     """A pure param dict for ``XLNet(config)`` from HF tensors."""
     if _MASK_EMB in tensors:
         tensors = {**tensors, _MASK_EMB: tensors[_MASK_EMB].reshape(-1)}
-    _, state = _abstract(config)
-    return C.params_from_table(
-        tensors, state, XLNET_PARAMS, layer_counts=_layer_counts(config),
-        scan_layers=config.scan_layers, dtype=jax.numpy.dtype(config.param_dtype),
-        ignored=_TIED_ALIASES,
-    )
+    return C.import_params(tensors, XLNet, config, XLNET_PARAMS,
+                           layer_counts=_layer_counts(config), ignored=_TIED_ALIASES)
 
 
 def load_folder(path: Path, hf_config: dict, **overrides: Any) -> tuple[XLNet, XLNetConfig]:
     config = config_from_hf(hf_config, **overrides)
-    params = params_from_hf(C.read_weights(path), config)
-    return C.merge(_abstract(config)[0], params), config
+    return C.load_model(path, XLNet, config, params_from_hf), config
 
 
 def export(model: XLNet, config: XLNetConfig, out_dir: str | Path) -> Path:
     """Writes config.json + model.safetensors that ``XLNetLMHeadModel`` loads."""
-    tensors = C.tensors_from_table(
-        nnx.state(model, nnx.Param), XLNET_PARAMS, layer_counts=_layer_counts(config),
-        scan_layers=config.scan_layers,
-    )
+    tensors = C.export_tensors(model, config, XLNET_PARAMS, layer_counts=_layer_counts(config))
     tensors[_MASK_EMB] = tensors[_MASK_EMB].reshape(1, 1, -1)
     return C.write_folder(out_dir, tensors, config_to_hf(config))
