@@ -18,8 +18,8 @@ def cross_entropy_with_z_loss(
     """Token cross-entropy plus T5's z-loss ``z_loss * logsumexp(logits)**2``, as weighted sums.
 
     Returns sums over all positions: ``loss`` (CE + z-loss, what is differentiated),
-    ``cross_entropy``, ``z_loss``, ``correct`` (hits: the target's logit is the largest) and ``weight`` (number of scored
-    tokens). Computed in float32 whatever the logits' dtype.
+    ``cross_entropy``, ``z_loss``, ``correct`` (hits: the target's logit is the largest) and
+    ``weight`` (number of scored tokens). Computed in float32 whatever the logits' dtype.
     """
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
