@@ -27,11 +27,16 @@ demo: $(VENV)/.installed-base
 	$(BIN)/t5x-like train --config configs/t5_span_corruption.py:tiny --workdir $(RUNS)/demo
 	$(BIN)/t5x-like eval --checkpoint $(RUNS)/demo --samples 5
 
+# Two pytest workers (pytest-xdist); --dist loadfile keeps each file, and so its module
+# fixtures (trained runs, 8-device subprocesses), on one worker.
+PYTEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-all: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # Peers first; then our trainer's step on synthetic batches (tiny and small, batch 8, on CPU):
 # tokens/s, TFLOP/s, MFU against a measured float32 matmul rate, XLA peak memory without and

@@ -152,6 +152,7 @@ def test_bfloat16_training_step_keeps_float32_state():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow  # the CLI around bench.run, which test_a_row_... checks in the default run
 def test_bench_verb_prints_and_writes_rows(tmp_path):
     """Without --peak-tflops a CPU has no peak in the table: TFLOP/s, but no MFU."""
     out = tmp_path / "bench.json"

@@ -109,7 +109,8 @@ def _bart(path):
 
 
 @pytest.mark.parametrize(
-    "make, family", [(_gpt2, "gpt"), pytest.param(_bart, "bart", marks=pytest.mark.slow)]
+    "make, family", [pytest.param(_gpt2, "gpt", marks=pytest.mark.slow),
+                     pytest.param(_bart, "bart", marks=pytest.mark.slow)]
 )
 def test_import_export_other_architectures(make, family, tmp_path):
     """import-hf picks the family from config.json; export-hf gives transformers the same model."""

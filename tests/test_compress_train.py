@@ -19,6 +19,9 @@ COMMON = ["data.inputs_length=64", "data.batch_size=16", "objective.max_predicti
           "optimizer.learning_rate=0.003", "optimizer.warmup_steps=10", "train.log_every=10",
           "train.eval_every=100000", "train.checkpoint_every=100000", "train.progress_bar=False"]
 STUDENT_STEPS = 80
+# Four training runs (~80 CPU-seconds): -m slow; tests/test_compress.py checks each method's
+# pieces in the default run.
+pytestmark = pytest.mark.slow
 
 
 def _train(spec, overrides, workdir):

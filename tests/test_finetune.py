@@ -143,11 +143,14 @@ def _check_mode(family: str, mode: str, tmp_path):
     assert any(p[0] == "model" for p in saved) == (not frozen_model)
 
 
-@pytest.mark.parametrize("mode", ENCODER_MODES)
+# LoRA and feature extraction in the default run; the other modes: -m slow.
+@pytest.mark.parametrize("mode", [m if m in ("lora", "feature") else
+                                  pytest.param(m, marks=pytest.mark.slow) for m in ENCODER_MODES])
 def test_encoder_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("bert_finetune", mode, tmp_path)
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_starts_at_the_top_layer():
     exp = experiment("bert_finetune", "gradual")  # 2 layers, stage_steps=2
     state = exp.initial_state()

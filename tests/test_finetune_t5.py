@@ -18,7 +18,9 @@ from t5x_like.finetune import peft
 T5_MODES = ("full", "adapters", "lora", "prompt", "prefix")
 
 
-@pytest.mark.parametrize("mode", T5_MODES)
+# LoRA in the default run (it touches every attention kernel); the other modes: -m slow.
+@pytest.mark.parametrize("mode", [m if m == "lora" else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in T5_MODES])
 def test_t5_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("t5_finetune", mode, tmp_path)
 

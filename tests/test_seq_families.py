@@ -127,7 +127,9 @@ def test_bad_objective_settings_are_one_sentence(family, override, message):
 MIN_DROP = 0.15
 
 
-@pytest.mark.parametrize("family", ["bart", "mass", "unilm", "xlnet"])
+# MASS and UniLM reuse BART's and the decoder LM's modules: -m slow.
+@pytest.mark.parametrize("family", ["bart", "xlnet", *(pytest.param(f, marks=pytest.mark.slow)
+                                                 for f in ("mass", "unilm"))])
 def test_trains_and_resumes_bit_exact_in_process(family, tmp_path, capsys):
     from t5x_like.train import train
 

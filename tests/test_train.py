@@ -155,6 +155,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the data8 mesh of tests/test_sharding.py covers it in the default run
 def test_data_parallel_on_8_devices_matches_one_device():
     overrides = [o.removeprefix("--") for o in TINY_OVERRIDES]
     script = f"CONFIG = {TINY_CONFIG!r}\nOVERRIDES = {overrides!r}\n" + DATA_PARALLEL_SCRIPT
