@@ -1,14 +1,41 @@
-"""What the per-family training tests share: a compilation cache, and 20-step runs checked
-for a falling loss and a bit-exact resume from step 10."""
+"""What the per-family training tests share: the 20-step run settings, a compilation cache,
+runs checked for a falling loss and a bit-exact resume from step 10, and a script run once
+in a subprocess with 8 fake CPU devices."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+
+# 20 tiny steps, a checkpoint at 10 (to resume from) and 20, one evaluation batch at the end.
+RUN = [
+    "data.inputs_length=32",
+    "data.batch_size=8",
+    "train.num_steps=20",
+    "train.log_every=1",
+    "train.eval_every=20",
+    "train.eval_batches=1",
+    "train.checkpoint_every=10",
+    "train.progress_bar=False",
+    "optimizer.warmup_steps=5",
+    "optimizer.learning_rate=0.003",
+]
+
+
+def on_8_devices(script: str, root: Path, *, timeout: int = 1800) -> dict:
+    """The JSON a script prints after ``RESULT``, run in a subprocess with 8 fake devices."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULT", 1)[1])
 
 
 def compilation_cache_env(tmp_path_factory):

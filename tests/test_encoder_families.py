@@ -9,8 +9,6 @@ and 8 fake devices (fsdp, tensor) equal to one.
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import family_runs
@@ -42,19 +40,7 @@ MODEL = {
     # Generator 16 wide with 2 heads, sharing the 16-wide tables (no projection for it).
     "electra": [*_ONE_LAYER, "model.embedding_size=16", "model.generator_fraction=0.5"],
 }
-RUN = [
-    "data.inputs_length=32",
-    "data.batch_size=8",
-    "objective.max_predictions=0",  # ceil(0.15 * 32) = 5 slots
-    "train.num_steps=20",
-    "train.log_every=1",
-    "train.eval_every=20",
-    "train.eval_batches=1",
-    "train.checkpoint_every=10",
-    "train.progress_bar=False",
-    "optimizer.warmup_steps=5",
-    "optimizer.learning_rate=0.003",
-]
+RUN = [*family_runs.RUN, "objective.max_predictions=0"]  # ceil(0.15 * 32) = 5 slots
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -486,12 +472,7 @@ def eight_devices(families: tuple[str, ...]) -> dict:
         extra = WIDE + ["objective.static_masking=True", "optimizer.warmup_steps=0"]
         runs = {family: (f"{CONFIGS[family]}:tiny", overrides(family) + extra)
                 for family in families}
-        script = f"RUNS = {runs!r}\n" + SCRIPT
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        _EIGHT[families] = json.loads(result.stdout.split("RESULT", 1)[1])
+        _EIGHT[families] = family_runs.on_8_devices(f"RUNS = {runs!r}\n" + SCRIPT, ROOT)
     return _EIGHT[families]
 
 

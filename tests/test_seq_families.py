@@ -7,8 +7,6 @@ independent computation, logical axis names, and 8 fake devices (fsdp, tensor) e
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import family_runs
@@ -42,18 +40,7 @@ MODEL = {
     "xlnet": ["model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.num_layers=1",
               "model.mem_len=16"],
 }
-RUN = [
-    "data.inputs_length=32",
-    "data.batch_size=8",
-    "train.num_steps=20",
-    "train.log_every=1",
-    "train.eval_every=20",
-    "train.eval_batches=1",
-    "train.checkpoint_every=10",
-    "train.progress_bar=False",
-    "optimizer.warmup_steps=5",
-    "optimizer.learning_rate=0.003",
-]
+RUN = family_runs.RUN
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -438,12 +425,7 @@ def eight_devices(families: tuple[str, ...]) -> dict:
             # No warmup: the schedules start at 0, so a first update would change nothing.
             runs[family] = (f"{CONFIGS[family]}:tiny",
                             overrides(family) + extra + ["optimizer.warmup_steps=0"])
-        script = f"RUNS = {runs!r}\n" + SCRIPT
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=1800)
-        assert result.returncode == 0, result.stderr[-3000:]
-        _EIGHT[families] = json.loads(result.stdout.split("RESULT", 1)[1])
+        _EIGHT[families] = family_runs.on_8_devices(f"RUNS = {runs!r}\n" + SCRIPT, ROOT)
     return _EIGHT[families]
 
 
