@@ -273,13 +273,14 @@ class Checkpoints:
         left out with a note, since the state without it is still good."""
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception:
+        except Exception as e:
             if "carry" not in items:
                 raise
             items = {k: v for k, v in items.items() if k != "carry"}
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             _say(f"note: the carry saved with checkpoint step {step} (per-example state such "
-                 "as XLNet's memory) does not fit this run's batch; it starts from zeros")
+                 f"as XLNet's memory) does not fit this run's batch or is damaged "
+                 f"({_reason(e)}); it starts from zeros")
             return restored
 
     def close(self) -> None:

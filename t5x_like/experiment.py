@@ -151,10 +151,10 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     opt_sh = partitioning.named(mesh, partitioning.opt_state_specs(tx, abstract_params, specs,
                                                                     mesh))
     state_shardings = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
     carry = jax.eval_shape(lambda: family.initial_carry(batch))
     if carry is not None:  # per-example state (XLNet's memory) is split as the batch is
-        data_sharding = partitioning.batch_sharding(mesh, rules)
-        state_shardings["carry"] = jax.tree.map(lambda _: data_sharding, carry)
+        state_shardings["carry"] = jax.tree.map(lambda _: batch_sharding, carry)
     return Experiment(
         config=resolved,
         vocabulary=vocabulary,
@@ -163,5 +163,5 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
         tx=tx,
         schedule=schedule,
         state_shardings=state_shardings,
-        batch_sharding=partitioning.batch_sharding(mesh, rules),
+        batch_sharding=batch_sharding,
     )

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import seqio
 
-from t5x_like.data import tf_runtime
+from t5x_like.data.pipeline import task_provider
 from t5x_like.errors import UserError
 
 
@@ -27,17 +27,8 @@ def examples(name: str, *, split: str, lengths: dict[str, int], seed: int, shuff
              repeat: bool, shard_index: int = 0, num_shards: int = 1) -> Iterator[dict]:
     """Numpy examples of task or mixture ``name`` with ``inputs``/``targets`` token ids
     (truncated to ``lengths``, EOS kept)."""
-    tf_runtime.configure()
-    import t5x_like.tasks  # noqa: F401  (registers the tasks a config may name)
-    from t5x_like.tasks.mixtures import get_provider
-
-    provider = get_provider(name)
-    if split not in provider.splits:
-        raise UserError(f"task {name!r} has no split {split!r}; it has "
-                        f"{', '.join(sorted(provider.splits))}")
-    if "inputs" not in provider.output_features:
-        raise UserError(f"task {name!r} has no 'inputs' feature, so it is not a fine-tuning "
-                        "task; register one with t5x_like.tasks.register_t2t_task")
+    provider = task_provider(name, split, "inputs", "a fine-tuning task; register one with "
+                             "t5x_like.tasks.register_t2t_task")
     shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
     ds = provider.get_dataset(lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard,
                               num_epochs=None if repeat else 1, try_in_mem_cache=False)
