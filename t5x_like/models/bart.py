@@ -194,7 +194,7 @@ class Bart(nnx.Module):
 
     def _logits(self, y: jax.Array) -> jax.Array:
         table = self.token_embedding[...].astype(L.dtype_of(self.config.dtype))
-        logits = jnp.einsum("btd,vd->btv", y, table, preferred_element_type=jnp.float32)
+        logits = L.dense(y, table, kernel_transposed=True, preferred_element_type=jnp.float32)
         return logits + self.final_logits_bias[...].astype(jnp.float32)
 
     def _dropout_keys(self, enable_dropout: bool, rngs: nnx.Rngs | None, n: int) -> list:

@@ -208,10 +208,9 @@ class DecoderLM(nnx.Module):
         """Float32 logits from final hidden states (tied: h @ E^T, no scaling, as GPT-2)."""
         dt = L.dtype_of(self.config.dtype)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", hidden, self.token_embedding[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            return L.dense(hidden, self.token_embedding[...].astype(dt), kernel_transposed=True,
+                           preferred_element_type=jnp.float32)
+        return L.dense(hidden, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
     # ------------------------------------------------------------------ public API
     def hidden(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,

@@ -158,7 +158,7 @@ class Embeddings(nnx.Module):
         if self.quantize == "fake" and x_range is not None:
             x = Q.fake_quant(x.astype(jnp.float32), x_range)
         table = self.table("word_embeddings").astype(x.dtype)
-        return jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)
+        return L.dense(x, table, kernel_transposed=True, preferred_element_type=jnp.float32)
 
 
 class SelfAttention(nnx.Module):

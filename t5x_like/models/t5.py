@@ -179,7 +179,7 @@ class T5(nnx.Module):
         if c.tie_word_embeddings:
             return self.token_embedder.attend(y * c.d_model**-0.5)
         kernel = self.lm_head[...].astype(L.dtype_of(c.dtype))
-        return jnp.einsum("btd,dv->btv", y, kernel, preferred_element_type=jnp.float32)
+        return L.dense(y, kernel, preferred_element_type=jnp.float32)
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,

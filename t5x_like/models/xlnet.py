@@ -130,7 +130,7 @@ class RelativeAttention(nnx.Module):
         self.dtype = L.dtype_of(c.dtype)
 
     def project(self, x: jax.Array, name: str) -> jax.Array:
-        return jnp.einsum("bsd,dnh->bsnh", x, getattr(self, name)[...].astype(self.dtype))
+        return L.dense(x, getattr(self, name)[...].astype(self.dtype))
 
     def attend(self, q, k, v, pos_key, segment_diff, mask, dropout_key):
         """Attention of queries q [B, T, N, H] over keys/values [B, K, N, H]."""
@@ -148,7 +148,7 @@ class RelativeAttention(nnx.Module):
                            mask=mask, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
 
     def output(self, y: jax.Array) -> jax.Array:
-        return jnp.einsum("btnh,dnh->btd", y, self.out[...].astype(self.dtype))
+        return L.dense(y, self.out[...].astype(self.dtype), contract=2, kernel_transposed=True)
 
 
 class XLNetLayer(nnx.Module):
@@ -282,6 +282,6 @@ class XLNet(nnx.Module):
                                        (mems, L.layer_keys(k_layers, c.num_layers)), body,
                                        scan=c.scan_layers, remat_policy=c.remat_policy)
         out = L.dropout(h if g is None else g, c.dropout_rate, k_out)
-        logits = jnp.einsum("btd,vd->btv", out, table.astype(dt),
-                            preferred_element_type=jnp.float32)
+        logits = L.dense(out, table.astype(dt), kernel_transposed=True,
+                         preferred_element_type=jnp.float32)
         return XLNetOutput(logits + self.lm_bias[...].astype(jnp.float32), h, new_mems)
