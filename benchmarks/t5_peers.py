@@ -11,11 +11,11 @@ computes eagerly on CPU anyway). The JAX steps are timed through the executable 
 ``jitted.lower(...).compile()`` returns (the same one a call would build; calling the jitted
 function after ``compile()`` would compile it a second time).
 
-Rows: ``ours``, ``flax``, ``torch``, and ``ours_unrolled``, a diagnostic: ours with
-``model.scan_layers=False``. Before each one the driver waits (``--quiet-wait`` seconds at
-most) for other processes to leave the CPUs, and each row reports the share of the cores
-other processes took during its timed steps (``others' CPU``): other engineers' test suites
-share this machine.
+Rows: ``ours`` (the ``small`` preset's layout: layers unrolled), ``flax``, ``torch``, and
+``ours_scanned``, a diagnostic: ours with ``model.scan_layers=True``. Before each one the
+driver waits (``--quiet-wait`` seconds at most) for other processes to leave the CPUs, and each
+row reports the share of the cores other processes took during its timed steps (``others'
+CPU``): other engineers' test suites share this machine.
 
 The config is T5 v1.1 (gated-gelu, untied embeddings, no dropout): d_model 256, d_kv 64,
 4 heads, d_ff 1024, 4 + 4 layers, vocab 32128, batch 8, inputs 512, targets 114. Tokens/s
@@ -57,11 +57,11 @@ from common import (
 )
 
 RESULT_PREFIX = "T5_PEERS_RESULT "
-# ours_unrolled is a diagnostic row: our model with its layers unrolled instead of scanned.
-IMPLEMENTATIONS = ("ours", "flax", "torch", "ours_unrolled")
+# ours_scanned is a diagnostic row: our model with its layers scanned instead of unrolled.
+IMPLEMENTATIONS = ("ours", "flax", "torch", "ours_scanned")
 TITLES = {
     "ours": "t5x_like (NNX, span corruption in step)",
-    "ours_unrolled": "t5x_like, model.scan_layers=False (diagnostic)",
+    "ours_scanned": "t5x_like, model.scan_layers=True (diagnostic)",
     "flax": "transformers FlaxT5 + optax adamw (jit)",
     "torch": "transformers PyTorch T5 + torch AdamW",
 }
@@ -259,7 +259,7 @@ RUNNERS = {
     "ours": run_ours,
     "flax": run_flax,
     "torch": run_torch,
-    "ours_unrolled": lambda args: run_ours(args, ("model.scan_layers=False",)),
+    "ours_scanned": lambda args: run_ours(args, ("model.scan_layers=True",)),
 }
 
 
@@ -284,8 +284,8 @@ def main(argv=None) -> None:
                       ["--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--corruption-calls", str(args.corruption_calls)],
                       prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout)
-    summary = print_summary(results, TITLES, ("ours", "ours_unrolled"))
-    for name in ("ours", "ours_unrolled"):
+    summary = print_summary(results, TITLES, ("ours", "ours_scanned"))
+    for name in ("ours", "ours_scanned"):
         r = results.get(name, {})
         if r.get("ok"):
             print(f"span corruption alone: {r['span_corruption_ms_median']:.2f} ms = "

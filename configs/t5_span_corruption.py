@@ -7,6 +7,10 @@
 Presets: ``tiny`` (a few minutes on a laptop CPU, what ``make demo`` trains), ``small``,
 ``base`` and ``large`` (T5 v1.1 sizes, 512 input tokens / 114 targets, Adafactor with the
 rsqrt schedule, z-loss 1e-4, no dropout in pretraining).
+
+Stacks of up to 12 layers are unrolled, as T5X's T5 is: on CPU a scanned stack costs ~15% a
+step (zeroing and copying the stacked activations; benchmarks/RESULTS.md). ``large`` scans its
+24 + 24 layers, which keeps its compile time short; ``--config.model.scan_layers`` overrides.
 """
 
 from t5x_like import presets
@@ -34,6 +38,7 @@ def get_config(arg=None):
         presets.tiny_run(c, batch_size=16, learning_rate=0.01, warmup_steps=200)
     else:
         c.data.inputs_length = 512
+        c.model.scan_layers = enc > 12
         presets.full_run(c, batch_size=128, num_steps=524_288)
     c.lock()
     return c

@@ -1,8 +1,14 @@
 """t5x_like: BERT-era pretraining families in JAX/Flax, from a laptop CPU to a TPU pod."""
 
-from t5x_like import host_memory
+import os
+import sys
 
-KEEPS_FREED_HOST_MEMORY = host_memory.keep_freed_memory()  # first: before JAX starts threads
+if sys.argv and os.path.basename(sys.argv[0]) == "t5x-like":
+    # The command re-executes itself with huge pages for glibc's large blocks (host_memory.py),
+    # here so that flax and JAX load once, in the new process.
+    from t5x_like import host_memory
+
+    host_memory.reexec_with_huge_pages()
 
 import flax  # noqa: E402
 
