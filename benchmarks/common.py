@@ -346,17 +346,16 @@ def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.N
     """One implementation in this process; prints one JSON line (or the error) at the end, for
     ``run_worker`` in the driver to read.
 
-    Ours runs as the ``t5x-like`` command runs: re-executed with glibc's huge-page tunable
-    (``t5x_like/host_memory.py``); the peers run as their users run them. Each row records its
-    ``GLIBC_TUNABLES``.
+    Ours runs as the ``t5x-like`` command runs, keeping freed memory for reuse
+    (``t5x_like/host_memory.py``); the peers run as their users run them.
     """
+    kept = False
     if args.worker.startswith("ours"):
         from t5x_like import host_memory
 
-        host_memory.reexec_with_huge_pages()
+        kept = host_memory.keep_freed_memory()
     try:
-        result = {"ok": True, **runner(args),
-                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+        result = {"ok": True, **runner(args), "keeps_freed_memory": kept}
     except Exception as e:  # reported in the table, not hidden
         result = {"ok": False, "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()}

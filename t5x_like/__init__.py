@@ -4,11 +4,10 @@ import os
 import sys
 
 if sys.argv and os.path.basename(sys.argv[0]) == "t5x-like":
-    # The command re-executes itself with huge pages for glibc's large blocks (host_memory.py),
-    # here so that flax and JAX load once, in the new process.
+    # The command keeps freed memory for reuse (host_memory.py); before JAX starts threads.
     from t5x_like import host_memory
 
-    host_memory.reexec_with_huge_pages()
+    host_memory.keep_freed_memory()
 
 import flax  # noqa: E402
 
