@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from numerics import assert_close_at_scale
 
 import t5x_like  # noqa: F401  (turns off eager sharding: modules carry logical names only)
 from t5x_like.errors import UserError
@@ -132,13 +133,6 @@ def _small_model(**overrides) -> T5:
     return nnx.merge(graphdef, params if config.scan_layers else _unstacked(params))
 
 
-def _assert_close_at_scale(a, b, rtol=2e-6):
-    """|a - b| within ``rtol`` of b's largest magnitude: two compilations may sum in another
-    order, which moves every element by a few float32 ulps of the gradient's scale (measured
-    3e-7 of it), a relatively larger change for the small elements."""
-    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * float(np.abs(b).max()))
-
-
 def test_remat_policies_give_same_logits_and_gradients():
     """Remat changes what is stored, never the numbers, with stacked or listed layers. The
     encoder's loss keeps compile time low; the decoder goes through the same ``run_stack``."""
@@ -154,13 +148,13 @@ def test_remat_policies_give_same_logits_and_gradients():
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         results[policy] = value, nnx.to_pure_dict(grads)
         if not scan:
-            jax.tree.map(_assert_close_at_scale, results[policy][1],
+            jax.tree.map(assert_close_at_scale, results[policy][1],
                          _unstacked(results["none"][1]))
     ref_loss, ref_grads = results["none"]
     assert float(jnp.abs(ref_grads["encoder"]["layers"]["mlp"]["wo"]).max()) > 0
     np.testing.assert_allclose(results["full"][0], ref_loss, rtol=1e-6)
     np.testing.assert_allclose(results["minimal"][0], ref_loss, rtol=1e-6)
-    jax.tree.map(_assert_close_at_scale, results["minimal"][1], ref_grads)
+    jax.tree.map(assert_close_at_scale, results["minimal"][1], ref_grads)
 
 
 def test_bfloat16_compute_is_close_to_float32():
