@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like.models.softmax_attention import softmax_attention
+from t5x_like.models.softmax_attention import masked_logits, softmax_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -205,12 +205,7 @@ def attention_with_probs(q, k, v, *, bias, mask, dropout_rate=0.0,
                          dropout_key=None) -> tuple[jax.Array, jax.Array]:
     """(output, float32 probabilities [B, heads, T, S] before dropout): the explicit path, whose
     probabilities distillation (TinyBERT) reads."""
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(masked_logits(q, k, bias, mask), axis=-1)
     y = jnp.einsum("bnts,bsnh->btnh", dropout(probs, dropout_rate, dropout_key).astype(v.dtype), v)
     return y, probs
 

@@ -19,15 +19,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_MASKED = jnp.finfo(jnp.float32).min
 
-
-def _probabilities(q, k, bias, mask):
+def masked_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None,
+                  mask: jax.Array | None) -> jax.Array:
+    """Float32 logits [B, N, T, S] of q [B, T, N, H] against k [B, S, N, H], plus ``bias``,
+    with masked-out (False) positions at the most negative float32."""
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def _probabilities(q, k, bias, mask):
+    logits = masked_logits(q, k, bias, mask)
     logits = logits - jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits)
     return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
