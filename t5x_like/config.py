@@ -89,6 +89,10 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             data=-1,
             fsdp=1,
             tensor=1,
+            # Multislice (several TPU slices, or GPU hosts, joined by the data-center network):
+            # data/fsdp/tensor lay out one slice; these multiply data and fsdp across slices.
+            dcn_data=1,
+            dcn_fsdp=1,
             rules="fsdp_tensor",  # dp | fsdp | tensor | fsdp_tensor (partitioning.PRESETS)
             rules_override="",  # e.g. "embed=fsdp,mlp=tensor,heads=none,batch=data+fsdp"
         )
@@ -237,6 +241,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         sum(c.mesh[n] == -1 for n in ("data", "fsdp", "tensor")) <= 1,
         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
     )
+    for name in ("dcn_data", "dcn_fsdp"):
+        size = c.mesh[name]
+        check(size > 0, f"mesh.{name} must be positive (1 = one slice), got {size}")
     from t5x_like import partitioning  # late: imports jax
 
     partitioning.rules_from_config(c.mesh)  # unknown preset, axis or mesh axis: one sentence

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from t5x_like.errors import UserError
@@ -216,27 +217,98 @@ def named(mesh: Mesh, specs):
 # --------------------------------------------------------------------------- mesh and batches
 
 
+DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}  # mesh axes that may span slices
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
+
+    ``mesh.data``, ``mesh.fsdp`` and ``mesh.tensor`` lay out one slice (its fast ICI links);
+    ``mesh.dcn_data`` and ``mesh.dcn_fsdp`` multiply the data and fsdp axes across slices
+    (the slower data-center network), so the mesh's data axis is ``data * dcn_data``. With
+    one slice (both 1) this is ``jax.make_mesh``, which refuses devices on several slices.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    dcn = [int(mesh_config.get(DCN_AXES.get(name, ""), 1)) for name in MESH_AXES]
+    num_slices = math.prod(dcn)
+    slices = device_slices(devices, num_slices)
+    per_slice = len(slices[0])
     sizes = [int(mesh_config[name]) for name in MESH_AXES]
+    where = "" if num_slices == 1 else " per slice"
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
+        if per_slice % known:
             raise UserError(
-                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill {len(devices)} "
-                f"devices: {len(devices)} is not divisible by {known}; change mesh.* in the config"
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill {per_slice} "
+                f"devices{where}: {per_slice} is not divisible by {known}; change mesh.* in "
+                "the config"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
         raise UserError(
-            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices "
-            f"but {len(devices)} are available; make mesh.data * mesh.fsdp * mesh.tensor equal "
-            f"{len(devices)} or set one of them to -1"
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices"
+            f"{where} but {per_slice} are available{where}; make mesh.data * mesh.fsdp * "
+            f"mesh.tensor equal {per_slice} or set one of them to -1"
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices == 1:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    if _has_slices(devices):
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices,
+                                                    allow_split_physical_axes=True)
+    elif len({d.process_index for d in devices}) == num_slices:  # GPU nodes: DCN = hosts
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=True,
+                                                    allow_split_physical_axes=True)
+    else:  # one process, no slices (CPU): equal consecutive groups stand in for slices
+        meshes = [mesh_utils.create_device_mesh(sizes, group, allow_split_physical_axes=True)
+                  for group in slices]
+        order = np.arange(num_slices).reshape(dcn)
+        grid = np.block(np.vectorize(lambda i: meshes[i], otypes=[object])(order).tolist())
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _has_slices(devices: Sequence[jax.Device]) -> bool:
+    return all(getattr(d, "slice_index", None) is not None for d in devices)
+
+
+def device_slices(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
+    """The devices grouped by slice: TPU slices (``slice_index``), else processes when there
+    are ``num_slices`` of them (GPU hosts), else, in one process, ``num_slices`` equal groups
+    of consecutive devices (CPU), so that a multislice mesh can be tested on fake devices."""
+    devices = list(devices)
+    setting = ("mesh.dcn_data * mesh.dcn_fsdp = "
+               f"{num_slices}; set mesh.dcn_data (and mesh.dcn_fsdp) so that their product is")
+    if _has_slices(devices):
+        found = sorted({d.slice_index for d in devices})
+        if len(found) != num_slices:
+            raise UserError(f"the {len(devices)} devices are on {len(found)} slice(s) but "
+                            f"{setting} {len(found)}")
+        groups = [[d for d in devices if d.slice_index == s] for s in found]
+    elif num_slices == 1:
+        return [devices]
+    else:
+        processes = sorted({d.process_index for d in devices})
+        if len(processes) == num_slices:
+            groups = [[d for d in devices if d.process_index == p] for p in processes]
+        elif len(processes) == 1 and len(devices) % num_slices == 0:
+            step = len(devices) // num_slices
+            groups = [devices[i:i + step] for i in range(0, len(devices), step)]
+        else:
+            raise UserError(f"{len(devices)} devices in {len(processes)} process(es) cannot "
+                            f"form {num_slices} slices: {setting} 1 or {len(processes)}")
+    if len({len(g) for g in groups}) != 1:
+        raise UserError(f"the slices hold different numbers of devices "
+                        f"({sorted(len(g) for g in groups)}); a multislice mesh needs equal ones")
+    return groups
+
+
+def slice_of_devices(mesh: Mesh) -> np.ndarray:
+    """Each mesh position's slice (TPU ``slice_index``; else its process, the granule of a GPU
+    cluster's DCN), flat in the mesh's device order: what splits collectives into ICI and DCN."""
+    flat = list(mesh.devices.flat)
+    if _has_slices(flat):
+        return np.array([d.slice_index for d in flat])
+    return np.array([d.process_index for d in flat])
 
 
 def check_axes_used(mesh: Mesh, rules: Rules) -> None:
