@@ -55,12 +55,12 @@ def encoder_of(workdir: str | Path):
 
 def eval_batches(exp, num_batches: int) -> list[dict]:
     """Masked validation batches (the family's features under fixed keys), on the host."""
-    from t5x_like import train as train_lib
+    from t5x_like.evaluation import loop as eval_loop
 
-    key = jax.random.fold_in(exp.root_key, train_lib.EVAL_KEY_SALT)
+    key = jax.random.fold_in(exp.root_key, eval_loop.EVAL_KEY_SALT)
     features = jax.jit(exp.family.features)
     out = []
-    stream = train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False,
+    stream = eval_loop.device_batches(exp, split=exp.config.data.eval_split, repeat=False,
                                       shuffle=False)
     for i, batch in enumerate(stream):
         if i >= num_batches:

@@ -10,10 +10,10 @@ import numpy as np
 
 from t5x_like import config as config_lib
 from t5x_like import decoding
-from t5x_like import train as train_lib
 from t5x_like.checkpoints import Checkpoints
 from t5x_like.distributed import host_array
 from t5x_like.errors import UserError
+from t5x_like.evaluation import loop as eval_loop
 from t5x_like.experiment import Experiment, build
 
 
@@ -44,15 +44,15 @@ def unigram_baseline(exp: Experiment, *, train_batches: int = 32, eval_batches: 
     features = jax.jit(exp.family.features)
     vocab = exp.config.model.vocab_size
     counts = np.ones(vocab, np.float64)
-    stream = train_lib.device_batches(exp, split="train", repeat=True, shuffle=False)
+    stream = eval_loop.device_batches(exp, split="train", repeat=True, shuffle=False)
     for i in range(train_batches):
         targets = _scored_targets(features(next(stream), jax.random.key(i)))
         counts += np.bincount(targets, minlength=vocab)[:vocab]
     log_p = np.log(counts / counts.sum())
-    key = jax.random.fold_in(exp.root_key, train_lib.EVAL_KEY_SALT)
+    key = jax.random.fold_in(exp.root_key, eval_loop.EVAL_KEY_SALT)
     total, n = 0.0, 0
     split = exp.config.data.eval_split
-    stream = train_lib.device_batches(exp, split=split, repeat=False, shuffle=False)
+    stream = eval_loop.device_batches(exp, split=split, repeat=False, shuffle=False)
     for i, batch in enumerate(stream):
         if eval_batches and i >= eval_batches:
             break
@@ -128,7 +128,7 @@ def evaluate_checkpoint(
         raise UserError(f"--window/--stride need a family that scores token streams (gpt); "
                         f"this checkpoint is {exp.config.family!r}")
     num_batches = exp.config.train.eval_batches if num_batches is None else num_batches
-    scores = train_lib.evaluate(exp, params, num_batches=num_batches)
+    scores = eval_loop.evaluate(exp, params, num_batches=num_batches)
     report = {
         "step": step,
         "task": exp.config.data.task,
@@ -180,7 +180,7 @@ def fill_spans(
                         f"{exp.config.family!r}, whose metrics eval prints without it")
     vocab = exp.vocabulary
     batch = next(
-        train_lib.device_batches(exp, split=exp.config.data.eval_split, repeat=False, shuffle=False)
+        eval_loop.device_batches(exp, split=exp.config.data.eval_split, repeat=False, shuffle=False)
     )
     raw = host_array(batch["tokens"])[:num_examples, :length]
     features = exp.family.features({"tokens": raw}, jax.random.key(seed))
