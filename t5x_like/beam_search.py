@@ -1,4 +1,4 @@
-"""Beam search over a ``decoding.Stepper``, step for step as transformers' ``generate``.
+"""Beam search over a ``stepper.Stepper``, step for step as transformers' ``generate``.
 
 Per input row, ``K = beam_size`` running beams and up to K finished hypotheses are kept
 apart. Each step scores every (beam, token) continuation by its summed log-probability and
@@ -8,19 +8,16 @@ top K that end in EOS or reach ``max_length`` become finished hypotheses, scored
 previous K best finished ones; the best K that did not end continue, and the KV cache rows
 follow their parent beams (a gather on the row axis of each cache entry). A row stops taking
 new hypotheses once no running beam can beat its worst finished one (``early_stopping``, see
-``decoding.Options``); the loop ends when every row has stopped or reached ``max_length``.
+``stepper.Options``); the loop ends when every row has stopped or reached ``max_length``.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-    from t5x_like.decoding import Options, Stepper
+from t5x_like.stepper import Options, Stepper
 
 NEG = -1.0e9  # transformers' "impossible" score; added, not assigned, as it does
 
