@@ -5,10 +5,11 @@ A tensor with range ``r`` (max|x|) is quantized with scale ``s = 127 / r`` to
 ``1 / (2 s)``. Training sees the fake-quantized value; gradients pass straight through (STE) for
 |x| <= r and are 0 for the clipped values beyond it. Weights use their own current max;
 activations (every dense layer's input) use a range kept as an exponential moving average of
-the batch maxima with decay 0.9999 (the first observation sets it). The encoder
-(``models/encoder.py``, ``quantize='fake'``) holds these ranges as scalar ``input_range``
-parameters that receive no gradient; ``update_ranges`` is the EMA step a training family runs
-after each update (``families/distill.py``).
+the batch maxima with decay 0.9999 (the first observation sets it). The arithmetic (fake
+quantization, int8 matmuls) lives in ``models/int8.py``: the encoder (``models/encoder.py``,
+``quantize='fake'``) calls it without importing this package, and holds these ranges as scalar
+``input_range`` parameters that receive no gradient; ``update_ranges`` is the EMA step a
+training family runs after each update (``families/distill.py``).
 
 Export: ``to_int8`` turns the parameters of a fake-quantized model into those of a
 ``quantize='int8'`` model: int8 kernels and tables with their float32 scales. That model
@@ -27,55 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QMAX = 127.0
+from t5x_like.models.encoder import TABLES
+from t5x_like.models.int8 import (  # noqa: F401  re-exported: the quantizer's arithmetic
+    QMAX,
+    active_range,
+    dequantize,
+    fake_quant,
+    fake_quant_weight,
+    int8_tensordot,
+    quantize_int8,
+    scale_of,
+)
+
 EMA_DECAY = 0.9999
-_TINY = 1e-12  # an all-zero tensor gets this range (its values quantize to 0 exactly)
-
-
-def scale_of(max_abs: jax.Array) -> jax.Array:
-    """``127 / max|x|``: the factor that maps the range onto the int8 grid."""
-    return QMAX / jnp.maximum(max_abs, _TINY)
-
-
-def active_range(stored: jax.Array, batch_max: jax.Array) -> jax.Array:
-    """The range an activation is quantized with: the stored EMA, or (before the first update,
-    stored = 0) the current batch's max. Never differentiated."""
-    return jax.lax.stop_gradient(jnp.where(stored > 0, stored, batch_max))
-
-
-def fake_quant(x: jax.Array, max_abs: jax.Array) -> jax.Array:
-    """``q(x) / s`` in the forward pass; gradient 1 for |x| <= max_abs, 0 where x was clipped."""
-    max_abs = jax.lax.stop_gradient(jnp.maximum(max_abs, _TINY))
-    clipped = jnp.where(jnp.abs(x) <= max_abs, x, jnp.sign(x) * max_abs)
-    s = scale_of(max_abs)
-    grid = jnp.clip(jnp.round(clipped * s), -QMAX, QMAX) / s
-    return clipped + jax.lax.stop_gradient(grid - clipped)
-
-
-def fake_quant_weight(w: jax.Array) -> jax.Array:
-    """A weight fake-quantized with its own max (per tensor)."""
-    return fake_quant(w, jnp.max(jnp.abs(w)))
-
-
-def quantize_int8(x: jax.Array, max_abs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(int8 values, float32 scale) with ``x ~= q / scale``."""
-    s = scale_of(max_abs)
-    q = jnp.clip(jnp.round(x.astype(jnp.float32) * s), -QMAX, QMAX).astype(jnp.int8)
-    return q, s.astype(jnp.float32)
-
-
-def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
-    return q.astype(jnp.float32) / scale
-
-
-def int8_tensordot(x: jax.Array, x_range: jax.Array, kernel: jax.Array, kernel_scale: jax.Array,
-                   num_in: int) -> jax.Array:
-    """``x @ kernel`` over x's last ``num_in`` dims with x quantized to int8 by ``x_range``,
-    the int8 ``kernel`` as stored, int32 accumulation, one float32 rescale at the end."""
-    qx, sx = quantize_int8(x, x_range)
-    dims = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
-    acc = jax.lax.dot_general(qx, kernel, (dims, ((), ())), preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) / (sx * kernel_scale)
 
 
 # --------------------------------------------------------------------------- ranges (EMA)
@@ -112,8 +77,6 @@ def to_int8(params: Mapping[str, Any]) -> dict:
     becomes int8 with a ``kernel_scale`` / ``<table>_scale`` computed exactly as the fake
     quantizer does; layer stacks get one scale per layer. Everything else is kept.
     """
-    from t5x_like.models.encoder import TABLES
-
     def convert(node: Mapping, stacked: bool) -> dict:
         out = {}
         for name, value in node.items():

@@ -14,10 +14,11 @@ times in a row (ALBERT's ``num_hidden_groups``): ``none`` = N units, ``all`` = 1
 ``num_layer_groups``. ``attention``/``ffn`` share only that sub-layer: one ``shared`` copy plus N
 units holding the other sub-layer.
 
-Compression hooks (``t5x_like.compress``): ``quantize='fake'`` fake-quantizes every dense and
-embedding weight and every dense input to 8 bits (Q8BERT; activation ranges are ``input_range``
-parameters that receive no gradient and are set by ``compress.quantize.update_ranges``);
-``quantize='int8'`` holds int8 weights with their scales and multiplies in integers.
+Compression hooks (set by ``t5x_like.compress``, arithmetic in ``models/int8.py``):
+``quantize='fake'`` fake-quantizes every dense and embedding weight and every dense input to
+8 bits (Q8BERT; activation ranges are ``input_range`` parameters that receive no gradient and
+are set by ``compress.quantize.update_ranges``); ``quantize='int8'`` holds int8 weights with
+their scales and multiplies in integers.
 ``head_mask`` [N, heads] scales each head's output (Michel et al.'s importance is its
 gradient); ``layer_num_heads`` gives each layer its own head count after structured pruning.
 """
@@ -28,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5x_like.compress import quantize as Q
 from t5x_like.errors import UserError
+from t5x_like.models import int8 as Q
 from t5x_like.models import layers as L
 from t5x_like.models.encoder_config import EncoderConfig, generator_config
 
