@@ -11,7 +11,9 @@ Crash safety. orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` (
 together) and renames it to ``<step>/`` only when every file is written, so the data position
 in ``meta`` is committed atomically with the state it belongs to, and a process killed at any
 moment (SIGKILL mid-save included) leaves complete steps plus at most one temporary folder.
-Such leftovers are reported and removed when a run opens the folder. orbax checksums only its
+On gs:// (no atomic rename) orbax writes ``<step>/`` in place and puts ``commit_success.txt``
+last; a step folder without it is the leftover. Such leftovers are reported and removed when
+a run opens the folder. orbax checksums only its
 index, not the (zstd-compressed) array data, so a flipped byte can restore silently as a wrong
 number: ``meta`` therefore also holds a fingerprint of every array (two wrapping sums of its
 bits, computed on device), checked after each restore. Steps that do not restore or do not
@@ -22,7 +24,6 @@ disk, unwritable folder) stops the run with a message while the previous step st
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -34,9 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5x_like import storage
 from t5x_like.errors import UserError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
+# On gs:// orbax writes a step in place and adds this file last (no atomic rename there).
+COMMIT_FILE = "commit_success.txt"
 
 
 def _say(text: str) -> None:
@@ -52,19 +56,17 @@ def _reason(e: BaseException) -> str:
 def check_writable(workdir: str | Path) -> None:
     """UserError unless ``workdir`` can be created and takes a small write, fsynced and removed.
 
-    Runs before anything is built or compiled, so a read-only or missing mount fails in one
-    sentence instead of at the first checkpoint an hour later.
+    Runs before anything is built or compiled, so a read-only or missing mount (or a missing
+    bucket, or no permission on it, for gs://) fails in one sentence instead of at the first
+    checkpoint an hour later.
     """
-    workdir = Path(workdir)
-    probe = workdir / f".write-test-{uuid.uuid4().hex[:8]}"
+    workdir = storage.as_path(workdir)
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"t5x-like write test\n" * 64)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
+        storage.probe_write(workdir, f".write-test-{uuid.uuid4().hex[:8]}",
+                            b"t5x-like write test\n" * 64)
+    except Exception as e:  # OSError locally; gcsfs/s3fs raise their own types too
+        if not storage.is_remote(workdir) and not isinstance(e, OSError):
+            raise
         raise UserError(
             f"workdir {workdir} is not writable ({_reason(e)}); choose another --workdir or fix "
             f"its permissions and free space"
@@ -72,7 +74,13 @@ def check_writable(workdir: str | Path) -> None:
 
 
 def check_free_space(workdir: str | Path, checkpoint_bytes: int) -> None:
-    """UserError when the workdir's disk cannot hold one more checkpoint of this size."""
+    """UserError when the workdir's disk cannot hold one more checkpoint of this size.
+
+    Object storage has no free space to ask for: a quota surfaces as a failed save, which
+    names its step and keeps the one before.
+    """
+    if storage.is_remote(workdir):
+        return
     free = shutil.disk_usage(workdir).free
     if free < checkpoint_bytes:
         raise UserError(
@@ -134,11 +142,11 @@ class Checkpoints:
     """A CheckpointManager that keeps the newest N and falls back past unreadable steps."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.absolute(workdir) / "checkpoints"
         self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise UserError(
-                f"{Path(workdir)} holds no checkpoints/ folder: is it a t5x-like workdir?"
+                f"{workdir} holds no checkpoints/ folder: is it a t5x-like workdir?"
             )
         self.incomplete = self._report_incomplete()
         try:
@@ -165,7 +173,11 @@ class Checkpoints:
         """Names of temporary step folders a killed save left behind (removed by orbax)."""
         if not self.directory.is_dir():
             return []
-        names = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+        if storage.is_remote(self.directory):  # a step folder that lacks its commit file
+            names = sorted(p.name for p in self.directory.iterdir()
+                           if p.name.isdigit() and not (p / COMMIT_FILE).exists())
+        else:
+            names = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
         for name in names:
             action = "ignoring it" if self.read_only else "removing it"
             _say(

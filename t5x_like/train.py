@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from clu import metric_writers
 
-from t5x_like import faults, preemption
+from t5x_like import faults, preemption, storage
 from t5x_like.checkpoints import Checkpoints, check_free_space, check_writable
 from t5x_like.data.corpus import data_report_lines
 from t5x_like.evaluation.loop import (  # noqa: F401  re-exported: train.evaluate etc.
@@ -135,14 +135,21 @@ def make_train_step(exp: Experiment):
 
 
 class MetricsLog:
-    """TensorBoard (via clu) plus a JSON-lines file, written by process 0 only."""
+    """TensorBoard (via clu) plus a JSON-lines file, written by process 0 only.
+
+    On object storage (no append) both are written to a local staging folder and uploaded
+    whole every ``storage.SYNC_SECONDS`` and at the end (``storage.Mirror``).
+    """
 
     def __init__(self, workdir: Path):
         self.primary = jax.process_index() == 0
+        remote = self.primary and storage.is_remote(workdir)
+        self.mirror = storage.Mirror(workdir, pull=("metrics.jsonl",)) if remote else None
+        local = self.mirror.local if self.mirror else workdir
         self.writer = metric_writers.create_default_writer(
-            str(workdir / "tensorboard"), just_logging=not self.primary
+            str(local / "tensorboard"), just_logging=not self.primary
         )
-        path = workdir / "metrics.jsonl"
+        path = local / "metrics.jsonl"
         if self.primary:
             _drop_partial_last_line(path)
         self.jsonl = open(path, "a") if self.primary else None  # noqa: SIM115
@@ -152,11 +159,16 @@ class MetricsLog:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
             self.jsonl.flush()
+        if self.mirror and self.mirror.due():
+            self.writer.flush()
+            self.mirror.sync()
 
     def close(self) -> None:
         self.writer.flush()
         if self.jsonl:
             self.jsonl.close()
+        if self.mirror:
+            self.mirror.close()
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -175,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     On SIGTERM or a maintenance notice it checkpoints the step in flight and returns early,
     with ``result['preempted_at_step']``; running it again resumes there.
     """
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)  # a local folder or gs:// (storage.py)
     # 0. the workdir takes a write before anything is built or compiled
     check_writable(workdir)
     # 1. experiment
