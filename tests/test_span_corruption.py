@@ -1,9 +1,13 @@
-"""T5 span corruption: published lengths, counts, sentinel order, lossless round trip, noise."""
+"""T5 span corruption: published lengths, counts, sentinel order, lossless round trip, and the
+span-length distribution T5's random segmentation implies."""
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from t5x_like.errors import UserError
 from t5x_like.objectives import noise_span_counts, span_corruption, span_corruption_lengths
@@ -209,27 +213,110 @@ def test_custom_eos_and_vocab():
     assert not (out["inputs"][:, :-1] == 0).any()
 
 
-def test_noise_statistics_match_reference_distribution():
-    length, rows = 568, 2048
+def t5_random_segmentation(rng, num_items, num_segments, rows):
+    """Segment lengths [rows, num_segments] drawn as T5's ``_random_segmentation`` draws them
+    (t5/data/preprocessors.py): shuffle ``num_segments - 1`` ones among ``num_items - 1``
+    zeros, put a 0 in front, cumsum to segment ids, count the items of each id. NumPy only."""
+    marks = np.zeros((rows, num_items - 1), np.int64)
+    marks[:, : num_segments - 1] = 1
+    marks = rng.permuted(marks, axis=1)
+    ids = np.cumsum(np.concatenate([np.zeros((rows, 1), np.int64), marks], axis=1), axis=1)
+    return np.stack([np.bincount(r, minlength=num_segments) for r in ids])
+
+
+def segment_law(num_items, num_segments):
+    """P(one segment has length l), l = 1..num_items - num_segments + 1, when ``num_items`` are
+    cut into ``num_segments`` non-empty segments with every cut equally likely: the other
+    segments hold ``num_items - l`` items in ``num_segments - 1`` parts, so
+    P(l) = C(num_items - l - 1, num_segments - 2) / C(num_items - 1, num_segments - 1)."""
+    ls = np.arange(1, num_items - num_segments + 2)
+    p = np.array([math.comb(num_items - n - 1, num_segments - 2) for n in ls], float)
+    return p / math.comb(num_items - 1, num_segments - 1)
+
+
+def chi_square_p(samples, probabilities):
+    """Goodness of fit of integer samples (1-based) to a law; tail bins merged to >= 20."""
+    counts = np.bincount(samples, minlength=len(probabilities) + 1)[1:]
+    expected = probabilities * len(samples)
+    obs, exp, acc_o, acc_e = [], [], 0.0, 0.0
+    for o, e in zip(counts, expected, strict=True):
+        acc_o, acc_e = acc_o + o, acc_e + e
+        if acc_e >= 20:
+            obs.append(acc_o)
+            exp.append(acc_e)
+            acc_o = acc_e = 0.0
+    obs[-1], exp[-1] = obs[-1] + acc_o, exp[-1] + acc_e
+    return stats.chisquare(obs, exp).pvalue
+
+
+def runs(mask_row):
+    """Lengths of the noise runs and of the non-noise runs of one mask, in order."""
+    edges = np.flatnonzero(np.diff(mask_row.astype(np.int8))) + 1
+    pieces = np.split(mask_row, edges)
+    noise = [len(p) for p in pieces if p[0]]
+    keep = [len(p) for p in pieces if not p[0]]
+    return noise, keep
+
+
+def masks_of(key, length, rows):
+    """The noise masks span_corruption drew for ``rows`` copies of 2..length+1."""
     tokens = jnp.tile(jnp.arange(2, 2 + length, dtype=jnp.int32), (rows, 1))
-    targets = np.asarray(span_corruption(jax.random.key(11), tokens, vocab_size=VOCAB)["targets"])
+    targets = np.asarray(span_corruption(key, tokens, vocab_size=VOCAB)["targets"])
     # Raw token t sits at position t - 2, so the targets name the noise positions directly.
     noise = (targets < FIRST_SENTINEL) & (targets != EOS)
     masks = np.zeros((rows, length + 2), bool)
     masks[np.nonzero(noise)[0], targets[noise]] = True
-    masks = masks[:, 2:]
-    padded = np.pad(masks, ((0, 0), (1, 1)))
-    starts = masks & ~padded[:, :-2]
-    singles = starts & ~padded[:, 2:]
+    return masks[:, 2:]
 
-    assert abs(masks.mean() - 0.15) < 0.002
-    assert abs(masks.sum() / starts.sum() - 3.0) < 0.05  # mean noise span length
-    # Uniform random cuts of 85 noise tokens into 28 spans: P(span length 1) = 27 / 84.
-    assert abs(singles.sum() / starts.sum() - 27 / 84) < 0.02
-    # Noise is spread over the whole chunk, not piled at one end; position 0 is never noise.
-    per_position = masks.mean(axis=0)
-    assert per_position[0] == 0.0
-    for part in np.array_split(per_position[1:], 4):
+
+def test_chi_square_check_rejects_a_wrong_segmentation():
+    """The check below can fail: equal-ish spans, or cuts biased to one end, are rejected."""
+    law = segment_law(85, 28)
+    rng = np.random.default_rng(0)
+    right = t5_random_segmentation(rng, 85, 28, 2000).ravel()
+    assert chi_square_p(right, law) > 1e-3
+    even = np.full(28 * 2000, 3)
+    even[::3] = 4
+    assert chi_square_p(even, law) < 1e-12
+    biased = t5_random_segmentation(rng, 85, 28, 2000)
+    biased[:, 0] += biased[:, 1] - 1  # first span swallows the second but one
+    biased[:, 1] = 1
+    assert chi_square_p(biased.ravel(), law) < 1e-12
+
+
+def test_span_lengths_follow_t5_random_segmentation_across_keys():
+    """Per example, T5 cuts 85 noise tokens into 28 spans and 483 kept tokens into 28 runs,
+    every cut equally likely. Over many keys and rows, the span lengths we draw follow the
+    exact law of such a cut; each example's longest span and its first span's start follow a
+    NumPy simulation of T5's own ``_random_segmentation``."""
+    length, rows, steps = 568, 256, 8
+    seed = jax.random.key(11)
+    masks = np.concatenate([masks_of(jax.random.fold_in(seed, s), length, rows)
+                            for s in range(steps)])
+    noise, keep = zip(*(runs(m) for m in masks), strict=True)
+    assert all(len(n) == 28 and len(k) == 28 for n, k in zip(noise, keep, strict=True))
+    assert not masks[:, 0].any(), "the first token is never noise"
+    noise, keep = np.array(noise), np.array(keep)
+
+    # Each span's (and run's) length against the exact combinatorial law, per span index.
+    for index in (0, 13, 27):
+        assert chi_square_p(noise[:, index], segment_law(85, 28)) > 1e-4
+        assert chi_square_p(keep[:, index], segment_law(483, 28)) > 1e-4
+    assert chi_square_p(noise.ravel(), segment_law(85, 28)) > 1e-4
+    assert chi_square_p(keep.ravel(), segment_law(483, 28)) > 1e-4
+
+    # Per-example statistics against T5's segmentation simulated in NumPy.
+    rng = np.random.default_rng(5)
+    sim_noise = t5_random_segmentation(rng, 85, 28, 20000)
+    sim_keep = t5_random_segmentation(rng, 483, 28, 20000)
+    assert stats.ks_2samp(noise.max(axis=1), sim_noise.max(axis=1)).pvalue > 1e-4
+    assert stats.ks_2samp(keep[:, 0], sim_keep[:, 0]).pvalue > 1e-4  # first span's start
+    # The two cuts are independent: first noise span length vs the run before it.
+    assert abs(np.corrcoef(noise[:, 0], keep[:, 0])[0, 1]) < 0.05
+    # Examples differ: 2048 rows, 2048 distinct masks.
+    assert len({m.tobytes() for m in masks}) == len(masks)
+    # Noise is spread over the whole chunk, not piled at one end.
+    for part in np.array_split(masks.mean(axis=0)[1:], 4):
         assert abs(part.mean() - 0.15) < 0.015
 
 
