@@ -216,6 +216,11 @@ def _cmd_report(args, overrides):
     print(f"wrote {write_report(args.run_dirs, args.out, title=args.title)}")
 
 
+# What import-hf / export-hf take: ``interop.hf.supported_model_types()``, written out so that
+# ``--help`` imports nothing heavy (tests/test_cli_interop.py checks the two agree).
+HF_MODEL_TYPES = "t5, mt5, bart, bert, roberta, albert, electra, gpt2 or xlnet"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from t5x_like import distributed, launch
 
@@ -226,13 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("train", help="train or resume a model")
+    p = verbs.add_parser("train", help="train any family from a config file; run it again with the "
+                          "same --workdir to resume from its newest checkpoint")
     p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and config go here")
     distributed.add_arguments(p)
     p.set_defaults(run=_cmd_train)
 
-    p = verbs.add_parser("eval", help="validation metrics of a checkpoint")
+    p = verbs.add_parser("eval", help="validation loss and accuracy of a checkpoint beside a "
+                          "unigram baseline; task metrics with --task/--mixture; span fills with "
+                          "--samples")
     p.add_argument("--checkpoint", required=True, help="a workdir written by train")
     p.add_argument("--task", help="evaluate on this task instead of the training task: its "
                    "metrics (decode -> postprocess -> metric functions) for a text-to-text "
@@ -287,10 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.set_defaults(run=_cmd_infer)
 
-    p = verbs.add_parser("tasks", help="list registered seqio tasks and mixtures")
+    p = verbs.add_parser("tasks", help="list registered tasks and mixtures: splits, source, "
+                          "sizes where known, mixing rates")
     p.set_defaults(run=_cmd_tasks)
 
-    p = verbs.add_parser("vocab", help="train a SentencePiece vocabulary")
+    p = verbs.add_parser("vocab", help="train a SentencePiece unigram vocabulary (pieces + 100 "
+                          "sentinels)")
     vocab_verbs = p.add_subparsers(dest="vocab_verb", required=True)
     q = vocab_verbs.add_parser("train", help="train on the default corpus or a text source")
     q.add_argument("--source", help="a .txt file or folder (default: the default corpus)")
@@ -299,12 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="train again if the file exists")
     q.set_defaults(run=_cmd_vocab)
 
-    p = verbs.add_parser("import-hf", help="Hugging Face T5 folder -> t5x-like workdir")
+    p = verbs.add_parser("import-hf", help="Hugging Face folder (config.json + safetensors) of "
+                          f"{HF_MODEL_TYPES} -> t5x-like workdir")
     p.add_argument("src", help="folder with config.json and model.safetensors")
     p.add_argument("out", help="workdir to create")
     p.set_defaults(run=_cmd_import_hf)
 
-    p = verbs.add_parser("export-hf", help="t5x-like workdir -> Hugging Face T5 folder")
+    p = verbs.add_parser("export-hf", help="t5x-like workdir of any model import-hf reads -> "
+                          "Hugging Face folder that transformers loads (an mT5 is written as "
+                          "model_type t5)")
     p.add_argument("checkpoint", help="a workdir written by train or import-hf")
     p.add_argument("out", help="folder to write config.json and model.safetensors to")
     p.set_defaults(run=_cmd_export_hf)
