@@ -48,5 +48,6 @@ def get_config(arg=None):
     else:
         presets.full_run(c, batch_size=32, learning_rate=2e-5, warmup_steps=1000,
                          num_steps=10_000, eval_every=1000, checkpoint_every=1000)
+    c.data.pack = True  # several examples per row, as T5X fine-tunes (finetune.packing)
     c.lock()
     return c

@@ -46,5 +46,6 @@ def get_config(arg=None):
         c.data.inputs_length = 384
         presets.full_run(c, batch_size=32, learning_rate=3e-5, warmup_steps=554, num_steps=5540,
                          eval_every=1000, eval_batches=0, checkpoint_every=1000)
+    c.data.pack = True  # several examples per row, as T5X fine-tunes (finetune.packing)
     c.lock()
     return c

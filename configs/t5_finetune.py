@@ -43,5 +43,6 @@ def get_config(arg=None):
     else:
         c.data.inputs_length = 512
         presets.full_run(c, batch_size=128, num_steps=262_144)
+    c.data.pack = True  # several examples per row, as T5X fine-tunes (finetune.packing)
     c.lock()
     return c

@@ -47,6 +47,9 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             inputs_length=512,  # encoder length after corruption; raw chunks are longer
             batch_size=8,  # global batch, split over the mesh's data axes
             eval_split="validation",
+            # fine-tuning: several short examples per row (segment ids + positions, as
+            # seqio's pack=True); decoding stays one example per row
+            pack=False,
         )
     )
     c.loss = ml_collections.ConfigDict(dict(z_loss=1e-4, label_smoothing=0.0))
@@ -205,6 +208,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     d = c.data
     check(d.inputs_length >= 8, f"data.inputs_length must be >= 8, got {d.inputs_length}")
     check(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
+    check(not d.pack or getattr(family_class(c.family), "packs", False),
+          f"data.pack=True packs fine-tuning examples; family {c.family!r} reads chunks of a "
+          "token stream, which are full already: set data.pack=false")
     opt = c.optimizer
     check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
     check(

@@ -98,6 +98,8 @@ class _FinetuneFamily(Family):
         check(f.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {f.lora_alpha}")
         check(all(isinstance(n, str) for n in f.label_names),
                f"finetune.label_names must be strings, got {f.label_names}")
+        check(not (c.data.pack and f.mode == "prompt"), "finetune.mode='prompt' puts one soft "
+               "prompt in front of each row, not each example: set --config.data.pack=false")
         for name, value in cls.head_switches.items():
             check(c.model[name] == value, f"config field model.{name} must be {value} when "
                    f"fine-tuning (the pretraining heads are not used)")
@@ -225,9 +227,17 @@ class _FinetuneFamily(Family):
         return jax.device_get(params)
 
     # ------------------------------------------------------------------ data
+    packs = True  # data.pack: several examples per row (finetune.packing)
+
     def features(self, batch: dict, key: jax.Array) -> dict:
         """Labelled batches are ready: no objective runs on device."""
         return batch
+
+    @staticmethod
+    def packing_sums(*real: jax.Array) -> dict:
+        """``packing/efficiency``: real tokens / row tokens over the given [B, L] masks."""
+        return {"packing/efficiency": sum(jnp.sum(r > 0).astype(jnp.float32) for r in real),
+                "packing/weight": jnp.asarray(float(sum(r.size for r in real)), jnp.float32)}
 
     @property
     def raw_length(self) -> int:
@@ -253,7 +263,7 @@ class T5FinetuneFamily(_FinetuneFamily):
             self.config.data.task, split=split, inputs_length=self.config.data.inputs_length,
             targets_length=self.ft.targets_length, batch_size=batch_size, seed=self.config.seed,
             shuffle=shuffle, repeat=repeat, skip_batches=skip_batches, shard_index=shard_index,
-            num_shards=num_shards)
+            num_shards=num_shards, pack=self.config.data.pack)
 
     @classmethod
     def validate_config(cls, c: ml_collections.ConfigDict) -> None:
@@ -275,36 +285,78 @@ class T5FinetuneFamily(_FinetuneFamily):
         return train and max(rates) > 0
 
     def logits(self, params: dict, inputs: jax.Array, decoder_inputs: jax.Array, *,
-               train: bool = False, key: jax.Array | None = None) -> jax.Array:
+               train: bool = False, key: jax.Array | None = None,
+               packed: dict | None = None) -> jax.Array:
+        """Teacher-forced logits; ``packed`` holds a packed batch's ``*_segment_ids`` and
+        ``*_positions`` (several examples a row, ``finetune.packing``)."""
         model, prompt = self.tuned_model(params)
         tokens = self._encoder_tokens(inputs)
         dropout = self._dropout(train)
         rngs = nnx.Rngs(dropout=key if key is not None else jax.random.key(0))
+        enc_kw, dec_kw = {}, {}
+        if packed is not None:
+            enc_kw = {"encoder_segment_ids": packed["inputs_segment_ids"]}
+            dec_kw = {**enc_kw, "decoder_segment_ids": packed["targets_segment_ids"]}
+            if self.module_class is Bart:  # learned positions; T5's relative ones need none
+                enc_kw["encoder_positions"] = packed["inputs_positions"]
+                dec_kw["decoder_positions"] = packed["targets_positions"]
         if prompt is not None:
             prompt.active = True
-        encoded = model.encode(tokens, enable_dropout=dropout, rngs=rngs)
+        encoded = model.encode(tokens, enable_dropout=dropout, rngs=rngs, **enc_kw)
         if prompt is not None:
             prompt.active = False
-        return model.decode(encoded, tokens, decoder_inputs, enable_dropout=dropout, rngs=rngs)
+        return model.decode(encoded, tokens, decoder_inputs, enable_dropout=dropout, rngs=rngs,
+                            **dec_kw)
+
+    def _teacher_forced(self, params: dict, batch: dict, *, train: bool = False,
+                        key: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """(logits, the targets' segment ids or None): a packed batch's decoder inputs restart
+        at the start token in each example, as seqio's ``autoregressive_inputs``."""
+        targets = batch["targets"]
+        if "targets_segment_ids" not in batch:
+            return self.logits(params, batch["inputs"], shift_right(targets), train=train,
+                               key=key), None
+        segments = batch["targets_segment_ids"]
+        decoder_inputs = jnp.where(shift_right(segments) == segments, shift_right(targets), 0)
+        return self.logits(params, batch["inputs"], decoder_inputs, train=train, key=key,
+                           packed=batch), segments
+
+    def _per_example(self, values: jax.Array, segments: jax.Array) -> jax.Array:
+        """Sums of [B, T] ``values`` per example slot [B, M] of packed rows (M = targets
+        length: every example holds at least one target token)."""
+        slots = jax.nn.one_hot(segments - 1, self.ft.targets_length, dtype=jnp.float32)
+        return jnp.einsum("bt,btm->bm", values.astype(jnp.float32), slots)
 
     def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
         targets = batch["targets"]
-        logits = self.logits(params, batch["inputs"], shift_right(targets), train=train, key=key)
+        logits, segments = self._teacher_forced(params, batch, train=train, key=key)
         weights = targets > 0
         sums = losses.cross_entropy_with_z_loss(logits, targets, weights,
                                                 z_loss=self.config.loss.z_loss,
                                                 label_smoothing=self.config.loss.label_smoothing)
         hit = (jnp.argmax(logits, -1) == targets) | ~weights
-        rows = jnp.any(weights, axis=-1).astype(jnp.float32)
-        sums["sequence/correct"] = jnp.sum(jnp.all(hit, axis=-1) * rows)
-        sums["sequence/weight"] = jnp.sum(rows)
+        if segments is None:
+            rows = jnp.any(weights, axis=-1).astype(jnp.float32)
+            sums["sequence/correct"] = jnp.sum(jnp.all(hit, axis=-1) * rows)
+            sums["sequence/weight"] = jnp.sum(rows)
+            sums.update(self.packing_sums(batch["inputs"], targets))
+        else:  # one sequence per example, not per row
+            has = self._per_example(weights, segments) > 0
+            wrong = self._per_example(~hit, segments)
+            sums["sequence/correct"] = jnp.sum((wrong == 0) & has).astype(jnp.float32)
+            sums["sequence/weight"] = jnp.sum(has).astype(jnp.float32)
+            sums.update(self.packing_sums(batch["inputs_segment_ids"], segments))
         return sums["loss"], sums
 
     def score_batch(self, params: dict, features: dict) -> jax.Array:
+        """log p(targets | inputs): [B] per row, or [B, M] per example slot of packed rows
+        (M = targets length; empty slots score 0)."""
         targets = features["targets"]
-        logits = self.logits(params, features["inputs"], shift_right(targets))
+        logits, segments = self._teacher_forced(params, features)
         log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
         token = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+        if segments is not None:
+            return self._per_example(token * (targets > 0), segments)
         return jnp.sum(token * (targets > 0), axis=-1)
 
     def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
@@ -401,7 +453,7 @@ class EncoderFinetuneFamily(_FinetuneFamily):
             self.config.data.task, self._rows(), split=split,
             targets_length=self.ft.targets_length, batch_size=batch_size,
             seed=self.config.seed, shuffle=shuffle, repeat=repeat, skip_batches=skip_batches,
-            shard_index=shard_index, num_shards=num_shards)
+            shard_index=shard_index, num_shards=num_shards, pack=self.config.data.pack)
 
     def _with_prompt(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         """Prompt tuning: P placeholder slots after [CLS] (replaced by the soft prompt)."""
@@ -416,14 +468,16 @@ class EncoderFinetuneFamily(_FinetuneFamily):
 
     def outputs(self, params: dict, batch: dict, *, train: bool = False,
                 key: jax.Array | None = None) -> jax.Array:
-        """Head outputs: [B, C] per sequence or [B, L, C] per token (prompt slots removed)."""
+        """Head outputs: [B, C] per sequence or [B, L, C] per token (prompt slots removed);
+        packed rows: [B, M, C] per example slot, read at each example's own [CLS]."""
         model, _ = self.tuned_model(params)
         ids, mask = self._with_prompt(batch)
         c = self.model_config
         dropout = train and max(c.hidden_dropout_rate, c.attention_dropout_rate) > 0
         feature = self.mode == "feature"
         out = model(ids, mask, output_hidden_states=feature, enable_dropout=dropout,
-                    rngs=nnx.Rngs(dropout=key if key is not None else jax.random.key(0)))
+                    rngs=nnx.Rngs(dropout=key if key is not None else jax.random.key(0)),
+                    segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
         head = params["head"]
         if feature:
             x = heads.mix_layers(out["hidden_states"], head, self.ft.feature_layer)
@@ -434,21 +488,34 @@ class EncoderFinetuneFamily(_FinetuneFamily):
             x = jnp.concatenate([x[:, :1], x[:, 1 + p:]], axis=1)
         if self.ft.head in ("token_classification", "span_qa"):
             return heads.logits(head, x)
+        if "cls_positions" in batch:
+            cls = jnp.take_along_axis(x, batch["cls_positions"][..., None], axis=1)
+            pooled = model.pool(cls) if self.ft.pooling == "pooled" and not feature else cls
+            return heads.logits(head, pooled)
         pooled = out["pooled_output"] if self.ft.pooling == "pooled" and not feature else x[:, 0]
         return heads.logits(head, pooled)
 
     def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
         out = self.outputs(params, batch, train=train, key=key)
         kind = self.ft.head
+        flat = lambda x: x.reshape(-1, *x.shape[2:]) if "segment_ids" in batch else x  # noqa: E731
         if kind == "classification":
-            sums = heads.classification_sums(out, batch["label"], batch["valid"])
+            sums = heads.classification_sums(flat(out), flat(batch["label"]),
+                                             flat(batch["valid"]))
         elif kind == "regression":
-            sums = heads.regression_sums(out, batch["label"], batch["valid"])
+            sums = heads.regression_sums(flat(out), flat(batch["label"]), flat(batch["valid"]))
         elif kind == "token_classification":
             sums = heads.token_classification_sums(out, batch["token_labels"])
+        elif "segment_ids" in batch:  # span logits of each slot over its own example only
+            slots = batch["valid"].shape[1]
+            own = batch["segment_ids"][:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
+            per_slot = jnp.broadcast_to(out[:, None], (out.shape[0], slots, *out.shape[1:]))
+            sums = heads.span_sums(flat(per_slot), flat(own), flat(batch["start"]),
+                                   flat(batch["end"]), flat(batch["valid"]))
         else:
             sums = heads.span_sums(out, batch["attention_mask"], batch["start"], batch["end"],
                                    batch["valid"])
+        sums.update(self.packing_sums(batch["attention_mask"]))
         return sums["loss"], sums
 
     def predict_batch(self, params: dict, features: dict, *, max_length: int = 0) -> jax.Array:

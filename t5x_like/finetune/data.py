@@ -1,6 +1,8 @@
 """Labelled-example batches from a seqio task or mixture with ``inputs``/``targets`` features.
 
-One example per row (no packing), padded with 0 to fixed lengths. Text-to-text families read
+One example per row, padded with 0 to fixed lengths; or, with ``pack=True``, several examples
+per row (``finetune.packing``: ``*_segment_ids`` and ``*_positions``; encoder rows also list each
+example's [CLS] position and its label in slots ``[M]``). Text-to-text families read
 ``{"inputs", "targets"}``; encoder heads read ``[CLS] inputs [SEP]`` and a label taken from
 the targets: the index of the label word (classification), the number it spells
 (regression), the position of the answer tokens inside the inputs (span QA: the first
@@ -21,6 +23,7 @@ import seqio
 
 from t5x_like.data.pipeline import task_provider
 from t5x_like.errors import UserError
+from t5x_like.finetune import packing
 
 
 def examples(name: str, *, split: str, lengths: dict[str, int], seed: int, shuffle: bool,
@@ -61,14 +64,19 @@ def _batched(rows: Iterator[dict], batch_size: int, skip_batches: int, repeat: b
 
 def text_to_text_batches(name: str, *, split: str, inputs_length: int, targets_length: int,
                          batch_size: int, seed: int, shuffle: bool, repeat: bool,
-                         skip_batches: int = 0, shard_index: int = 0, num_shards: int = 1
-                         ) -> Iterator[dict[str, np.ndarray]]:
-    """``{"inputs": [B, inputs_length], "targets": [B, targets_length]}`` int32."""
+                         skip_batches: int = 0, shard_index: int = 0, num_shards: int = 1,
+                         pack: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """``{"inputs": [B, inputs_length], "targets": [B, targets_length]}`` int32 (packed: with
+    ``inputs_segment_ids``, ``inputs_positions``, ``targets_segment_ids``, ``targets_positions``).
+    """
     lengths = {"inputs": inputs_length, "targets": targets_length}
+    stream = examples(name, split=split, lengths=lengths, seed=seed, shuffle=shuffle,
+                      repeat=repeat, shard_index=shard_index, num_shards=num_shards)
+    if pack:
+        rows = packing.packed_text_to_text(stream, lengths)
+        return _batched(rows, batch_size, skip_batches, repeat, packing.pack_row([], lengths))
     rows = ({"inputs": _pad(ex["inputs"], inputs_length),
-             "targets": _pad(ex["targets"], targets_length)}
-            for ex in examples(name, split=split, lengths=lengths, seed=seed, shuffle=shuffle,
-                               repeat=repeat, shard_index=shard_index, num_shards=num_shards))
+             "targets": _pad(ex["targets"], targets_length)} for ex in stream)
     filler = {"inputs": _pad([1], inputs_length), "targets": _pad([], targets_length)}
     return _batched(rows, batch_size, skip_batches, repeat, filler)
 
@@ -113,12 +121,13 @@ class EncoderRows:
             row["label"] = np.zeros((), dtype)
         return row
 
-    def __call__(self, ex: dict) -> dict | None:
+    def example(self, ex: dict) -> dict | None:
+        """The unpadded row of one example: ``ids`` ([CLS] ... [SEP]) and its label
+        (``label``; ``start``/``end`` from the example's first token; ``token_labels``
+        [len(ids)]), or None (counted in ``skipped``) when the targets give no label."""
         body = _strip_eos(ex["inputs"], self.eos)[: self.length - 2 - self.prompt_length]
         ids = [self.cls] + [self.sep] * self.prompt_length + body + [self.sep]
-        row = {"input_ids": _pad(ids, self.length), "attention_mask": _pad([1] * len(ids),
-                                                                         self.length),
-               "valid": np.ones((), np.float32)}
+        out: dict = {"ids": ids}
         target = _strip_eos(ex["targets"], self.eos)
         offset = 1 + self.prompt_length
         if self.head == "classification":
@@ -126,10 +135,10 @@ class EncoderRows:
             if label is None:
                 self.skipped += 1
                 return None
-            row["label"] = np.asarray(label, np.int32)
+            out["label"] = np.asarray(label, np.int32)
         elif self.head == "regression":
             try:
-                row["label"] = np.asarray(float(self.vocabulary.decode(target)), np.float32)
+                out["label"] = np.asarray(float(self.vocabulary.decode(target)), np.float32)
             except ValueError:
                 self.skipped += 1
                 return None
@@ -138,27 +147,91 @@ class EncoderRows:
             if start < 0:
                 self.skipped += 1
                 return None
-            row["start"] = np.asarray(offset + start, np.int32)
-            row["end"] = np.asarray(offset + start + len(target) - 1, np.int32)
+            out["start"] = np.asarray(offset + start, np.int32)
+            out["end"] = np.asarray(offset + start + len(target) - 1, np.int32)
         else:  # token_classification
             if "token_labels" not in ex:
                 raise UserError("finetune.head='token_classification' needs a task that keeps "
                                 "a per-token 'token_labels' feature aligned with its inputs")
-            labels = np.full(self.length, -1, np.int32)
+            labels = np.full(len(ids), -1, np.int32)
             given = np.asarray(ex["token_labels"], np.int32)[: len(body)]
             labels[offset: offset + len(given)] = given
+            out["token_labels"] = labels
+        return out
+
+    def __call__(self, ex: dict) -> dict | None:
+        """One example per row, padded to ``length``."""
+        part = self.example(ex)
+        return None if part is None else self.padded(part)
+
+    def padded(self, part: dict) -> dict:
+        """An ``example`` output alone in a row, padded to ``length``."""
+        part = dict(part)
+        ids = part.pop("ids")
+        row = {"input_ids": _pad(ids, self.length),
+               "attention_mask": _pad([1] * len(ids), self.length),
+               "valid": np.ones((), np.float32)}
+        if "token_labels" in part:
+            labels = np.full(self.length, -1, np.int32)
+            labels[: len(ids)] = part.pop("token_labels")
             row["token_labels"] = labels
-        return row
+        return {**row, **part}
+
+    @property
+    def max_segments(self) -> int:
+        """Examples a packed row holds at most (its label slots ``M``)."""
+        return max(1, self.length // 8)
+
+    def packed(self, parts: Sequence[dict]) -> dict:
+        """One packed row from ``example`` outputs: ``input_ids``, ``attention_mask``,
+        ``segment_ids``, ``positions`` [L]; ``cls_positions``, ``valid`` and the labels in
+        ``M`` slots (``start``/``end`` as row positions); ``token_labels`` [L]."""
+        m = self.max_segments
+        row = packing.pack_row([{"ids": p["ids"]} for p in parts], {"ids": self.length})
+        out = {"input_ids": row["ids"], "attention_mask": (row["ids_segment_ids"] > 0)
+               .astype(np.int32), "segment_ids": row["ids_segment_ids"],
+               "positions": row["ids_positions"],
+               "cls_positions": np.zeros(m, np.int32), "valid": np.zeros(m, np.float32)}
+        if self.head == "token_classification":
+            out["token_labels"] = np.full(self.length, -1, np.int32)
+        elif self.head == "span_qa":
+            out["start"], out["end"] = np.zeros(m, np.int32), np.zeros(m, np.int32)
+        else:
+            out["label"] = np.zeros(m, np.float32 if self.head == "regression" else np.int32)
+        at = 0
+        for slot, p in enumerate(parts):
+            n = len(p["ids"])
+            out["cls_positions"][slot], out["valid"][slot] = at, 1.0
+            if self.head == "token_classification":
+                out["token_labels"][at:at + n] = p["token_labels"]
+            elif self.head == "span_qa":
+                out["start"][slot], out["end"][slot] = at + p["start"], at + p["end"]
+            else:
+                out["label"][slot] = p["label"]
+            at += n
+        return out
+
+    def packed_rows(self, parts: Iterator[dict]) -> Iterator[dict]:
+        """First-fit-decreasing over windows of examples (``packing``)."""
+        for block in packing.windows(parts):
+            sizes = np.array([[len(p["ids"])] for p in block])
+            for b in packing.first_fit_decreasing(sizes, [self.length],
+                                                  max_segments=self.max_segments):
+                yield self.packed([block[i] for i in b])
 
 
 def encoder_batches(name: str, rows: EncoderRows, *, split: str, targets_length: int,
                     batch_size: int, seed: int, shuffle: bool, repeat: bool,
-                    skip_batches: int = 0, shard_index: int = 0, num_shards: int = 1
-                    ) -> Iterator[dict[str, np.ndarray]]:
-    """Encoder rows (``input_ids``, ``attention_mask``, ``valid`` and the head's labels)."""
+                    skip_batches: int = 0, shard_index: int = 0, num_shards: int = 1,
+                    pack: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Encoder rows (``input_ids``, ``attention_mask``, ``valid`` and the head's labels;
+    packed: see ``EncoderRows.packed``)."""
     lengths = {"inputs": rows.length, "targets": targets_length}
-    converted = (rows(ex) for ex in examples(name, split=split, lengths=lengths, seed=seed,
-                                             shuffle=shuffle, repeat=repeat,
-                                             shard_index=shard_index, num_shards=num_shards))
-    return _batched((r for r in converted if r is not None), batch_size, skip_batches, repeat,
-                    rows.filler())
+    stream = examples(name, split=split, lengths=lengths, seed=seed, shuffle=shuffle,
+                      repeat=repeat, shard_index=shard_index, num_shards=num_shards)
+    if pack:
+        parts = (p for p in map(rows.example, stream) if p is not None)
+        return _batched(rows.packed_rows(parts), batch_size, skip_batches, repeat,
+                        rows.packed([]))
+    return _batched((r for r in map(rows, stream) if r is not None), batch_size, skip_batches,
+                    repeat, rows.filler())

@@ -174,14 +174,20 @@ class Bart(nnx.Module):
             raise UserError(f"BART {what} length {length} exceeds max_position_embeddings="
                             f"{self.config.max_position_embeddings}; shorten the inputs")
 
-    def _embed(self, stack: Stack, ids: jax.Array, start, key: jax.Array | None) -> jax.Array:
+    def _embed(self, stack: Stack, ids: jax.Array, start, key: jax.Array | None,
+               positions: jax.Array | None = None) -> jax.Array:
+        """Token + learned position embeddings from ``start`` on, or at ``positions`` [B, L]
+        (packed rows: each example's positions restart at 0)."""
         c = self.config
         x = jnp.take(self.token_embedding[...], ids, axis=0)
         if c.scale_embedding:
             x = x * jnp.asarray(c.d_model**0.5, x.dtype)
-        rows = jax.lax.dynamic_slice_in_dim(stack.position_embedding[...],
-                                            start + POSITION_OFFSET, ids.shape[1])
-        x = stack.embedding_norm((x + rows[None]).astype(L.dtype_of(c.dtype)))
+        if positions is None:
+            rows = jax.lax.dynamic_slice_in_dim(stack.position_embedding[...],
+                                                start + POSITION_OFFSET, ids.shape[1])[None]
+        else:
+            rows = jnp.take(stack.position_embedding[...], positions + POSITION_OFFSET, axis=0)
+        x = stack.embedding_norm((x + rows).astype(L.dtype_of(c.dtype)))
         return L.dropout(x, c.dropout_rate, key)
 
     def _padding_mask(self, encoder_input_tokens: jax.Array) -> jax.Array:
@@ -204,13 +210,21 @@ class Bart(nnx.Module):
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Encoder outputs [B, L, d_model] in the compute dtype."""
+               rngs: nnx.Rngs | None = None, encoder_segment_ids: jax.Array | None = None,
+               encoder_positions: jax.Array | None = None) -> jax.Array:
+        """Encoder outputs [B, L, d_model] in the compute dtype.
+
+        Packed rows pass ``encoder_segment_ids`` (1, 2, ... per example, 0 padding) and
+        ``encoder_positions`` (restarting at 0 per example): attention stays in the example.
+        """
         c = self.config
         self._check_length(encoder_input_tokens.shape[1], "encoder input")
         k_embed, k_layers = self._dropout_keys(enable_dropout, rngs, 2)
-        mask = self._padding_mask(encoder_input_tokens)
-        x = self._embed(self.encoder, encoder_input_tokens, 0, k_embed)
+        if encoder_segment_ids is None:
+            mask = self._padding_mask(encoder_input_tokens)
+        else:
+            mask = L.segment_mask(encoder_segment_ids, encoder_segment_ids)
+        x = self._embed(self.encoder, encoder_input_tokens, 0, k_embed, encoder_positions)
 
         def body(layer, x, key):
             return layer(x, mask=mask, dropout_key=key), None
@@ -220,15 +234,22 @@ class Bart(nnx.Module):
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Float32 logits [B, T, vocab] for teacher-forced (shifted-right) decoder inputs."""
+               rngs: nnx.Rngs | None = None, encoder_segment_ids: jax.Array | None = None,
+               decoder_segment_ids: jax.Array | None = None,
+               decoder_positions: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, vocab] for teacher-forced (shifted-right) decoder inputs
+        (packed rows: with both segment ids and the decoder positions, as ``encode``)."""
         c = self.config
         length = decoder_input_tokens.shape[1]
         self._check_length(length, "decoder input")
         k_embed, k_layers = self._dropout_keys(enable_dropout, rngs, 2)
-        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        cross_mask = self._padding_mask(encoder_input_tokens)
-        y = self._embed(self.decoder, decoder_input_tokens, 0, k_embed)
+        if decoder_segment_ids is None:
+            causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            cross_mask = self._padding_mask(encoder_input_tokens)
+        else:
+            causal = L.segment_mask(decoder_segment_ids, decoder_segment_ids, causal=True)
+            cross_mask = L.segment_mask(decoder_segment_ids, encoder_segment_ids)
+        y = self._embed(self.decoder, decoder_input_tokens, 0, k_embed, decoder_positions)
 
         def body(layer, y, key):
             return layer(y, encoded, self_mask=causal, cross_mask=cross_mask,

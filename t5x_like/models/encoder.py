@@ -132,7 +132,10 @@ class Embeddings(nnx.Module):
             return Q.dequantize(w, getattr(self, f"{name}_scale")[...])
         return w
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Embedded [B, L] ids; ``positions`` [B, L] (packed rows: from 0 in each example)
+        replace 0..L-1."""
         length = input_ids.shape[1]
         table_rows = self.position_embeddings.shape[0]
         if length + self.position_offset > table_rows:
@@ -141,9 +144,12 @@ class Embeddings(nnx.Module):
                             "data.inputs_length or raise max_position_embeddings")
         x = jnp.take(self.table("word_embeddings"), input_ids, axis=0).astype(jnp.float32)
         # RoBERTa numbers real tokens from padding_idx + 1; with right padding that is arange.
-        positions = self.table("position_embeddings")[
-            self.position_offset:self.position_offset + length]
-        x = x + positions[None].astype(jnp.float32)
+        table = self.table("position_embeddings")
+        if positions is None:
+            rows = table[self.position_offset:self.position_offset + length][None]
+        else:
+            rows = jnp.take(table, positions + self.position_offset, axis=0)
+        x = x + rows.astype(jnp.float32)
         if hasattr(self, "token_type_embeddings"):
             x = x + jnp.take(self.table("token_type_embeddings"), token_type_ids,
                              axis=0).astype(jnp.float32)
@@ -445,8 +451,15 @@ class EncoderModel(nnx.Module):
         head_mask: jax.Array | None = None,
         enable_dropout: bool = False,
         rngs: nnx.Rngs | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Hidden states and head outputs for [B, L] ids (mask 1 = real token, 0 = padding).
+
+        Packed rows (several examples a row) pass ``segment_ids`` [B, L] (1, 2, ... per example,
+        0 padding; attention stays within an example) and ``positions`` [B, L] (restarting at
+        0 per example); ``pooled_output`` then reads row position 0 only, so a caller pools
+        each example's own [CLS] (``pool``).
 
         Returns ``last_hidden_state`` [B, L, H], ``hidden_states`` [N + 1, B, L, H] (embedding
         output, then each layer's; only with ``output_hidden_states``), ``pooled_output``,
@@ -466,8 +479,13 @@ class EncoderModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         k_embed, k_layers = L.dropout_keys(
             bool(c.hidden_dropout_rate or c.attention_dropout_rate), enable_dropout, rngs, 2)
-        x = L.dropout(self.embeddings(input_ids, token_type_ids), c.hidden_dropout_rate, k_embed)
-        mask = (attention_mask > 0)[:, None, None, :]
+        embedded = (self.embeddings(input_ids, token_type_ids) if positions is None
+                    else self.embeddings(input_ids, token_type_ids, positions))
+        x = L.dropout(embedded, c.hidden_dropout_rate, k_embed)
+        if segment_ids is None:
+            mask = (attention_mask > 0)[:, None, None, :]
+        else:
+            mask = L.segment_mask(segment_ids, segment_ids)
         hidden, extras = self.encoder(x, mask, k_layers, output_hidden_states, head_mask,
                                       output_attentions)
         out = {"last_hidden_state": hidden}
@@ -475,7 +493,7 @@ class EncoderModel(nnx.Module):
             if name in extras:
                 out[name] = extras[name]
         if c.pooler:
-            out["pooled_output"] = jnp.tanh(self.pooler(hidden[:, 0]))
+            out["pooled_output"] = self.pool(hidden[:, 0])
         if c.nsp_head:
             out["nsp_logits"] = self.nsp(out["pooled_output"]).astype(jnp.float32)
         if c.mlm_head:
@@ -490,6 +508,11 @@ class EncoderModel(nnx.Module):
             absmax.setdefault("encoder", {}).update(extras["absmax"])
             out["activation_absmax"] = absmax
         return out
+
+
+    def pool(self, cls_hidden: jax.Array) -> jax.Array:
+        """BERT's pooler, tanh(dense([CLS] hidden state)), on [..., H] states."""
+        return jnp.tanh(self.pooler(cls_hidden))
 
 
 class ElectraPair(nnx.Module):

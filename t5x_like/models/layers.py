@@ -167,6 +167,21 @@ class Embed(nnx.Module):
 # --------------------------------------------------------------------------- attention
 
 
+def segment_mask(query_segments: jax.Array, key_segments: jax.Array, *,
+                 causal: bool = False) -> jax.Array:
+    """[B, 1, T, S]: True where query and key belong to the same packed example.
+
+    Segment ids number the examples of a packed row from 1; 0 is padding, which no query
+    attends to. ``causal`` also hides later keys (decoder self-attention).
+    """
+    same = query_segments[:, :, None] == key_segments[:, None, :]
+    mask = same & (key_segments[:, None, :] > 0)
+    if causal:
+        t, s = query_segments.shape[1], key_segments.shape[1]
+        mask = mask & jnp.tril(jnp.ones((t, s), bool))[None]
+    return mask[:, None]
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,

@@ -183,13 +183,23 @@ class T5(nnx.Module):
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Encoder outputs [B, L, d_model] in the compute dtype."""
+               rngs: nnx.Rngs | None = None,
+               encoder_segment_ids: jax.Array | None = None) -> jax.Array:
+        """Encoder outputs [B, L, d_model] in the compute dtype.
+
+        Packed rows (several examples a row, as seqio's ``pack=True``) pass
+        ``encoder_segment_ids`` [B, L] (1, 2, ... per example, 0 padding): a token attends only
+        within its example. The relative position buckets need no per-example positions: an
+        example's tokens are contiguous, so key index - query index is the distance within it.
+        """
         c = self.config
         k_embed, k_layers, k_final = self._dropout_keys(enable_dropout, rngs, 3)
         length = encoder_input_tokens.shape[1]
         bias = self.encoder.relpos_bias(length, length)  # once per stack, shared by all layers
-        mask = _padding_mask(encoder_input_tokens)
+        if encoder_segment_ids is None:
+            mask = _padding_mask(encoder_input_tokens)
+        else:
+            mask = L.segment_mask(encoder_segment_ids, encoder_segment_ids)
         x = L.dropout(self.token_embedder(encoder_input_tokens), c.dropout_rate, k_embed)
 
         def body(layer, x, key):
@@ -200,14 +210,22 @@ class T5(nnx.Module):
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Float32 logits [B, T, vocab] for teacher-forced (shifted-right) decoder inputs."""
+               rngs: nnx.Rngs | None = None, encoder_segment_ids: jax.Array | None = None,
+               decoder_segment_ids: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, vocab] for teacher-forced (shifted-right) decoder inputs.
+
+        Packed rows pass both segment ids: self- and cross-attention stay within an example.
+        """
         c = self.config
         k_embed, k_layers, k_final = self._dropout_keys(enable_dropout, rngs, 3)
         length = decoder_input_tokens.shape[1]
         self_bias = self.decoder.relpos_bias(length, length)
-        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        cross_mask = _padding_mask(encoder_input_tokens)
+        if decoder_segment_ids is None:
+            causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            cross_mask = _padding_mask(encoder_input_tokens)
+        else:
+            causal = L.segment_mask(decoder_segment_ids, decoder_segment_ids, causal=True)
+            cross_mask = L.segment_mask(decoder_segment_ids, encoder_segment_ids)
         y = L.dropout(self.token_embedder(decoder_input_tokens), c.dropout_rate, k_embed)
 
         def body(layer, y, key):
