@@ -1,4 +1,5 @@
-"""``t5x-like <verb>``: train, eval, infer, tasks, vocab, import-hf, export-hf, bench, launch.
+"""``t5x-like <verb>``: train, eval, infer, tasks, vocab, import-hf, export-hf, bench, compile,
+launch.
 
 Each verb is a thin wrapper over a library function. Mistakes a user can fix surface as one
 line, ``error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
@@ -84,12 +85,15 @@ def _cmd_eval(args, overrides):
                   else f"  {name:<19} {value}")
     if args.samples:
         exp, params, _ = driver.load_checkpoint(args.checkpoint, overrides)
-        print("\nheld-out text, masked spans <i>, the model's fills and the truth:")
+        print("\nheld-out text, masked spans <i>, the model's greedy fills and the truth; then"
+              " per span, the model's 3 likeliest first tokens (_ starts a word):")
         for sample in driver.fill_spans(exp, params, num_examples=args.samples):
             print(
                 f"\n  masked: {sample['masked']}\n  model:  {sample['model']}"
                 f"\n  truth:  {sample['truth']}"
             )
+            for span, top in sorted(sample["candidates"].items()):
+                print(f"    <{span}> " + "  ".join(f"{piece!r} {p:.2f}" for piece, p in top))
     if args.json:
         import jax
 
@@ -142,6 +146,24 @@ def _cmd_tasks(args, overrides):
         print(f"{row['kind']:8s} {row['name']}  {extra}")
 
 
+def _cmd_prepare(args, overrides):
+    from t5x_like.errors import UserError
+
+    if args.runner:
+        from t5x_like.data.prepare_beam import prepare_with_beam
+
+        prepare_with_beam(args.task, args.split, args.out, runner=args.runner,
+                          pipeline_args=args.beam_option, num_shards=args.shards,
+                          seed=args.seed, modules=args.module)
+        return
+    if args.beam_option:
+        raise UserError("--beam-option needs --runner (DirectRunner, DataflowRunner, ...)")
+    from t5x_like.data.prepare import prepare
+
+    prepare(args.task, args.split, args.out, workers=args.workers, num_shards=args.shards,
+            seed=args.seed, modules=args.module)
+
+
 def _cmd_vocab(args, overrides):
     from t5x_like.data import corpus, vocab
 
@@ -189,6 +211,17 @@ def _cmd_bench(args, overrides):
             print(bench.format_row(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _cmd_compile(args, overrides):
+    from t5x_like import aot
+    from t5x_like import config as config_lib
+
+    config = config_lib.load_config(args.config, overrides)
+    report = aot.rehearse(config, args.topology, args.num_slices, eval_step=not args.skip_eval)
+    print(aot.format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _cmd_launch(args, overrides):
@@ -299,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "sizes where known, mixing rates")
     p.set_defaults(run=_cmd_tasks)
 
+    p = verbs.add_parser("prepare", help="tokenise a task's split once into a random-access "
+                          "store (ArrayRecord + index) that train/eval read with "
+                          "--config.data.store=DIR: O(1) resume on any number of hosts")
+    p.add_argument("--task", required=True, help="a registered task or mixture (a mixture "
+                   "prepares each of its tasks)")
+    p.add_argument("--split", required=True, help="e.g. train, then validation, into one DIR")
+    p.add_argument("--out", required=True, help="the store folder (DIR/<task>/<split>/)")
+    p.add_argument("--workers", type=int, default=1, help="local processes")
+    p.add_argument("--shards", type=int, default=0, help="record files (0 = 4 per worker)")
+    p.add_argument("--seed", type=int, default=0, help="the one-time document shuffle's seed")
+    p.add_argument("--module", action="append", default=[],
+                   help="a module to import first that registers the task (repeatable)")
+    p.add_argument("--runner", help="run on Apache Beam instead: DirectRunner, DataflowRunner, "
+                   "... (needs the [beam] extra)")
+    p.add_argument("--beam-option", action="append", default=[], metavar="--OPT=VALUE",
+                   help="a Beam pipeline option, passed through (repeatable), e.g. "
+                   "--beam-option=--project=P --beam-option=--region=R")
+    p.set_defaults(run=_cmd_prepare)
+
     p = verbs.add_parser("vocab", help="train a SentencePiece unigram vocabulary (pieces + 100 "
                           "sentinels)")
     vocab_verbs = p.add_subparsers(dest="vocab_verb", required=True)
@@ -336,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "the table's bf16 peak for TPUs and A100/H100/H200; none on CPU)")
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(run=_cmd_bench)
+
+    p = verbs.add_parser("compile", help="pod rehearsal: compile the train and eval steps for "
+                         "a TPU topology on this host; per-chip memory, FLOPs, collectives, "
+                         "roofline")
+    p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:8x8x8")
+    p.add_argument("--num-slices", type=int, default=1, help="slices joined by DCN (set "
+                   "--config.mesh.dcn_data or dcn_fsdp to match)")
+    p.add_argument("--skip-eval", action="store_true", help="compile the train step only")
+    p.add_argument("--json", help="also write the report to this file")
+    p.set_defaults(run=_cmd_compile)
 
     p = verbs.add_parser(
         "launch", help="run train/eval on N local processes, a Cloud TPU VM, GKE or SLURM"

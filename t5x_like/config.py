@@ -13,6 +13,8 @@ import difflib
 import importlib.util
 import json
 import math
+import site
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,10 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             task="shakespeare",  # a registered seqio task or mixture
+            # modules imported before data.task is looked up, comma-separated: e.g.
+            # "tasks.c4" (the repository's tasks/ folder, or the copy installed with the
+            # package) or "path/to/my_tasks.py"; they register tasks with t5x_like.tasks
+            task_modules="",
             vocab_path="",  # SentencePiece model; "" = the default corpus vocabulary (cached)
             inputs_length=512,  # encoder length after corruption; raw chunks are longer
             batch_size=8,  # global batch, split over the mesh's data axes
@@ -50,6 +56,13 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             # fine-tuning: several short examples per row (segment ids + positions, as
             # seqio's pack=True); decoding stays one example per row
             pack=False,
+            # a `t5x-like prepare` output folder: train and eval read data.task's splits from
+            # it with Grain (random access, O(1) resume on any number of hosts); "" streams
+            # the task through seqio/tf.data instead (resume replays the stream)
+            store="",
+            store_verify=True,  # check every shard's sha256 before the first step
+            read_threads=4,  # Grain reader threads per host (store only)
+            prefetch_batches=4,  # batches read ahead per host (store only)
         )
     )
     c.loss = ml_collections.ConfigDict(dict(z_loss=1e-4, label_smoothing=0.0))
@@ -106,11 +119,37 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- loading
 
 
+SHIPPED_PREFIX = Path("share") / "t5x_like"  # where the installed package keeps the folders
+
+
+def shipped(folder: str) -> Path | None:
+    """The repository's top-level ``folder`` (configs, launch, tasks): next to the package in a
+    checkout or editable install, else the copy a wheel installs under
+    ``<prefix>/share/t5x_like/`` (pyproject's data-files); None if neither exists."""
+    candidates = [Path(__file__).resolve().parents[1] / folder]
+    candidates += [Path(prefix) / SHIPPED_PREFIX / folder
+                   for prefix in (sys.prefix, site.getuserbase())]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def find_config_file(path_text: str) -> Path | None:
+    """``path_text`` as given, else the file of that name in the shipped ``configs/`` folder, so
+    ``--config t5_span_corruption.py:base`` works from any directory."""
+    path = Path(path_text)
+    if path.is_file():
+        return path
+    configs = shipped("configs")
+    if configs is None or path.is_absolute():
+        return None
+    inside = configs / (path.relative_to("configs") if path.parts[:1] == ("configs",) else path)
+    return inside if inside.is_file() else None
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads ``path.py[:arg]``, applies ``a.b=value`` overrides and validates the result."""
     path_text, _, arg = spec.partition(":")
-    path = Path(path_text)
-    if not path.is_file():
+    path = find_config_file(path_text)
+    if path is None:
         raise UserError(
             f"config file {path_text!r} does not exist; pass e.g. "
             "--config configs/t5_span_corruption.py:tiny"
@@ -211,6 +250,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(not d.pack or getattr(family_class(c.family), "packs", False),
           f"data.pack=True packs fine-tuning examples; family {c.family!r} reads chunks of a "
           "token stream, which are full already: set data.pack=false")
+    check(d.read_threads >= 1 and d.prefetch_batches >= 1,
+          f"data.read_threads ({d.read_threads}) and data.prefetch_batches "
+          f"({d.prefetch_batches}) must be at least 1")
     opt = c.optimizer
     check(opt.name in OPTIMIZERS, f"optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
     check(

@@ -196,6 +196,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     tc = cfg.train
     if jax.process_index() == 0:
         exp.write_config(workdir)
+    # A prepared store is opened and checked (shards, sizes, checksums, vocabulary) here,
+    # before any state is restored or any step compiles.
+    exp.family.open_data("train")
+    if tc.eval_batches:
+        exp.family.open_data(cfg.data.eval_split)
     # 2. state
     checkpoints = Checkpoints(workdir, keep=tc.keep_checkpoints)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(exp.abstract_state()))
@@ -219,9 +224,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     preempted: tuple[int, str] | None = None
     progress = _progress(cfg, start)
     tick, tick_step = time.perf_counter(), start
+    data_wait = 0.0  # seconds spent waiting for the next batch since the last log line
     try:
         for step in range(start, tc.num_steps):
-            state, metrics = train_step(state, next(batches))
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited
+            state, metrics = train_step(state, batch)
             pending.append(metrics)
             done = step + 1
             at_log_step = done % tc.log_every == 0 or done == tc.num_steps
@@ -236,7 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 scalars["train/loss_spikes"] = health.spikes
                 now = time.perf_counter()
                 scalars["train/tokens_per_s"] = tokens_per_batch * (done - tick_step) / (now - tick)
-                tick, tick_step = now, done
+                scalars["train/data_wait_s"] = data_wait / (done - tick_step)  # per step
+                tick, tick_step, data_wait = now, done, 0.0
                 log.write(done, scalars)
                 result.update(scalars)
                 progress.set_postfix(

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from t5x_like.data import store_input
 from t5x_like.data.pipeline import raw_token_batches
 
 
@@ -112,7 +113,18 @@ class Family:
         num_shards: int,
     ) -> Iterator[dict[str, np.ndarray]]:
         """This host's fixed-shape numpy batches: packed raw chunks (``{'tokens': [B, L]}``)
-        unless the family needs more (sentence pairs, document boundaries)."""
+        unless the family needs more (sentence pairs, document boundaries). With
+        ``data.store`` they come from the prepared store (``data/store_input.py``): batch k of
+        the run whatever the number of hosts, with no replay to resume."""
+        if self.config.data.store:
+            d = self.config.data
+            stores, rates = self.open_data(split)
+            return store_input.token_batches(
+                stores, rates, raw_length=self.raw_length, global_batch=batch_size * num_shards,
+                seed=self.config.seed, shuffle=shuffle, repeat=repeat, start_batch=skip_batches,
+                process_index=shard_index, process_count=num_shards,
+                consecutive_batches=self.consecutive_batches, read_threads=d.read_threads,
+                prefetch_batches=d.prefetch_batches)
         return raw_token_batches(
             self.config.data.task,
             split=split,
@@ -127,6 +139,18 @@ class Family:
             vocabulary=self.vocabulary,
             consecutive_batches=self.consecutive_batches,
         )
+
+    def open_data(self, split: str) -> tuple[list, list[float] | None]:
+        """The prepared store splits (and mixing rates) ``split`` reads, opened and checked
+        once per process: the trainer calls this before anything compiles, so a missing or
+        damaged shard or another vocabulary stops the run in one sentence. ``([], None)``
+        without ``data.store``."""
+        if not self.config.data.store:
+            return [], None
+        from t5x_like.tasks.stores import task_stores
+
+        return task_stores(self.config.data.store, self.config.data.task, split,
+                           self.vocabulary, verify=self.config.data.store_verify)
 
     @property
     def consecutive_batches(self) -> int:
