@@ -171,10 +171,13 @@ def _read_errors(name: str, split: str):
     one sentence naming the task and TensorFlow's own first line, not a TF traceback."""
     import tensorflow as tf
 
+    # Bound before the yield: a generator closed at interpreter exit resumes here after
+    # TensorFlow's modules are torn down, when ``tf.errors`` can no longer be looked up.
+    data_errors = (tf.errors.NotFoundError, tf.errors.DataLossError,
+                   tf.errors.PermissionDeniedError, tf.errors.InvalidArgumentError)
     try:
         yield
-    except (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError,
-            tf.errors.InvalidArgumentError) as e:
+    except data_errors as e:
         first = (e.message or type(e).__name__).strip().splitlines()[0][:300]
         raise UserError(
             f"reading split {split!r} of task {name!r} failed: {type(e).__name__}: {first}; a "
