@@ -268,7 +268,13 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _has_slices(devices: Sequence[jax.Device]) -> bool:
-    return all(getattr(d, "slice_index", None) is not None for d in devices)
+    """TPU devices are on slices (one, when a single-slice description has no slice_index)."""
+    return all(getattr(d, "slice_index", None) is not None or d.platform == "tpu"
+               for d in devices)
+
+
+def _slice_index(device: jax.Device) -> int:
+    return getattr(device, "slice_index", None) or 0
 
 
 def device_slices(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
@@ -279,11 +285,11 @@ def device_slices(devices: Sequence[jax.Device], num_slices: int) -> list[list[j
     setting = ("mesh.dcn_data * mesh.dcn_fsdp = "
                f"{num_slices}; set mesh.dcn_data (and mesh.dcn_fsdp) so that their product is")
     if _has_slices(devices):
-        found = sorted({d.slice_index for d in devices})
+        found = sorted({_slice_index(d) for d in devices})
         if len(found) != num_slices:
             raise UserError(f"the {len(devices)} devices are on {len(found)} slice(s) but "
                             f"{setting} {len(found)}")
-        groups = [[d for d in devices if d.slice_index == s] for s in found]
+        groups = [[d for d in devices if _slice_index(d) == s] for s in found]
     elif num_slices == 1:
         return [devices]
     else:
@@ -307,7 +313,7 @@ def slice_of_devices(mesh: Mesh) -> np.ndarray:
     cluster's DCN), flat in the mesh's device order: what splits collectives into ICI and DCN."""
     flat = list(mesh.devices.flat)
     if _has_slices(flat):
-        return np.array([d.slice_index for d in flat])
+        return np.array([_slice_index(d) for d in flat])
     return np.array([d.process_index for d in flat])
 
 

@@ -1,0 +1,403 @@
+"""Pod rehearsal: the real train step compiled ahead of time for a TPU topology, on any host.
+
+``jax.experimental.topologies`` (with ``libtpu`` installed) describes the devices of a TPU
+slice, or of several (``num_slices``), on a CPU machine; the experiment is built on them with
+abstract state only (nothing is allocated) and ``jax.jit(...).lower(...).compile()`` runs the
+TPU compiler. What it returns is the pod's own program: its per-chip memory, its FLOPs and,
+from the optimized HLO, every collective it runs. MaxText's ``train_compile.py`` is the same
+idea. A sharding, memory or layout mistake at pod scale is then found here, not on the pod.
+
+The optimized HLO is read from the compiler's own dump (``xla_dump_to``): ``Compiled.as_text``
+cannot print libtpu's modules with this jaxlib (an async-update instruction it does not know).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+
+import jax
+import ml_collections
+import numpy as np
+
+from t5x_like import flops, hardware, partitioning
+from t5x_like.errors import UserError
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """The device descriptions of ``num_slices`` slices of ``topology`` (e.g. ``v5p:8x8x8``)."""
+    from jax.experimental import topologies
+
+    # No chip is driven here, so several processes may load libtpu at once (parallel tests,
+    # a rehearsal beside another); without this the second one stops at libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if num_slices < 1:
+        raise UserError(f"--num-slices must be >= 1, got {num_slices}")
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            num_slices=num_slices)
+    except Exception as e:  # libtpu missing, or a name it does not know
+        raise UserError(
+            f"no TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "name one as GENERATION:SHAPE, e.g. v5e:2x2, v5p:2x2x2, v5p:8x8x8, with libtpu "
+            "installed (pip install '.[tpu]')"
+        ) from e
+    return list(desc.devices)
+
+
+def abstract_batch(exp) -> dict:
+    """Shapes, dtypes and shardings of one global batch, without reading data when the family
+    reads plain token chunks (others: the shapes of their first real batch)."""
+    from t5x_like.families.base import Family
+
+    family, batch_size = exp.family, exp.config.data.batch_size
+    if type(family).batches is Family.batches:
+        shapes = {"tokens": jax.ShapeDtypeStruct((batch_size, family.raw_length), np.int32)}
+    else:
+        first = next(iter(family.batches(split="train", batch_size=batch_size, shuffle=False,
+                                         repeat=True, skip_batches=0, shard_index=0,
+                                         num_shards=1)))
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.batch_sharding)
+            for k, s in shapes.items()}
+
+
+def _compile(lowered, dump: str):
+    """Compiles with the optimized HLO dumped to ``dump``; a program too big for HBM is one
+    sentence (the TPU compiler refuses it and names the largest allocations)."""
+    options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+    try:
+        return lowered.compile(compiler_options=options)
+    except Exception as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+            raise
+        raise UserError(_out_of_memory_sentence(text)) from e
+
+
+def _out_of_memory_sentence(text: str) -> str:
+    used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", text)
+    sizes = re.findall(r"Size: ([\d.]+[KMGT]?)\n.*?Shape: (\S+)", text, flags=re.S)[:3]
+    what = f" (uses {used.group(1)} of {used.group(2)})" if used else ""
+    biggest = (f"; its biggest buffers are {', '.join(f'{s} {size}' for size, s in sizes)}"
+               if sizes else "")
+    return (f"the step does not fit in the chip's HBM{what}{biggest}: shard the weights and "
+            "optimizer state over more chips (mesh.fsdp, rules fsdp or fsdp_tensor), "
+            "recompute activations (model.remat_policy=full) or lower data.batch_size / raise "
+            "optimizer.grad_accum_steps")
+
+
+def _optimized_hlo(dump: str, name: str) -> str:
+    paths = sorted(glob.glob(os.path.join(dump, f"*{name}*after_optimizations.txt")))
+    if not paths:
+        raise RuntimeError(f"the compiler wrote no optimized HLO for {name} to {dump}")
+    return open(paths[-1]).read()  # noqa: SIM115
+
+
+def compile_experiment(exp, *, eval_step: bool = True) -> dict:
+    """``{'train': (compiled, hlo_text, seconds), 'eval': ...}`` for the experiment's steps."""
+    from t5x_like import train
+
+    state = exp.abstract_state()
+    batch = abstract_batch(exp)
+    out = {}
+    with tempfile.TemporaryDirectory() as dump:
+        start = time.perf_counter()
+        compiled = _compile(train.make_train_step(exp).lower(state, batch), dump)
+        out["train"] = (compiled, _optimized_hlo(dump, "train_step"),
+                        time.perf_counter() - start)
+        if eval_step:
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            start = time.perf_counter()
+            lowered = train.make_eval_step(exp).lower(state["params"], batch, key,
+                                                      state.get("carry"))
+            compiled = _compile(lowered, dump)
+            out["eval"] = (compiled, _optimized_hlo(dump, "eval_step"),
+                           time.perf_counter() - start)
+    return out
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _array_bytes(type_text: str) -> int:
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _split_top(text: str) -> list[str]:
+    """Top-level elements of a tuple type ``(a, (b, c))`` -> ``['a', '(b, c)']``."""
+    inner, depth, parts, start = text[1:-1], 0, [], 0
+    for i, ch in enumerate(inner):
+        depth += ch in "({[" and 1 or 0
+        depth -= ch in ")}]" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(inner[start:i].strip())
+            start = i + 1
+    parts.append(inner[start:].strip())
+    return parts
+
+
+def _groups(attrs: str, num_devices: int) -> list[list[int]]:
+    """Device groups of a collective from ``replica_groups`` (list or iota form) or
+    ``source_target_pairs``; positions index the mesh's flat device order."""
+    m = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,{} ]*\})?\}", attrs)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x.strip()]
+                  for g in re.findall(r"\{([\d, ]*)\}", m.group(1) or "")]
+        return [g for g in groups if g] or [list(range(num_devices))]
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        shape = [int(x) for x in m.group(1).split(",")]
+        ids = np.arange(math.prod(int(x) for x in m.group(2).split(",")))
+        ids = ids.reshape([int(x) for x in m.group(2).split(",")])
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    return [list(range(num_devices))]
+
+
+def _wire_bytes(kind: str, result_bytes: int, n: int) -> float:
+    """Bytes each chip sends for one collective over groups of ``n`` (ring algorithms)."""
+    if n <= 1:
+        return 0.0
+    return {"all-gather": result_bytes * (n - 1) / n,
+            "reduce-scatter": result_bytes * (n - 1),
+            "all-reduce": 2 * result_bytes * (n - 1) / n,
+            "all-to-all": result_bytes * (n - 1) / n,
+            "collective-permute": float(result_bytes)}[kind]
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*)$")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|branch_computations|called_computations)="
+                    r"(\{[^}]*\}|%?[\w.\-]+)")
+
+
+def _opcode(rest: str) -> tuple[str, str, str]:
+    """(type text, opcode, the text after the opcode's '(') of an instruction's right side."""
+    if rest.startswith("("):
+        depth = np.cumsum([(ch == "(") - (ch == ")") for ch in rest])
+        end = int(np.argmax(depth == 0)) + 1
+        type_text, tail = rest[:end], rest[end:].lstrip()
+    else:
+        type_text, _, tail = rest.partition(" ")
+    opcode, _, after = tail.partition("(")
+    return type_text, opcode.strip(), after
+
+
+def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
+    """The collectives one step runs, per chip: kind, network (ICI within a slice, DCN across
+    slices), count per step (ops inside a scanned loop count once per iteration) and bytes:
+    result bytes, and bytes each chip sends (ring algorithms)."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            computations[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None and line.startswith(" "):
+            computations[current].append(line)
+    if entry is None:
+        raise RuntimeError("no ENTRY computation in the optimized HLO")
+    num = len(slice_of)
+    memo: dict[str, dict] = {}
+
+    def total(name: str, stack: tuple = ()) -> dict:
+        if name in memo:
+            return memo[name]
+        sums: dict = defaultdict(lambda: np.zeros(3))
+        for line in computations.get(name, ()):
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            type_text, opcode, after = _opcode(m.group(1))
+            base = opcode.removesuffix("-start")
+            if base in COLLECTIVES and not opcode.endswith("-done"):
+                result = type_text
+                if opcode.endswith("-start") and base in ("all-gather", "collective-permute") \
+                        and type_text.startswith("("):
+                    parts = _split_top(type_text)
+                    result = parts[1] if len(parts) > 1 else type_text
+                nbytes = _array_bytes(result)
+                groups = _groups(after, num)
+                network = "DCN" if any(len({slice_of[i] for i in g if i < num}) > 1
+                                       for g in groups) else "ICI"
+                n = 2 if base == "collective-permute" else len(groups[0])
+                sums[(base, network)] += (1, nbytes, _wire_bytes(base, nbytes, n))
+            trips = 1
+            if opcode == "while":
+                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
+                trips = int(t.group(1)) if t else 1
+            for target in _CALLS.findall(after):
+                for callee in re.findall(r"%?([\w.\-]+)", target):
+                    if callee in computations and callee not in stack:
+                        for key, v in total(callee, (*stack, name)).items():
+                            sums[key] += trips * v
+        memo[name] = sums
+        return sums
+
+    rows = [{"kind": k, "network": net, "count": int(v[0]), "bytes": float(v[1]),
+             "wire_bytes": float(v[2])} for (k, net), v in total(entry).items()]
+    return sorted(rows, key=lambda r: (r["network"], -r["wire_bytes"]))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def _param_bytes_per_chip(exp) -> tuple[int, int]:
+    """(bytes of all parameters, bytes of one chip's shards of them)."""
+    whole = chip = 0
+    for leaf in jax.tree.leaves(exp.abstract_state()["params"]):
+        size = leaf.size * leaf.dtype.itemsize
+        whole += size
+        chip += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return whole, chip
+
+
+def roofline(chip: hardware.Chip | None, flops_per_chip: float, hbm_bytes: float,
+             rows: list[dict]) -> dict | None:
+    """Lower bounds on the step time from each resource alone; the step can be no faster than
+    the largest (perfect overlap) and, without overlap, takes about their sum."""
+    if chip is None:
+        return None
+    ici = sum(r["wire_bytes"] for r in rows if r["network"] == "ICI")
+    dcn = sum(r["wire_bytes"] for r in rows if r["network"] == "DCN")
+    times = {"compute_s": flops_per_chip / chip.peak_flops,
+             "hbm_s": hbm_bytes / chip.hbm_bandwidth,
+             "ici_s": ici / chip.ici_bandwidth,
+             "dcn_s": (dcn / chip.dcn_bandwidth) if chip.dcn_bandwidth else (
+                 0.0 if not dcn else float("nan"))}
+    bound = max(v for v in times.values() if v == v)
+    return {**times, "step_s_bound": bound, "step_s_no_overlap": sum(
+        v for v in times.values() if v == v), "mfu_bound": times["compute_s"] / bound
+        if bound else None, "bound_by": max(
+            (k for k in times if times[k] == times[k]), key=lambda k: times[k])}
+
+
+def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1, *,
+             eval_step: bool = True) -> dict:
+    """Builds ``config`` on ``topology``'s devices, compiles its steps and returns the report
+    (a dict; ``format_report`` prints it). A step that does not fit in HBM raises UserError."""
+    from t5x_like import experiment
+
+    devices = topology_devices(topology, num_slices)
+    start = time.perf_counter()
+    exp = experiment.build(config, devices=devices)
+    steps = compile_experiment(exp, eval_step=eval_step)
+    chip = hardware.chip_for_topology(topology)
+    chips = len(devices)
+    slice_of = partitioning.slice_of_devices(exp.mesh)
+    try:
+        ours = flops.count(exp.family, exp.config.data.batch_size).training / chips
+    except UserError:
+        ours = None  # no analytic counter for this family
+    whole, per_chip = _param_bytes_per_chip(exp)
+    report = {
+        "topology": topology, "num_slices": num_slices, "chips": chips,
+        "device_kind": devices[0].device_kind,
+        "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
+        "rules": exp.config.mesh.rules, "batch_size": int(exp.config.data.batch_size),
+        "remat": exp.config.model.get("remat_policy", "none"),
+        "params": int(exp.family.num_params), "param_bytes": whole,
+        "param_bytes_per_chip": per_chip,
+        "chip": None if chip is None else {"name": chip.name, "hbm_bytes": chip.hbm_bytes,
+                                           "source": chip.source},
+        "steps": {},
+    }
+    for name, (compiled, hlo, seconds) in steps.items():
+        cost, memory = _cost(compiled), _memory(compiled)
+        rows = collectives(hlo, slice_of)
+        xla_flops = float(cost.get("flops", 0.0))
+        model = ours if name == "train" else None
+        report["steps"][name] = {
+            "compile_s": seconds, "memory": memory,
+            "fits": None if chip is None else memory["total"] <= chip.hbm_bytes,
+            "xla_flops_per_chip": xla_flops, "model_flops_per_chip": model,
+            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+            "collectives": rows,
+            "roofline": roofline(chip, model or xla_flops,
+                                 float(cost.get("bytes accessed", 0.0)), rows),
+        }
+    report["seconds"] = time.perf_counter() - start
+    train_memory = report["steps"]["train"]["memory"]
+    if chip is not None and train_memory["total"] > chip.hbm_bytes:
+        raise UserError(
+            f"the train step needs {train_memory['total'] / 2**30:.1f} GiB per chip but a "
+            f"{chip.name} has {chip.hbm_bytes / 2**30:.1f} GiB (arguments "
+            f"{train_memory['arguments'] / 2**30:.1f} GiB, temporaries "
+            f"{train_memory['temporaries'] / 2**30:.1f} GiB): shard weights and optimizer state "
+            "over more chips (mesh.fsdp), set model.remat_policy=full, or lower "
+            "data.batch_size / raise optimizer.grad_accum_steps")
+    return report
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    lines = [f"{r['topology']} x {r['num_slices']} slice(s): {r['chips']} chips "
+             f"({r['device_kind']}); mesh {mesh}; rules {r['rules']}; batch {r['batch_size']}; "
+             f"remat {r['remat']}",
+             f"parameters {r['params'] / 1e6:.1f} M, {_gib(r['param_bytes'])}; per chip "
+             f"{_gib(r['param_bytes_per_chip'])}"]
+    hbm = r["chip"]["hbm_bytes"] if r["chip"] else None
+    for name, s in r["steps"].items():
+        m = s["memory"]
+        of = f" of {_gib(hbm)} HBM ({r['chip']['source']})" if hbm else ""
+        lines.append(f"[{name} step] compiled in {s['compile_s']:.0f} s")
+        lines.append(f"  memory per chip: arguments {_gib(m['arguments'])}, outputs "
+                     f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
+                     f"{_gib(m['temporaries'])}; total {_gib(m['total'])}{of}")
+        ours = s["model_flops_per_chip"]
+        lines.append(f"  FLOPs per chip per step: XLA {s['xla_flops_per_chip']:.3e}"
+                     + (f", ours (model) {ours:.3e}" if ours else ""))
+        for c in s["collectives"]:
+            lines.append(f"  {c['network']} {c['kind']:<18} x{c['count']:<5} "
+                         f"{c['bytes'] / 2**20:10.1f} MiB, sent per chip "
+                         f"{c['wire_bytes'] / 2**20:10.1f} MiB")
+        if not s["collectives"]:
+            lines.append("  no collectives")
+        rl = s["roofline"]
+        if rl:
+            mfu = f", MFU <= {100 * rl['mfu_bound']:.1f}%" if ours and rl["mfu_bound"] else ""
+            lines.append(
+                f"  roofline: compute {1e3 * rl['compute_s']:.2f} ms, HBM "
+                f"{1e3 * rl['hbm_s']:.2f} ms, ICI {1e3 * rl['ici_s']:.2f} ms, DCN "
+                f"{1e3 * rl['dcn_s']:.2f} ms -> step >= {1e3 * rl['step_s_bound']:.2f} ms "
+                f"({rl['bound_by'].removesuffix('_s')}-bound; no overlap "
+                f"{1e3 * rl['step_s_no_overlap']:.2f} ms){mfu}")
+    return "\n".join(lines)
