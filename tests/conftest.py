@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("T5X_LIKE_CACHE", str(ROOT / ".cache" / "t5x_like"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# libtpu is installed (the pod rehearsal compiles for TPU topologies), so JAX would try, and
+# log a failure to open, a TPU on this CPU host: tests run on CPU unless told otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 TINY_CONFIG = "configs/t5_span_corruption.py:tiny"
 # A model small enough that a training step takes milliseconds on one CPU core.
