@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -113,11 +112,12 @@ class Experiment:
         return restored
 
     def write_config(self, workdir: Path) -> None:
-        """Atomically (temp file + rename): a kill mid-write never leaves a truncated config."""
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, workdir / "config.json")
+        """Atomically (temp file + rename; one put on gs://): a kill mid-write never leaves a
+        truncated config."""
+        from t5x_like import storage
+
+        storage.write_atomically(storage.as_path(workdir) / "config.json",
+                                 json.dumps(self.config.to_dict(), indent=2) + "\n")
 
 
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:

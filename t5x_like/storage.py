@@ -1,8 +1,9 @@
 """Paths that are local folders or object storage (``gs://``, ``s3://``), one type for both.
 
 A local path stays a ``pathlib.Path``; a remote one becomes an ``etils.epath.Path``, which
-reaches gs:// through gcsfs when ``EPATH_USE_TF=false`` (else through TensorFlow's gfile) and
-s3:// through s3fs. Both have the same methods (``/``, ``read_text``, ``write_bytes``,
+reaches gs:// through gcsfs (``EPATH_USE_TF=false``, set below unless the environment says
+otherwise; with ``true`` epath uses TensorFlow's gfile) and s3:// through s3fs (not installed
+here). Both have the same methods (``/``, ``read_text``, ``write_bytes``,
 ``iterdir``, ``is_dir``, ``rename``, ``unlink``), so callers write one code path. Checkpoint
 arrays never pass through here: orbax writes them with tensorstore's own gcs driver.
 
@@ -20,7 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from etils import epath
+# epath sends gs:// to TensorFlow's gfile whenever TensorFlow is installed (it is: seqio needs
+# it) unless told otherwise, and decides once per process, at its first gs:// operation. One
+# client for all our gs:// I/O: gcsfs, the one the tests run against a GCS API server.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
 
 REMOTE_PREFIXES = ("gs://", "s3://")
 # GCS allows about one write per second to the same object name; logs are uploaded at most

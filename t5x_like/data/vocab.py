@@ -19,6 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 import seqio
 
+from t5x_like import storage
 from t5x_like.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -117,16 +118,44 @@ def lazy_default_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.Sentenc
     return _DefaultVocabulary(str(default_vocab_path()), extra_ids=extra_ids)
 
 
+class _ObjectStoreVocabulary(seqio.SentencePieceVocabulary):
+    """A SentencePiece model on object storage (gs://), read through ``etils.epath``.
+
+    seqio reads the file with TensorFlow's gfile, whose gs:// client is a second credential
+    path and cannot be pointed at an emulator; the bytes are read here instead and turned into
+    the same model seqio builds (sentinels appended in reverse as ``<extra_id_N>``).
+    """
+
+    def _model_context(self):
+        if self._model:
+            return self._model
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto.FromString(
+            storage.as_path(self.sentencepiece_model_file).read_bytes())
+        extra = reversed(range(self._extra_ids)) if self._reverse_extra_ids else range(
+            self._extra_ids)
+        for i in extra:
+            model.pieces.add(piece=f"\u2581<extra_id_{i}>", score=0.0,
+                             type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        sp_model = model.SerializeToString()
+        tokenizer = spm.SentencePieceProcessor()
+        tokenizer.LoadFromSerializedProto(sp_model)
+        self._model = seqio.vocabularies._ModelContext(tokenizer=tokenizer, sp_model=sp_model)
+        return self._model
+
+
 def get_vocabulary(path: str | Path | None = None,
                    extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-    """The vocabulary at ``path`` (a SentencePiece .model file), or the default one when
-    ``path`` is None; either way checked to follow T5's pad=0 / eos=1 ids."""
+    """The vocabulary at ``path`` (a SentencePiece .model file, local or gs://), or the default
+    one when ``path`` is None; either way checked to follow T5's pad=0 / eos=1 ids."""
     if path is None:
         path = ensure_default_vocab()
-    elif not Path(path).is_file():
+    elif not storage.as_path(path).is_file():
         raise UserError(f"vocabulary file {path} does not exist; fix data.vocab_path or train "
                         "one with `t5x-like vocab train`")
-    vocabulary = seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+    kind = _ObjectStoreVocabulary if storage.is_remote(path) else seqio.SentencePieceVocabulary
+    vocabulary = kind(str(path), extra_ids=extra_ids)
     try:
         tokenizer = vocabulary.tokenizer
     except Exception:  # sentencepiece and protobuf raise several types for a bad file

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from t5x_like import config as config_lib
-from t5x_like import decoding
+from t5x_like import decoding, storage
 from t5x_like.checkpoints import Checkpoints
 from t5x_like.distributed import host_array
 from t5x_like.errors import UserError
@@ -19,7 +19,7 @@ from t5x_like.experiment import Experiment, build
 
 def load_checkpoint(workdir: str | Path, overrides=()) -> tuple[Experiment, dict, int]:
     """(experiment, params, step) from a workdir's resolved config and newest readable step."""
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)  # a local folder or gs://
     config = config_lib.config_from_json(workdir / "config.json")
     config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)

@@ -357,21 +357,29 @@ def evaluate_checkpoint(workdir: str | Path, name: str, options: Options, *,
         "examples": {r.name: len(r.targets) for r in results},
         "metrics": table,
     }
-    write_tensorboard(Path(workdir), step, table)
+    write_tensorboard(workdir, step, table)
     return report
 
 
-def write_tensorboard(workdir: Path, step: int, table: dict[str, dict[str, float]]) -> None:
-    """``eval/<task>/<metric>`` scalars in ``workdir/tensorboard`` (beside training's)."""
+def write_tensorboard(workdir: str | Path, step: int, table: dict[str, dict[str, float]]) -> None:
+    """``eval/<task>/<metric>`` scalars in ``workdir/tensorboard`` (beside training's); on
+    object storage through a local staging folder, uploaded when done (``storage.Mirror``)."""
     from clu import metric_writers
 
+    from t5x_like import storage
+
+    primary = jax.process_index() == 0
+    mirror = storage.Mirror(workdir) if primary and storage.is_remote(workdir) else None
+    local = mirror.local if mirror else storage.as_path(workdir)
     writer = metric_writers.create_default_writer(
-        str(workdir / "tensorboard"), just_logging=jax.process_index() != 0, asynchronous=False)
+        str(local / "tensorboard"), just_logging=not primary, asynchronous=False)
     writer.write_scalars(step, {f"eval/{task}/{metric}": value
                                 for task, values in table.items()
                                 for metric, value in values.items()})
     writer.flush()
     writer.close()
+    if mirror:
+        mirror.close()
 
 
 def write_json(report: dict, path: str | Path) -> None:

@@ -7,13 +7,13 @@ so ``train`` continues pretraining from it and ``eval``/``infer``/``export-hf`` 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import jax
 from flax import nnx
 
 from t5x_like import config as config_lib
+from t5x_like import storage
 from t5x_like.checkpoints import Checkpoints
 from t5x_like.errors import UserError
 from t5x_like.experiment import build
@@ -40,7 +40,7 @@ def family_for(model_config) -> str:
 
 def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
     """Writes ``out/config.json`` and ``out/checkpoints/0`` from a Hugging Face folder."""
-    src, out = Path(src), Path(out)
+    src, out = storage.as_path(src), storage.as_path(out)  # local folders or gs://
     if (out / "checkpoints").exists():
         raise UserError(f"{out} already holds checkpoints; choose an empty output folder")
     model, model_config = hf.load(src)
@@ -50,12 +50,12 @@ def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
         config.model.update({k: v for k, v in fields.items() if k in config.model})
     out.mkdir(parents=True, exist_ok=True)
     if (src / HF_VOCAB_FILE).is_file():
-        shutil.copy(src / HF_VOCAB_FILE, out / HF_VOCAB_FILE)
-        config.data.vocab_path = str((out / HF_VOCAB_FILE).absolute())
+        storage.write_atomically(out / HF_VOCAB_FILE, (src / HF_VOCAB_FILE).read_bytes())
+        config.data.vocab_path = str(storage.absolute(out / HF_VOCAB_FILE))
     else:
         copied = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
         for name in copied:
-            shutil.copy(src / name, out / name)
+            storage.write_atomically(out / name, (src / name).read_bytes())
         where = f"its tokenizer files ({', '.join(copied)}) are copied to {out}; " if copied else ""
         print(f"note: {src} has no {HF_VOCAB_FILE}; {where}training uses data.vocab_path "
               "(default: the default vocabulary, whose ids differ from the model's)")
@@ -80,9 +80,9 @@ def export_hf(workdir: str | Path, out: str | Path) -> Path:
     from t5x_like.evaluation.driver import load_checkpoint
 
     exp, params, _ = load_checkpoint(workdir)
-    out = Path(out)
+    out = storage.as_path(out)
     hf.export(exp.family.model(jax.device_get(params)), exp.family.model_config, out)
     vocab_file = getattr(exp.vocabulary, "sentencepiece_model_file", None)
-    if vocab_file and Path(vocab_file).is_file():
-        shutil.copy(vocab_file, out / HF_VOCAB_FILE)
+    if vocab_file and storage.as_path(vocab_file).is_file():
+        storage.write_atomically(out / HF_VOCAB_FILE, storage.as_path(vocab_file).read_bytes())
     return out

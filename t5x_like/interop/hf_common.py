@@ -28,6 +28,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from t5x_like import storage
 from t5x_like.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -54,7 +55,7 @@ def read_json(path: Path) -> dict:
 
 
 def require_folder(path: str | Path) -> Path:
-    path = Path(path)
+    path = storage.as_path(path)  # a local folder or gs://
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass a Hugging Face folder holding "
                         f"{CONFIG_FILE} and {WEIGHTS_FILE}")
@@ -72,7 +73,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     derived from the config, not learned.
     """
     try:
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        if storage.is_remote(path):  # object storage: one read through epath, no memory map
+            raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        else:
+            raw = np.memmap(path, dtype=np.uint8, mode="r")
         (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
         header = json.loads(raw[8:8 + header_len].tobytes())
     except (OSError, ValueError, struct.error) as e:
@@ -92,7 +96,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of a folder's model.safetensors (or its sharded index)."""
-    path = Path(path)
+    path = storage.as_path(path)
     if (path / WEIGHTS_INDEX_FILE).is_file():
         index = read_json(path / WEIGHTS_INDEX_FILE)
         tensors = {}
@@ -113,12 +117,14 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_folder(out_dir: str | Path, tensors: dict[str, np.ndarray], hf_config: dict) -> Path:
-    """config.json + model.safetensors, as ``save_pretrained`` writes them."""
-    out = Path(out_dir)
+    """config.json + model.safetensors, as ``save_pretrained`` writes them (to a local folder
+    or gs://: each file is one atomic write)."""
+    out = storage.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    safetensors.numpy.save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    storage.write_atomically(out / WEIGHTS_FILE,
+                             safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    storage.write_atomically(out / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
     return out
 
 

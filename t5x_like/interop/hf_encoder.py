@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from t5x_like import storage
 from t5x_like.errors import UserError
 from t5x_like.interop import hf_common as C
 from t5x_like.models.encoder import ElectraPair, EncoderModel
@@ -349,7 +350,7 @@ def export(model: EncoderModel | ElectraPair, config: EncoderConfig, out_dir: st
     ``generator/`` (``ElectraForMaskedLM``), each holding the shared embeddings.
     """
     if isinstance(model, ElectraPair):
-        out = Path(out_dir)
+        out = storage.as_path(out_dir)
         export(model.discriminator, config, out / "discriminator")
         export(model.generator, generator_config(config), out / "generator")
         return out
