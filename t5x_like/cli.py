@@ -194,6 +194,19 @@ def _cmd_export_hf(args, overrides):
     print(f"wrote {args.out}")
 
 
+def _cmd_import_t5x(args, overrides):
+    from t5x_like.interop import t5x
+
+    t5x.import_t5x(args.src, args.out, overrides)
+    print(f"wrote {args.out}")
+
+
+def _cmd_export_t5x(args, overrides):
+    from t5x_like.interop import t5x
+
+    print(f"wrote {t5x.export_t5x(args.checkpoint, args.out)}")
+
+
 def _cmd_bench(args, overrides):
     from t5x_like import bench
     from t5x_like import config as config_lib
@@ -373,6 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a workdir written by train or import-hf")
     p.add_argument("out", help="folder to write config.json and model.safetensors to")
     p.set_defaults(run=_cmd_export_hf)
+
+    p = verbs.add_parser("import-t5x", help="T5X checkpoint (msgpack + TensorStore, T5 / T5 "
+                          "1.1, scanned or not) -> t5x-like workdir; its optimizer state is "
+                          "not carried over")
+    p.add_argument("src", help="a checkpoint_STEP folder, or a T5X model dir (newest step)")
+    p.add_argument("out", help="workdir to create")
+    p.set_defaults(run=_cmd_import_t5x)
+
+    p = verbs.add_parser("export-t5x", help="t5x-like T5 workdir -> T5X checkpoint_STEP folder "
+                          "(T5 1.1 network layout, zero Adafactor state) that T5X restores")
+    p.add_argument("checkpoint", help="a workdir written by train, import-hf or import-t5x")
+    p.add_argument("out", help="folder to write checkpoint_STEP into")
+    p.set_defaults(run=_cmd_export_t5x)
 
     p = verbs.add_parser("bench", help="synthetic-data step time, tokens/s, TFLOP/s, MFU, memory")
     p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
