@@ -69,6 +69,11 @@ def test_correlations_match_scipy_with_ties():
             100 * scipy.stats.spearmanr(t, p)[0], abs=1e-9)
     t = np.array([1.0, 2.0, 3.0])
     assert metrics.pearson_corrcoef(t, -t)["pearson_corrcoef"] == pytest.approx(-100)
+    # constant predictions: undefined, nan as scipy (and so T5) reports it
+    with np.errstate(all="ignore"):
+        assert np.isnan(scipy.stats.pearsonr(t, [2.0] * 3)[0])
+    assert np.isnan(metrics.pearson_corrcoef(t, [2.0] * 3)["pearson_corrcoef"])
+    assert np.isnan(metrics.spearman_corrcoef(t, [2.0] * 3)["spearman_corrcoef"])
 
 
 # --------------------------------------------------------------------------- SQuAD family
@@ -111,7 +116,7 @@ def test_multirc_f1a_and_exact_match():
     groups = [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0)]
     targets = [{"value": v, "group": g} for v, g in zip(t, groups, strict=True)]
     predictions = [{"value": v} for v in p]
-    assert metrics.multirc_f1a(targets, predictions)["f1a"] == pytest.approx(
+    assert metrics.multirc_f1a(targets, predictions)["f1"] == pytest.approx(
         100 * sklearn.metrics.f1_score(t, [1, 0, 0, 1, 1, 0]))
     # question (0,0) all right, (0,1) one wrong, (1,0) an invalid answer -> 1 of 3
     assert metrics.multirc_em(targets, predictions)["exact_match"] == pytest.approx(100 / 3)

@@ -87,9 +87,10 @@ def matthews_corrcoef(targets, predictions) -> dict[str, float]:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r; nan when either side is constant (undefined, as scipy and T5 report it)."""
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / denominator if denominator else 0.0
+    return float(x @ y) / denominator if denominator else math.nan
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -103,13 +104,14 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def pearson_corrcoef(targets, predictions) -> dict[str, float]:
-    """Pearson correlation (STS-B)."""
+    """Pearson correlation (STS-B); nan for constant predictions, as in T5."""
     t, p = _arrays(targets, predictions)
     return {"pearson_corrcoef": 100.0 * _pearson(t.astype(float), p.astype(float))}
 
 
 def spearman_corrcoef(targets, predictions) -> dict[str, float]:
-    """Spearman rank correlation (STS-B): Pearson of the tie-averaged ranks."""
+    """Spearman rank correlation (STS-B): Pearson of the tie-averaged ranks (nan when
+    constant)."""
     t, p = _arrays(targets, predictions)
     return {"spearman_corrcoef": 100.0 * _pearson(_average_ranks(t.astype(float)),
                                                   _average_ranks(p.astype(float)))}
@@ -148,6 +150,59 @@ def squad(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict[
     return {"em": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
 
 
+def normalize_trivia_qa(text: str) -> str:
+    """TriviaQA's official normalisation: lower case, punctuation (and ‘’´`_) to spaces, drop
+    the articles, collapse whitespace."""
+    drop = set(string.punctuation + "‘’´`_")
+    text = "".join(" " if ch in drop else ch for ch in text.lower())
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def trivia_qa(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
+    """TriviaQA exact match and F1 (best over the gold answers), after TriviaQA's
+    normalisation, in percent."""
+    if len(targets) != len(predictions) or not targets:
+        raise UserError(f"TriviaQA needs one prediction per question, got {len(targets)} "
+                        f"answer lists and {len(predictions)} predictions")
+
+    def f1(a: str, b: str) -> float:
+        t, p = a.split(), b.split()
+        common = sum((collections.Counter(t) & collections.Counter(p)).values())
+        return 2 * common / (len(t) + len(p)) if common else 0.0
+
+    em, f = [], []
+    for answers, prediction in zip(targets, predictions, strict=True):
+        p = normalize_trivia_qa(prediction)
+        gold = [normalize_trivia_qa(a) for a in answers]
+        em.append(max(g == p for g in gold))
+        f.append(max(f1(g, p) for g in gold))
+    return {"em": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f))}
+
+
+def span_squad(targets: Sequence[dict], predictions: Sequence[str]) -> dict[str, float]:
+    """SQuAD EM/F1 of "start: i end: j" predictions: the words i..j of the context (split at
+    non-word characters) against the gold answers; an unreadable prediction is "". Targets are
+    {"answers": [...], "context": text}."""
+    if len(targets) != len(predictions) or not targets:
+        raise UserError(f"span SQuAD needs one prediction per question, got {len(targets)} "
+                        f"targets and {len(predictions)} predictions")
+
+    def words(text: str) -> list[str]:
+        return re.sub(r"\W", " ", text).split()
+
+    def answer(context: list[str], prediction: str) -> str:
+        tokens = words(prediction)
+        try:
+            start, end = int(tokens[1]), int(tokens[3])
+        except (IndexError, ValueError):  # fewer than 4 words, or not numbers
+            return ""
+        return " ".join(context[start:end + 1])
+
+    texts = [answer(words(t["context"]), p) for t, p in zip(targets, predictions, strict=True)]
+    return squad([t["answers"] for t in targets], texts)
+
+
 def record(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
     """ReCoRD: SQuAD EM/F1 (max over the answers) once per (passage, query) group, as the
     task writes one example per gold answer. Targets are {"value": [answers], "group"},
@@ -163,13 +218,14 @@ def record(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str, fl
 
 
 def multirc_f1a(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
-    """MultiRC F1a: binary F1 over every answer option ({"value": class id})."""
-    scores = f1_binary([t["value"] for t in targets], [p["value"] for p in predictions])
-    return {"f1a": scores["f1"]}
+    """MultiRC F1a: binary F1 over every answer option ({"value": class id}), reported as
+    "f1" (T5's name)."""
+    return f1_binary([t["value"] for t in targets], [p["value"] for p in predictions])
 
 
 def multirc_em(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
-    """MultiRC exact match: the share of questions (``group``) whose options are all right."""
+    """MultiRC exact match: the share of questions (``group``, T5's key: the question's idx)
+    whose options are all right."""
     right: dict[Hashable, bool] = {}
     for target, prediction in zip(targets, predictions, strict=True):
         group = target["group"]
@@ -183,22 +239,42 @@ def multirc_em(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str
 
 
 def rouge(targets: Sequence[str], predictions: Sequence[str],
-          score_keys: Sequence[str] = ("rouge1", "rouge2", "rougeLsum")) -> dict[str, float]:
-    """Mean ROUGE F-measures in percent, with rouge-score's Porter stemmer. For rougeLsum the
-    sentences are the lines of each text; text with " . " between sentences is split there
-    too (T5's convention for tokenised summaries)."""
-    from rouge_score import rouge_scorer
+          score_keys: Sequence[str] = ("rouge1", "rouge2", "rougeLsum"), *,
+          use_stemmer: bool = False, bootstrap: bool = True, seed: int | None = 0
+          ) -> dict[str, float]:
+    """ROUGE F-measures in percent, as T5 reports them: no stemmer, and the median of
+    rouge-score's 1000-sample bootstrap of the mean (``BootstrapAggregator``'s "mid"). For
+    rougeLsum the sentences are the lines of each text; text with " . " between sentences is
+    split there too (T5's convention for tokenised summaries).
+
+    The bootstrap draws from numpy's global generator, as T5's does; ``seed`` (None: leave it
+    alone) seeds it for this call only, so a score is reproducible and T5's own function gives
+    the same number after ``np.random.seed(seed)``. ``use_stemmer=True, bootstrap=False`` is the
+    lenient variant (Porter stemming, plain mean), whose scores run higher than T5's.
+    """
+    from rouge_score import rouge_scorer, scoring
 
     if len(targets) != len(predictions) or not targets:
         raise UserError(f"ROUGE needs one prediction per target, got {len(targets)} targets "
                         f"and {len(predictions)} predictions")
-    scorer = rouge_scorer.RougeScorer(list(score_keys), use_stemmer=True)
-    totals = collections.defaultdict(float)
-    for target, prediction in zip(targets, predictions, strict=True):
-        scores = scorer.score(target.replace(" . ", " .\n"), prediction.replace(" . ", " .\n"))
-        for key in score_keys:
-            totals[key] += scores[key].fmeasure
-    return {key: 100.0 * totals[key] / len(targets) for key in score_keys}
+    scorer = rouge_scorer.RougeScorer(list(score_keys), use_stemmer=use_stemmer)
+    scores = [scorer.score(t.replace(" . ", " .\n"), p.replace(" . ", " .\n"))
+              for t, p in zip(targets, predictions, strict=True)]
+    if not bootstrap:
+        return {key: 100.0 * float(np.mean([s[key].fmeasure for s in scores]))
+                for key in score_keys}
+    aggregator = scoring.BootstrapAggregator()
+    for s in scores:
+        aggregator.add_scores(s)
+    state = np.random.get_state() if seed is not None else None
+    try:
+        if seed is not None:
+            np.random.seed(seed)
+        result = aggregator.aggregate()
+    finally:
+        if state is not None:
+            np.random.set_state(state)
+    return {key: 100.0 * float(result[key].mid.fmeasure) for key in score_keys}
 
 
 def bleu(targets: Sequence[str] | Sequence[Sequence[str]], predictions: Sequence[str],

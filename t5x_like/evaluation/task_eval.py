@@ -102,14 +102,22 @@ def has_task_metrics(name: str) -> bool:
         "inputs" in provider.output_features and bool(provider.metric_fns))
 
 
+def _scored(task: seqio.Task) -> bool:
+    return "inputs" in task.output_features and bool(task.metric_fns)
+
+
 def member_tasks(name: str) -> tuple[list[seqio.Task], bool]:
-    """(leaf tasks, whether ``name`` is a mixture); a UserError for a task without metrics."""
+    """(leaf tasks, whether ``name`` is a mixture); a UserError for a task without metrics.
+    A mixture's training-only members (no metrics, e.g. simple WSC's train task) are left out,
+    as seqio's evaluator leaves them out."""
     import t5x_like.tasks  # noqa: F401  (registers the benchmarks)
     from t5x_like.tasks.mixtures import get_provider
 
     provider = get_provider(name)
     is_mixture = isinstance(provider, seqio.Mixture)
-    tasks = list(provider.tasks) if is_mixture else [provider]
+    tasks = [t for t in provider.tasks if _scored(t)] if is_mixture else [provider]
+    if not tasks:
+        raise UserError(f"no task of mixture {name!r} has metric functions to evaluate")
     for task in tasks:
         if "inputs" not in task.output_features or not task.metric_fns:
             raise UserError(f"task {task.name!r} has no 'inputs' feature or no metric "
@@ -326,6 +334,8 @@ def average(results: Sequence[TaskResult]) -> float:
 def evaluate(exp, params: dict, name: str, options: Options) -> tuple[dict, list[TaskResult]]:
     """({task: {metric: value}} with the mixture's average under its own name, results)."""
     tasks, is_mixture = member_tasks(name)
+    if is_mixture:  # members without this split (a train-only task) are skipped, as in seqio
+        tasks = [t for t in tasks if options.split in t.splits] or tasks
     runner = Runner(exp, params, beam_size=options.beam_size, alpha=options.alpha)
     results = [evaluate_task(runner, task, options) for task in tasks]
     table = {r.name: r.metrics for r in results}

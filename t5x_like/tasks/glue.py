@@ -4,8 +4,10 @@ Fields follow T5's order (sorted names: ``mnli hypothesis: ... premise: ...``); 
 TFDS's class names (``glue/<task>:2.0.0``); STS-B's score is rounded to the nearest 0.2 and
 written with one decimal ("3.4"), a 26-way classification read back as a float. MNLI trains
 on "train" and validates on "validation_matched"; ``glue_mnli_matched`` and
-``glue_mnli_mismatched`` are its two evaluation sets. Mixtures of the nine training tasks:
-``glue_proportional`` (rates proportional to train sizes), ``glue_temperature_2``
+``glue_mnli_mismatched`` are its two evaluation sets, and ``glue_ax`` the diagnostic set
+written as MNLI (test split only, no labels, no metrics). Mixtures of T5's eight training
+tasks (WNLI is left out, as T5 trains on WSC/DPR instead): ``glue_proportional`` (rates
+proportional to train sizes, T5's ``glue_v002_proportional``), ``glue_temperature_2``
 (sizes ** 1/2) and ``glue_equal``.
 """
 
@@ -41,7 +43,7 @@ TASKS = {
              ("not_entailment", "entailment"), [metrics.accuracy]),
 }
 STSB_TEMPLATE = "stsb sentence1: {sentence1} sentence2: {sentence2}"
-TRAIN_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+TRAIN_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # T5's, no WNLI
 MIXTURES = {"glue_proportional": 1.0, "glue_temperature_2": 2.0, "glue_equal": math.inf}
 
 
@@ -51,7 +53,7 @@ def stsb_target(x: dict) -> tf.Tensor:
 
 
 def register(vocabulary=None) -> None:
-    """Registers glue_<task> for every GLUE task, the MNLI eval sets and the mixtures."""
+    """Registers glue_<task> for every GLUE task, the MNLI eval sets, AX and the mixtures."""
     for name, (template, labels, metric_fns) in TASKS.items():
         splits = ({"train": "train", "validation": "validation_matched"} if name == "mnli"
                   else TEST)
@@ -64,6 +66,8 @@ def register(vocabulary=None) -> None:
                           inputs=template, label_names=labels, keep=("idx",),
                           splits={"validation": "validation", "test": "test"},
                           metric_fns=metric_fns, vocabulary=vocabulary)
+    register_t2t_task("glue_ax", f"tfds:glue/ax:{VERSION}", inputs=template, label_names=labels,
+                      keep=("idx",), splits={"test": "test"}, vocabulary=vocabulary)
     register_t2t_task("glue_stsb", f"tfds:glue/stsb:{VERSION}", inputs=STSB_TEMPLATE,
                       targets=stsb_target, keep=("idx",), splits=TEST,
                       postprocess_fn=string_to_float,

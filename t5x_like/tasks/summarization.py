@@ -1,6 +1,7 @@
 """CNN/DailyMail summarisation as T5 writes it: "summarize: <article>" -> the highlights.
 
 The highlights keep their newlines between sentences, which rougeLsum reads as sentence ends.
+ROUGE is scored as T5 scores it: no stemmer, bootstrap-aggregated (``metrics.rouge``).
 """
 
 from __future__ import annotations

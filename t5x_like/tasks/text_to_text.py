@@ -106,6 +106,11 @@ def pad_punctuation(text: tf.Tensor) -> tf.Tensor:
     return tf.strings.regex_replace(text, r"\s+", " ")
 
 
+def regex_escape(text: tf.Tensor) -> tf.Tensor:
+    """``text`` with RE2's special characters backslash-escaped, so it matches literally."""
+    return tf.strings.regex_replace(text, r"([\\.^$|?*+()\[\]{}])", r"\\\1")
+
+
 # --------------------------------------------------------------------------- postprocessing
 
 
@@ -113,16 +118,20 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def label_to_id(output, label_names: Sequence[str], example=None, is_target=False) -> int:
-    """The class id of a decoded label word; -1 when the word is not a label (T5's rule)."""
+def label_to_id(output, label_names: Sequence[str], example=None, is_target=False,
+                strip: bool = False) -> int:
+    """The class id of a decoded label word; -1 when the word is not a label (T5's rule, which
+    takes the text as decoded: " neutral" is -1). ``strip=True`` is the lenient variant that
+    drops surrounding whitespace first; its scores are not comparable with T5's."""
     del example, is_target
-    word = _text(output).strip()
+    word = _text(output)
+    word = word.strip() if strip else word
     return list(label_names).index(word) if word in label_names else -1
 
 
-def labels_postprocessor(label_names: Sequence[str]) -> Callable:
-    """seqio postprocess_fn mapping label words to class ids."""
-    return functools.partial(label_to_id, label_names=tuple(label_names))
+def labels_postprocessor(label_names: Sequence[str], strip: bool = False) -> Callable:
+    """seqio postprocess_fn mapping label words to class ids (``strip``: see label_to_id)."""
+    return functools.partial(label_to_id, label_names=tuple(label_names), strip=strip)
 
 
 def string_to_float(output, example=None, is_target=False, default: float = -1.0) -> float:
