@@ -67,6 +67,22 @@ def test_scanned_t5x_layout_reads_as_unrolled(tmp_path):
         t5x.read_checkpoint(tmp_path / "checkpoint_8")
 
 
+def test_export_then_import_round_trips_exactly(tmp_path):
+    """Our parameters -> T5X's files -> our parameters, bit for bit (scanned and not)."""
+    original, _, _ = t5x.read_checkpoint(CHECKPOINT)
+    for step, scan_layers in ((3, False), (4, True)):
+        config = t5x.config_from_params(original, scan_layers=scan_layers)
+        ours = t5x.params_for(original, config)
+        t5x.write_checkpoint(t5x.t5x_params(ours, config), step, tmp_path)
+        read, read_step, _ = t5x.read_checkpoint(tmp_path / f"checkpoint_{step}")
+        assert read_step == step and set(read) == set(original)
+        again = t5x.params_for(read, config)
+        for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(ours),
+                                     jax.tree_util.tree_leaves_with_path(again), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow  # two CLI processes, an orbax save and restore: ~30 s of CPU
 def test_cli_import_export_round_trip(tmp_path):
     workdir, out = tmp_path / "imported", tmp_path / "exported"
     result = run_cli("import-t5x", str(CHECKPOINT), str(workdir),
@@ -102,4 +118,4 @@ def test_cli_import_export_round_trip(tmp_path):
 
 def test_import_refuses_a_folder_without_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="holds no T5X checkpoint"):
-        t5x.import_t5x(tmp_path, tmp_path / "out")
+        t5x.read_checkpoint(tmp_path)
