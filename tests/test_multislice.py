@@ -3,8 +3,8 @@
 The layout is checked on real TPU device descriptions of two slices (``jax.experimental.
 topologies`` with libtpu, on this CPU host): each slice's chips form a contiguous block of the
 data (or fsdp) axis, built by ``mesh_utils.create_hybrid_device_mesh``. The numerics run on 8
-fake CPU devices split into two groups standing in for slices: ``dcn_data=2`` trains as one
-slice and as one device do.
+fake CPU devices split into two groups standing in for slices: ``dcn_data=2`` and ``dcn_fsdp=2``
+train as one slice does.
 """
 
 from __future__ import annotations
