@@ -249,9 +249,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
                 tick, tick_step, data_wait = now, done, 0.0
                 log.write(done, scalars)
                 result.update(scalars)
+                packed = {"pack": f"{scalars['train/packing/efficiency']:.2f}"} if (
+                    "train/packing/efficiency" in scalars) else {}  # real / row tokens
                 progress.set_postfix(
                     loss=f"{scalars['train/loss']:.3f}",
                     tok_s=f"{scalars['train/tokens_per_s']:.0f}",
+                    **packed,
                 )
             progress.update(1)
             if tc.eval_batches and (done % tc.eval_every == 0 or done == tc.num_steps):

@@ -1,0 +1,412 @@
+"""Packed fine-tuning (``data.pack``): several examples per row must give each example exactly
+what it gets alone in a row.
+
+Oracles: seqio's own ``trim_and_pack_dataset`` for the row layout (tokens, ``*_segment_ids``,
+``*_positions``); the same model on the same examples one per row for losses, logits and
+metrics (float32, 1e-5); attention probabilities and perturbed tokens for the boundaries; an
+uninterrupted run for resuming.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from t5x_like import config as config_lib
+from t5x_like import train as train_lib
+from t5x_like.errors import UserError
+from t5x_like.experiment import build
+from t5x_like.finetune import data as ft_data
+from t5x_like.finetune import packing
+from t5x_like.models import layers
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS, TARGETS = 16, 8
+TOL = 1e-5
+
+
+def make_config(family: str, **overrides) -> config_lib.ml_collections.ConfigDict:
+    c = config_lib.base_config(family)
+    if family == "t5_finetune":
+        c.model.update(dict(d_model=16, d_kv=4, num_heads=2, d_ff=32, num_encoder_layers=2,
+                            num_decoder_layers=2, scan_layers=False, dropout_rate=0.0))
+    elif family == "bart_finetune":
+        c.model.update(dict(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=2,
+                            num_decoder_layers=2, max_position_embeddings=32, scan_layers=False,
+                            dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0))
+    else:
+        c.model.update(dict(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2,
+                            max_position_embeddings=64, scan_layers=False,
+                            hidden_dropout_rate=0.0, attention_dropout_rate=0.0))
+        c.finetune.label_names = ("hamlet", "dream", "henry")
+    c.data.task = "play_lines"
+    c.data.inputs_length, c.data.batch_size = INPUTS, 4
+    c.finetune.targets_length = TARGETS
+    for key, value in overrides.items():
+        config_lib._assign(c, key, value)
+    config_lib.validate(c)
+    return c
+
+
+@functools.cache
+def setup(family: str, **overrides):
+    exp = build(make_config(family, **overrides))
+    return exp, exp.family.init(jax.random.key(1))
+
+
+@functools.cache
+def compiled(family: str, **overrides):
+    """One jitted call per family giving what the tests compare: text-to-text (teacher-forced
+    logits, loss sums, scores), encoder heads (head outputs, loss sums)."""
+    exp, _ = setup(family, **overrides)
+    fam, key = exp.family, jax.random.key(0)
+
+    def t2t(params, batch):
+        return (fam._teacher_forced(params, batch)[0], fam.loss_fn(params, batch, key,
+                                                                   train=False)[1],
+                fam.score_batch(params, batch))
+
+    def encoder(params, batch):
+        return fam.outputs(params, batch), fam.loss_fn(params, batch, key, train=False)[1]
+
+    return jax.jit(encoder if family == "bert_finetune" else t2t)
+
+
+def _stack(rows: list[dict]) -> dict:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _pad(ids, length: int) -> np.ndarray:
+    out = np.zeros(length, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
+# Lengths (inputs, targets): the first exactly fills a row of inputs, (9, 8) exactly fills the
+# targets; (12, 2) does not fit beside (9, 8)'s targets or the others, so it starts a new row.
+T2T_LENGTHS = [(16, 3), (5, 2), (7, 4), (3, 1), (9, 8), (12, 2), (2, 2)]
+
+
+def t2t_examples(seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"inputs": np.append(rng.integers(3, 400, a - 1), 1).astype(np.int32),
+             "targets": np.append(rng.integers(3, 400, b - 1), 1).astype(np.int32)}
+            for a, b in T2T_LENGTHS]
+
+
+def where_is(rows: list[dict], feature: str) -> list[tuple[int, np.ndarray]]:
+    """(row, token positions) of each example of ``t2t_examples``, matched by content."""
+    found = []
+    for r, row in enumerate(rows):
+        for s in range(1, int(row[f"{feature}_segment_ids"].max()) + 1):
+            found.append((r, np.flatnonzero(row[f"{feature}_segment_ids"] == s)))
+    return found
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+def test_first_fit_decreasing_places_every_example_once_within_capacity():
+    rng = np.random.default_rng(0)
+    sizes = np.stack([rng.integers(1, 17, 300), rng.integers(1, 9, 300)], 1)
+    bins = packing.first_fit_decreasing(sizes, [16, 8])
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    for b in bins:
+        assert np.all(sizes[b].sum(0) <= [16, 8]) and b == sorted(b)
+    assert bins == packing.first_fit_decreasing(sizes, [16, 8])  # deterministic
+    # FFD beats seqio's greedy in-order packing (a new row whenever the next one overflows)
+    greedy, used = 1, np.zeros(2, int)
+    for s in sizes:
+        if np.any(used + s > [16, 8]):
+            greedy, used = greedy + 1, np.zeros(2, int)
+        used += s
+    assert len(bins) < greedy
+    capped = packing.first_fit_decreasing(np.ones((10, 1)), [16], max_segments=3)
+    assert [len(b) for b in capped] == [3, 3, 3, 1]
+    with pytest.raises(ValueError, match="exceeds the row"):
+        packing.first_fit_decreasing([[17, 1]], [16, 8])
+
+
+def test_rows_match_seqio_trim_and_pack():
+    """Examples that fit one row: our row equals seqio's packed row field by field."""
+    import tensorflow as tf
+
+    examples = [e for e in t2t_examples() if len(e["inputs"]) <= 5][:3]
+    lengths = {"inputs": 16, "targets": 8}
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={
+            k: tf.TensorSpec([None], tf.int32) for k in lengths})
+    theirs = next(iter(__import__("seqio").utils.trim_and_pack_dataset(ds, lengths)
+                       .as_numpy_iterator()))
+    ours = list(packing.packed_text_to_text(iter(examples), lengths))
+    assert len(ours) == 1 and set(ours[0]) == set(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[0][key], value, err_msg=key)
+
+
+def test_exact_fill_and_overflow_rows():
+    rows = list(packing.packed_text_to_text(iter(t2t_examples()), {"inputs": INPUTS,
+                                                                  "targets": TARGETS}))
+    full = [r for r in rows if np.all(r["inputs_segment_ids"] == 1)]
+    assert len(full) == 1 and full[0]["inputs_segment_ids"].max() == 1  # (16, 3) alone
+    assert any(np.all(r["targets_segment_ids"] > 0) for r in rows)  # (9, 8) fills targets
+    assert 1 < len(rows) < len(T2T_LENGTHS)
+    assert sum(int(r["inputs_segment_ids"].max()) for r in rows) == len(T2T_LENGTHS)
+
+
+# --------------------------------------------------------------------------- text-to-text
+
+
+@pytest.mark.parametrize("family", ["t5_finetune",
+                                    pytest.param("bart_finetune", marks=pytest.mark.slow)])
+def test_packed_logits_losses_and_metrics_equal_unpacked(family):
+    _, params = setup(family)
+    run = compiled(family)
+    examples = t2t_examples()
+    rows = list(packing.packed_text_to_text(iter(examples), {"inputs": INPUTS,
+                                                            "targets": TARGETS}))
+    packed = _stack(rows)
+    alone = {"inputs": np.stack([_pad(e["inputs"], INPUTS) for e in examples]),
+             "targets": np.stack([_pad(e["targets"], TARGETS) for e in examples])}
+    logits_p, sums_p, scores_p = jax.device_get(run(params, packed))
+    logits_u, sums_u, scores_u = jax.device_get(run(params, alone))
+    seen = 0
+    for r, where in where_is(rows, "targets"):
+        i = next(j for j, e in enumerate(examples)
+                 if np.array_equal(e["targets"], rows[r]["targets"][where]))
+        np.testing.assert_allclose(logits_p[r, where], logits_u[i, :len(where)], atol=TOL,
+                                   rtol=TOL)
+        seen += 1
+    assert seen == len(examples)
+    for name in ("loss", "cross_entropy", "weight", "correct", "sequence/correct",
+                 "sequence/weight"):
+        np.testing.assert_allclose(float(sums_p[name]), float(sums_u[name]), rtol=TOL,
+                                   err_msg=name)
+    assert float(sums_p["sequence/weight"]) == len(examples)
+    eff_p = float(sums_p["packing/efficiency"] / sums_p["packing/weight"])
+    eff_u = float(sums_u["packing/efficiency"] / sums_u["packing/weight"])
+    assert eff_p > 1.4 * eff_u
+    # per-example scores (rank classification) are the same numbers
+    got = sorted(scores_p[scores_p != 0].tolist())
+    np.testing.assert_allclose(got, sorted(scores_u.tolist()), rtol=TOL)
+
+
+def test_t5_perturbing_one_example_leaves_the_others_unchanged():
+    _, params = setup("t5_finetune")
+    run = compiled("t5_finetune")
+    rows = list(packing.packed_text_to_text(iter(t2t_examples()), {"inputs": INPUTS,
+                                                                  "targets": TARGETS}))
+    packed = _stack(rows)
+    r = next(i for i, row in enumerate(rows) if row["inputs_segment_ids"].max() >= 2)
+    base = np.asarray(run(params, packed)[0])
+    changed = {k: v.copy() for k, v in packed.items()}
+    first_in = packed["inputs_segment_ids"][r] == 1
+    first_tg = packed["targets_segment_ids"][r] == 1
+    changed["inputs"][r, first_in] = 7 + changed["inputs"][r, first_in] % 300
+    changed["targets"][r, first_tg] = 9 + changed["targets"][r, first_tg] % 300
+    after = np.asarray(run(params, changed)[0])
+    others = packed["targets_segment_ids"][r] > 1
+    np.testing.assert_array_equal(after[r, others], base[r, others])
+    assert np.abs(after[r, first_tg] - base[r, first_tg]).max() > 1e-3
+
+
+# --------------------------------------------------------------------------- encoder heads
+
+
+def encoder_parts(rows: ft_data.EncoderRows, head: str, seed: int = 0) -> list[dict]:
+    """Examples of 16, 5, 7, 3, 9, 12, 2 tokens ([CLS] ... [SEP]) with the head's labels."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for n in (16, 5, 7, 3, 9, 12, 2):
+        ids = [rows.cls, *rng.integers(5, 400, n - 2).tolist(), rows.sep]
+        part = {"ids": ids}
+        if head == "classification":
+            part["label"] = np.asarray(rng.integers(0, 3), np.int32)
+        elif head == "regression":
+            part["label"] = np.asarray(rng.normal(), np.float32)
+        elif head == "span_qa":
+            start = int(rng.integers(1, max(2, n - 1)))
+            part["start"] = np.asarray(start, np.int32)
+            part["end"] = np.asarray(min(n - 2, start + 1) if n > 2 else start, np.int32)
+        else:
+            labels = np.full(n, -1, np.int32)
+            labels[1:n - 1] = rng.integers(0, 3, n - 2)
+            part["token_labels"] = labels
+        parts.append(part)
+    return parts
+
+
+def encoder_batches(head: str, **overrides):
+    exp, params = setup("bert_finetune", **{"finetune.head": head, **overrides})
+    rows = exp.family._rows()
+    parts = encoder_parts(rows, head)
+    bins = packing.first_fit_decreasing([[len(p["ids"])] for p in parts], [INPUTS],
+                                        max_segments=rows.max_segments)
+    packed = _stack([rows.packed([parts[i] for i in b]) for b in bins])
+    alone = _stack([rows.padded(p) for p in parts])
+    order = [i for b in bins for i in b]  # example of each filled slot, row by row
+    return exp, params, packed, alone, bins, order
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("head,overrides", [
+    ("classification", {}),
+    pytest.param("classification", {"finetune.pooling": "cls"}, marks=SLOW),
+    pytest.param("regression", {}, marks=SLOW),
+    pytest.param("token_classification", {}, marks=SLOW),
+    pytest.param("span_qa", {"finetune.pooling": "cls"}, marks=SLOW)])
+def test_encoder_heads_packed_equal_unpacked(head, overrides):
+    _, params, packed, alone, bins, order = encoder_batches(head, **overrides)
+    assert len(bins) > 1 and [len(b) for b in bins].count(1) >= 1  # the 16-token one alone
+    run = compiled("bert_finetune", **{"finetune.head": head, **overrides})
+    out_p, sums_p = jax.device_get(run(params, packed))
+    out_u, sums_u = jax.device_get(run(params, alone))
+    if head in ("classification", "regression"):
+        filled = out_p[packed["valid"] > 0]
+        np.testing.assert_allclose(filled, out_u[order], atol=TOL, rtol=TOL)
+    else:  # per token: each example's tokens in its row
+        for r, b in enumerate(bins):
+            for s, i in enumerate(b, start=1):
+                where = np.flatnonzero(packed["segment_ids"][r] == s)
+                np.testing.assert_allclose(out_p[r, where], out_u[i, :len(where)], atol=TOL,
+                                           rtol=TOL)
+    for name, value in sums_u.items():
+        if not name.startswith("packing/"):
+            np.testing.assert_allclose(float(sums_p[name]), float(value), rtol=TOL,
+                                       atol=TOL, err_msg=name)
+
+
+def test_encoder_attention_never_crosses_an_example():
+    exp, params, packed, _, _, _ = encoder_batches("classification")
+    model, _ = exp.family.tuned_model(params)
+    out = model(packed["input_ids"], packed["attention_mask"], output_attentions=True,
+                segment_ids=packed["segment_ids"], positions=packed["positions"])
+    probs = np.asarray(out["attentions"])  # [layers, B, heads, L, L]
+    seg = packed["segment_ids"]
+    other = (seg[:, :, None] != seg[:, None, :]) | (seg[:, None, :] == 0)
+    real_query = (seg > 0)[:, :, None]
+    crossing = probs * (other & real_query)[None, :, None]
+    assert crossing.max() == 0.0
+    # each real query's probabilities sum to 1 over its own example's keys
+    within = (probs * (~other)[None, :, None]).sum(-1)  # [layers, B, heads, L]
+    np.testing.assert_allclose(np.moveaxis(within, 2, -1)[:, seg > 0], 1.0, rtol=1e-5)
+    # the mask itself: same example and a real key
+    mask = np.asarray(layers.segment_mask(seg, seg, causal=True))[:, 0]
+    i, j = np.indices(seg.shape[1:] * 2)
+    np.testing.assert_array_equal(mask, ~other & (j <= i)[None])
+
+
+def test_prompt_tuning_refuses_packing():
+    with pytest.raises(UserError, match="data.pack=false"):
+        make_config("t5_finetune", **{"data.pack": True, "finetune.mode": "prompt",
+                                      "finetune.prompt_length": 2})
+    with pytest.raises(UserError, match="data.pack"):
+        c = config_lib.base_config("t5")
+        c.data.pack = True
+        config_lib.validate(c)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("family", ["t5_finetune", "bert_finetune"])
+def test_packed_stream_resumes_at_any_batch(family):
+    """Skipping n batches (what a resumed run does) gives the batches a fresh stream gives
+    after its first n: rows are a function of the example stream alone."""
+    kw = dict(split="train", batch_size=4, seed=3, shuffle=True, repeat=True, pack=True,
+              targets_length=TARGETS)
+    if family == "t5_finetune":
+        def stream(skip):
+            return ft_data.text_to_text_batches("play_lines", inputs_length=256,
+                                                skip_batches=skip, **kw)
+    else:
+        exp, _ = setup("bert_finetune", **{"finetune.head": "classification"})
+        rows = ft_data.EncoderRows(head="classification", length=256, cls=3, sep=4, eos=1,
+                                   vocabulary=exp.vocabulary,
+                                   label_names=tuple(exp.config.finetune.label_names))
+
+        def stream(skip):
+            return ft_data.encoder_batches("play_lines", rows, skip_batches=skip, **kw)
+    fresh = stream(0)
+    first = [next(fresh) for _ in range(4)]
+    resumed = next(stream(3))
+    assert set(resumed) == set(first[3])
+    for k in resumed:
+        np.testing.assert_array_equal(resumed[k], first[3][k], err_msg=k)
+    seg = first[0]["inputs_segment_ids" if family == "t5_finetune" else "segment_ids"]
+    assert seg.max() >= 2  # several examples in a row
+
+
+@pytest.mark.slow
+def test_packed_run_reports_efficiency_and_evaluates_like_unpacked(tmp_path):
+    """A packed fine-tuning run logs train/packing/efficiency; its checkpoint evaluated on
+    the whole validation split packed and one example per row gives the same metrics."""
+    from t5x_like.evaluation.driver import load_checkpoint
+
+    c = make_config("t5_finetune", **{
+        "data.pack": True, "train.num_steps": 3, "train.log_every": 3, "train.eval_batches": 0,
+        "train.checkpoint_every": 3, "train.progress_bar": False,
+        "optimizer.name": "adamw", "optimizer.schedule": "constant",
+        "optimizer.learning_rate": 3e-2, "data.inputs_length": 32})
+    workdir = tmp_path / "run"
+    train_lib.train(c, workdir)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    efficiency = [m["train/packing/efficiency"] for m in logged if "train/packing/efficiency" in m]
+    assert efficiency and 0.5 < efficiency[-1] <= 1.0
+    exp_p, params, step = load_checkpoint(workdir)
+    exp_u, params_u, _ = load_checkpoint(workdir, ["data.pack=false"])
+    assert step == 3 and exp_p.config.data.pack and not exp_u.config.data.pack
+    packed = train_lib.evaluate(exp_p, params, num_batches=0)
+    alone = train_lib.evaluate(exp_u, params_u, num_batches=0)
+    assert packed["tokens"] == alone["tokens"] > 0
+    for name in ("loss", "accuracy", "sequence/accuracy"):
+        np.testing.assert_allclose(packed[name], alone[name], rtol=TOL, err_msg=name)
+    assert packed["packing/efficiency"] > 2 * alone["packing/efficiency"]
+
+
+NUM_STEPS = 12
+RUN_OVERRIDES = [f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=2",
+                 "--config.train.log_every=1", "--config.train.eval_batches=0",
+                 "--config.train.progress_bar=false", "--config.data.batch_size=8",
+                 "--config.data.inputs_length=32"]
+
+
+def _argv(workdir):
+    return [sys.executable, "-m", "t5x_like.cli", "train", "--config",
+            "configs/t5_finetune.py:tiny", "--workdir", str(workdir), *RUN_OVERRIDES]
+
+
+@pytest.mark.slow
+def test_packed_finetuning_resumes_bit_exact_after_sigkill(tmp_path):
+    from t5x_like.evaluation.driver import load_checkpoint
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert subprocess.run(_argv(reference), cwd=ROOT, capture_output=True).returncode == 0
+    proc = subprocess.Popen(_argv(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    metrics = killed / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    result = subprocess.run(_argv(killed), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "resumed from step" in result.stdout, result.stderr[-2000:]
+    exp, a, step_a = load_checkpoint(reference)
+    _, b, step_b = load_checkpoint(killed)
+    assert exp.config.data.pack and step_a == step_b == NUM_STEPS
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
