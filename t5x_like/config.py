@@ -222,6 +222,8 @@ def _assign(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
         if name != leaf:
             node = node[name]
     current = node[leaf]
+    if isinstance(current, bool) and isinstance(value, str) and value in ("true", "false"):
+        value = value == "true"  # --config.data.pack=true, as flags are often spelled
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
