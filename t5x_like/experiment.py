@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -120,9 +122,48 @@ class Experiment:
                                  json.dumps(self.config.to_dict(), indent=2) + "\n")
 
 
+def import_task_modules(spec: str) -> list:
+    """Imports ``data.task_modules`` (comma-separated module names or .py files) so the tasks
+    they register exist before ``data.task`` is looked up.
+
+    Module names are searched on sys.path, then in the current directory (the repository's
+    ``tasks/`` when run from a checkout: a console script does not put it on sys.path), then
+    next to the installed configs (the ``tasks/`` copy a wheel ships)."""
+    import importlib
+    import importlib.util
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    shipped = config_lib.shipped("tasks")
+    for folder in (os.getcwd(), str(shipped.parent) if shipped else None):
+        if names and folder and folder not in sys.path:
+            sys.path.append(folder)
+    modules = []
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                module_spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                if module_spec is None or not Path(name).is_file():
+                    raise FileNotFoundError(name)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(name)
+        except UserError:
+            raise
+        except Exception as e:  # user code: one sentence naming the module and the cause
+            raise UserError(
+                f"data.task_modules names {name!r}, which failed to import "
+                f"({type(e).__name__}: {e}); run from the folder that holds it or pass a .py path"
+            ) from e
+        modules.append(module)
+    return modules
+
+
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     """Vocabulary -> resolved config -> family -> mesh -> optimizer -> state shardings."""
     import t5x_like.tasks  # noqa: F401  (registers the seqio tasks the config may name)
+
+    import_task_modules(config.data.task_modules)
 
     vocabulary = get_vocabulary(config.data.vocab_path or None)
     resolved = config_lib.resolve(config, vocabulary.vocab_size)

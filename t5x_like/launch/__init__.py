@@ -1,11 +1,12 @@
 """``t5x-like launch TARGET [options] -- VERB ARGS``: the same run on other machines.
 
 Targets: ``local`` (N processes on this machine, gloo collectives on 127.0.0.1), ``tpu-vm``
-(a Cloud TPU VM slice), ``gke`` (a JobSet on a TPU slice or GPU node pool) and ``slurm``
+(Cloud TPU VM slices), ``gke`` (a JobSet on a TPU slice or GPU node pool) and ``slurm``
 (an sbatch script for multi-node GPU). Every remote target builds a *plan*: a list of
-commands and files. ``--dry-run`` prints the plan as a bash script (files as here-documents)
-and runs nothing; otherwise each step runs with subprocess, and cleanup steps (deleting the
-TPU VM or the JobSet) run even when training fails.
+commands and files, or one bash script rendered from the repository's ``launch/`` folder
+(``templates``). ``--dry-run`` prints the plan as a bash script (files as here-documents)
+and runs nothing; otherwise it runs here, and cleanup (deleting the TPU VM or the JobSet)
+runs even when training fails: a ``trap`` in the scripts, ``cleanup`` steps in a plan.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +57,16 @@ class File:
     cleanup: bool = False
 
 
-Step = Command | Parallel | Shell | File
+@dataclass
+class Script:
+    """A whole bash script (rendered from ``launch/``): printed as is, run with ``bash``."""
+
+    text: str
+    note: str = ""
+    cleanup: bool = False
+
+
+Step = Command | Parallel | Shell | File | Script
 
 
 @dataclass
@@ -65,6 +76,25 @@ class Plan:
 
     def add(self, step: Step) -> None:
         self.steps.append(step)
+
+
+def parse_env(pairs: list[str]) -> list[str]:
+    """``--env K=V`` values, checked: K must be a shell variable name."""
+    for pair in pairs:
+        key, sep, _ = pair.partition("=")
+        if not sep or not key.isidentifier() or not key.isascii():
+            raise UserError(f"--env {pair!r} is not NAME=VALUE with NAME a variable name")
+    return list(pairs)
+
+
+def workdir_of(command: list[str]) -> str | None:
+    """The ``--workdir`` value of a t5x-like command line, if any."""
+    for i, arg in enumerate(command):
+        if arg == "--workdir" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--workdir="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def worker_command(command: list[str], overrides: list[str]) -> list[str]:
@@ -91,6 +121,9 @@ def worker_command(command: list[str], overrides: list[str]) -> list[str]:
 
 def render(plan: Plan) -> str:
     """The plan as a bash script a user can read, edit and run by hand."""
+    if len(plan.steps) == 1 and isinstance(plan.steps[0], Script):
+        first, _, rest = plan.steps[0].text.partition("\n")
+        return "\n".join([first, *(f"# {note}" for note in plan.notes), rest])
     lines = ["#!/usr/bin/env bash", "set -euo pipefail"]
     lines += [f"# {note}" for note in plan.notes]
     for step in plan.steps:
@@ -109,6 +142,8 @@ def render(plan: Plan) -> str:
             lines.append('for pid in "${pids[@]}"; do wait "$pid"; done')
         elif isinstance(step, Shell):
             lines.append(step.script)
+        elif isinstance(step, Script):
+            raise ValueError("a Script is a plan's only step")
         else:
             lines.append(f"cat > {shlex.quote(step.path)} <<'EOF'")
             lines.append(step.text.rstrip("\n"))
@@ -127,6 +162,12 @@ def _run_step(step: Step) -> int:
     if isinstance(step, Shell):
         print(f"+ {step.script}", flush=True)
         return subprocess.run(["bash", "-c", step.script]).returncode
+    if isinstance(step, Script):
+        # from a file, not stdin: ssh and kubectl in the script would read the rest of it
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="t5x_like_launch_") as f:
+            f.write(step.text)
+            f.flush()
+            return subprocess.run(["bash", f.name]).returncode
     procs = []
     for c in step.commands:
         print(f"+ {shlex.join(c.argv)} &", flush=True)

@@ -1,13 +1,22 @@
-"""A JobSet on GKE: one pod per TPU host (per slice) or per GPU node, applied with kubectl.
+"""A JobSet on GKE: one pod per TPU host (per slice) or per GPU node, run to its end.
+
+The manifest is ``launch/jobset.yaml`` with what the flags say filled in; the plan is
+``launch/gke.sh`` (apply, stream logs, wait for the JobSet's Completed/Failed condition, exit
+with it, delete on every exit) with the manifest inside.
 
 TPU: ``--tpu v5e --topology 4x4 [--num-slices K]`` -> one replicated job per slice, one pod
 per host of the slice (v5e/v6e slices up to 8 chips are one host; otherwise 4 chips a host),
 nodes picked by ``cloud.google.com/gke-tpu-accelerator`` / ``gke-tpu-topology``; every pod
 runs with ``T5X_LIKE_DISTRIBUTED=auto`` (JAX reads the TPU worker list GKE provides).
-Several slices also get the MEGASCALE_* variables for multislice.
+Several slices also get the MEGASCALE_* variables and ``--config.mesh.dcn_data=K``.
 
 GPU: ``--gpu nvidia-h100-80gb --gpus-per-node 8 --nodes N`` -> N pods with an explicit
 coordinator: pod 0's stable DNS name from the JobSet's headless service.
+
+The workdir is ``gs://`` (the pods' service account needs access: Workload Identity), or a
+folder under ``/gcs/BUCKET`` with ``--gcs-fuse-bucket BUCKET`` (the GCS FUSE CSI driver).
+Preemption: ``--max-restarts`` recreates every pod, which resume from the last checkpoint;
+``--grace-seconds`` gives the SIGTERM checkpoint its time.
 """
 
 from __future__ import annotations
@@ -15,8 +24,11 @@ from __future__ import annotations
 import argparse
 import math
 
+import yaml
+
 from t5x_like.errors import UserError
-from t5x_like.launch import Command, File, Plan
+from t5x_like.launch import Plan, Script, parse_env, workdir_of
+from t5x_like.launch.templates import Raw, read, render
 
 # --tpu -> (GKE accelerator label, topology rank)
 TPU_TYPES = {
@@ -28,6 +40,8 @@ TPU_TYPES = {
 COORDINATOR_PORT = 1234
 MEGASCALE_PORT = 8080
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # pod annotation: 0..N-1
+FUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+FUSE_ROOT = "/gcs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1, help="GPU nodes (one pod each)")
     p.add_argument("--manifest", help="where to write the manifest (default NAME.jobset.yaml)")
+    p.add_argument("--max-restarts", type=int, default=10,
+                   help="JobSet restarts after a failed or preempted pod (default 10)")
+    p.add_argument("--grace-seconds", type=int, default=300,
+                   help="terminationGracePeriodSeconds: time for the SIGTERM checkpoint")
+    p.add_argument("--service-account", help="Kubernetes service account of the pods "
+                   "(Workload Identity, for gs:// access)")
+    p.add_argument("--gcs-fuse-bucket", help=f"mount this bucket at {FUSE_ROOT}/BUCKET in every "
+                   "pod (GCS FUSE CSI driver)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment variable for the pods (repeatable)")
     p.add_argument("--keep", action="store_true", help="do not delete the JobSet at the end")
 
 
@@ -60,10 +84,6 @@ def tpu_hosts(tpu: str, topology: str) -> tuple[int, int]:
     if chips % 4:
         raise UserError(f"a multi-host {tpu} topology has a multiple of 4 chips, not {chips}")
     return chips // 4, 4
-
-
-def _labels(name: str) -> str:
-    return f"jobset.sigs.k8s.io/jobset-name={name}"
 
 
 def manifest(args: argparse.Namespace, command: list[str]) -> dict:
@@ -114,50 +134,51 @@ def manifest(args: argparse.Namespace, command: list[str]) -> dict:
         node_selector = {"cloud.google.com/gke-accelerator": args.gpu}
         resources = {"nvidia.com/gpu": args.gpus_per_node}
         pod_extra = {}
-    container = {
-        "name": "t5x-like",
-        "image": args.image,
-        "command": command,
-        "env": env,
-        "resources": {"limits": resources},
-    }
-    return {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": {
-            "name": args.name,
-            "namespace": args.namespace,
-            "annotations": {
-                "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"
+    env += [
+        {"name": k, "value": v} for k, _, v in (pair.partition("=") for pair in args.env)
+    ]
+    jobset = yaml.safe_load(read("jobset.yaml"))
+    jobset["metadata"].update(name=args.name, namespace=args.namespace)
+    jobset["spec"]["failurePolicy"]["maxRestarts"] = args.max_restarts
+    (rjob,) = jobset["spec"]["replicatedJobs"]
+    rjob.update(name=job_name, replicas=replicas)
+    job = rjob["template"]["spec"]
+    job.update(parallelism=hosts, completions=hosts)
+    pod = job["template"]
+    spec = pod["spec"]
+    spec.update(nodeSelector=node_selector, terminationGracePeriodSeconds=args.grace_seconds,
+                **pod_extra)
+    if args.service_account:
+        spec["serviceAccountName"] = args.service_account
+    (container,) = spec["containers"]
+    container.update(image=args.image, command=command)
+    container["env"] = [*container.get("env", []), *env]
+    container["resources"]["limits"] = resources
+    if args.gcs_fuse_bucket:
+        pod["metadata"]["annotations"]["gke-gcsfuse/volumes"] = "true"
+        spec.setdefault("volumes", []).append({
+            "name": "gcs",
+            "csi": {
+                "driver": FUSE_DRIVER,
+                "volumeAttributes": {"bucketName": args.gcs_fuse_bucket,
+                                     "mountOptions": "implicit-dirs"},
             },
-        },
-        "spec": {
-            "failurePolicy": {"maxRestarts": 0},
-            "network": {"enableDNSHostnames": True},
-            "replicatedJobs": [
-                {
-                    "name": job_name,
-                    "replicas": replicas,
-                    "template": {
-                        "spec": {
-                            "parallelism": hosts,
-                            "completions": hosts,
-                            "completionMode": "Indexed",
-                            "backoffLimit": 0,
-                            "template": {
-                                "spec": {
-                                    "restartPolicy": "Never",
-                                    "nodeSelector": node_selector,
-                                    **pod_extra,
-                                    "containers": [container],
-                                }
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+        })
+        container.setdefault("volumeMounts", []).append(
+            {"name": "gcs", "mountPath": f"{FUSE_ROOT}/{args.gcs_fuse_bucket}"})
+    return jobset
+
+
+def check_workdir(args: argparse.Namespace, command: list[str]) -> None:
+    """Pods keep nothing: the workdir is gs:// or on the FUSE-mounted bucket."""
+    workdir = workdir_of(command) or ""
+    mounted = f"{FUSE_ROOT}/{args.gcs_fuse_bucket}/" if args.gcs_fuse_bucket else None
+    if command[1] == "train" and not (
+        workdir.startswith("gs://") or (mounted and workdir.startswith(mounted))
+    ):
+        where = f"a gs:// path or a folder under {mounted}" if mounted else "a gs:// path"
+        raise UserError(f"--workdir must be {where} on GKE, not {workdir!r}: a pod's disk is "
+                        "lost when it stops, and every pod writes its shards of a checkpoint")
 
 
 def plan(args: argparse.Namespace, command: list[str]) -> Plan:
@@ -169,43 +190,29 @@ def plan(args: argparse.Namespace, command: list[str]) -> Plan:
         ("--num-slices", args.num_slices),
         ("--nodes", args.nodes),
         ("--gpus-per-node", args.gpus_per_node),
+        ("--grace-seconds", args.grace_seconds),
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    import yaml
-
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    parse_env(args.env)
+    check_workdir(args, command)
+    if args.tpu and args.num_slices > 1:
+        command = [*command, f"--config.mesh.dcn_data={args.num_slices}"]
     jobset = manifest(args, command)
-    pods = jobset["spec"]["replicatedJobs"][0]
-    total = pods["replicas"] * pods["template"]["spec"]["parallelism"]
-    path = args.manifest or f"{args.name}.jobset.yaml"
-    ns = [f"--namespace={args.namespace}"]
-    out = Plan(notes=[f"JobSet {args.name}: {total} pod(s) running {command[1]}"])
-    out.add(File(path, yaml.safe_dump(jobset, sort_keys=False), note="the JobSet manifest"))
-    out.add(Command(["kubectl", "apply", "-f", path], note="submit it"))
-    selector = f"--selector={_labels(args.name)}"
-    out.add(
-        Command(
-            ["kubectl", "wait", "--for=condition=Ready", "pod", selector, "--timeout=60m", *ns],
-            note="wait for the pods to start",
-        )
+    rjob = jobset["spec"]["replicatedJobs"][0]
+    pods = rjob["replicas"] * rjob["template"]["spec"]["parallelism"]
+    script = render(
+        "gke.sh",
+        {
+            "NAME": args.name,
+            "NAMESPACE": args.namespace,
+            "MANIFEST": args.manifest or f"{args.name}.jobset.yaml",
+            "PODS": max(pods, 5),
+            "KEEP": args.keep,
+            "JOBSET": Raw(yaml.safe_dump(jobset, sort_keys=False)),
+        },
     )
-    out.add(
-        Command(
-            [
-                "kubectl",
-                "logs",
-                "--follow",
-                selector,
-                "--prefix",
-                f"--max-log-requests={max(total, 5)}",
-                *ns,
-            ],
-            note="stream every pod's log until they finish",
-        )
-    )
-    out.add(
-        Command(
-            ["kubectl", "delete", "jobset", args.name, *ns], note="delete the JobSet", cleanup=True
-        )
-    )
-    return out
+    return Plan([Script(script)], notes=[f"JobSet {args.name}: {pods} pod(s) running "
+                                         f"{command[1]}, restarted up to {args.max_restarts}x"])

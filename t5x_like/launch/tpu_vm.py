@@ -1,22 +1,25 @@
-"""A Cloud TPU VM slice: create it, install this code on every worker, train, delete it.
+"""Cloud TPU VM slices: create, start training detached on every worker, follow it, recreate
+after preemption, delete.
 
-One slice is a TPU VM (``gcloud compute tpus tpu-vm create``) or, with ``--queued`` or
-several ``--num-slices``, a queued resource (``gcloud compute tpus queued-resources create``;
-multislice nodes are ``NAME-0``, ``NAME-1``, ... and get the MEGASCALE_* variables from it).
-Every worker runs the same ``t5x-like`` command with ``T5X_LIKE_DISTRIBUTED=auto``, so JAX
-finds its peers from the TPU metadata. ssh with ``--worker=all`` streams every worker's log.
+The plan is one bash script rendered from ``launch/tpu_vm.sh`` (the driver, run here) with
+``launch/tpu_vm_worker.sh`` (the startup script every worker runs) inside it; their headers
+say what each step does. One slice is a TPU VM (``gcloud compute tpus tpu-vm create``) or,
+with ``--queued``, a queued resource; several ``--num-slices`` are always a queued resource
+whose nodes are ``NAME-0``, ``NAME-1``, ... (Cloud TPU gives them the MEGASCALE_* variables)
+and the command gets ``--config.mesh.dcn_data=K``: the data axis across slices.
 
-The workdir must be one folder all workers share (a gcsfuse or Filestore mount): orbax
-writes each host's shards of a checkpoint into it.
+Workers install into a uv-made Python 3.11 venv (the TPU images' python3 is older than
+pyproject's floor). The workdir must be ``gs://``: every host writes its shards of a checkpoint
+there, and a TPU VM's own disk goes away with the VM (and with each preemption).
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 
 from t5x_like.errors import UserError
-from t5x_like.launch import ROOT, Command, Parallel, Plan, Shell
+from t5x_like.launch import ROOT, Plan, Script, parse_env, workdir_of
+from t5x_like.launch.templates import Raw, render
 
 # accelerator-type prefix -> default TPU VM runtime version
 RUNTIME_VERSIONS = {
@@ -26,7 +29,8 @@ RUNTIME_VERSIONS = {
     "v6e": "v2-alpha-tpuv6e",
 }
 JAX_TPU = "jax[tpu]>=0.10.2,<0.11"
-SOURCES = ("pyproject.toml", "README.md", "t5x_like", "configs")
+PYTHON_VERSION = "3.11"
+SOURCES = ("pyproject.toml", "README.md", "t5x_like", "configs", "tasks", "launch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,8 +47,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queued", action="store_true", help="use a queued resource for one slice")
     p.add_argument("--spot", action="store_true", help="spot capacity (may be preempted)")
     p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        help="recreate the capacity and resume at most N times after it is lost (default 10)",
+    )
+    p.add_argument(
         "--install",
         help="pip spec to install instead of copying this checkout (e.g. git+https://...)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable for the workers (repeatable)",
     )
     p.add_argument("--keep", action="store_true", help="do not delete the TPU VM at the end")
 
@@ -59,180 +76,61 @@ def runtime_version(accelerator_type: str) -> str:
     return RUNTIME_VERSIONS[prefix]
 
 
-def _where(args) -> list[str]:
-    return [f"--zone={args.zone}", f"--project={args.project}"]
+def check_workdir(command: list[str], where: str) -> None:
+    """A remote run's workdir is object storage every host and every restart sees."""
+    workdir = workdir_of(command)
+    if command[1] == "train" and not (workdir or "").startswith("gs://"):
+        raise UserError(
+            f"--workdir must be a gs:// path on {where}, not {workdir!r}: each host's own "
+            "disk holds only its shards of a checkpoint and is lost with the machine"
+        )
 
 
-def _ssh(node: str, args, remote: str) -> Command:
-    return Command(
-        [
-            "gcloud",
-            "compute",
-            "tpus",
-            "tpu-vm",
-            "ssh",
-            node,
-            "--worker=all",
-            *_where(args),
-            f"--command={remote}",
-        ]
+def worker_script(args: argparse.Namespace, command: list[str]) -> str:
+    """``launch/tpu_vm_worker.sh`` filled in."""
+    return render(
+        "tpu_vm_worker.sh",
+        {
+            "INSTALL": args.install or "",
+            "PYTHON_VERSION": PYTHON_VERSION,
+            "JAX_TPU": JAX_TPU,
+            "RUN": command,
+            "ENV_VARS": parse_env(args.env),
+        },
     )
 
 
 def plan(args: argparse.Namespace, command: list[str]) -> Plan:
     if args.num_slices < 1:
         raise UserError(f"--num-slices must be at least 1, got {args.num_slices}")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    check_workdir(command, "a TPU VM")
     version = args.version or runtime_version(args.accelerator_type)
-    queued = args.queued or args.num_slices > 1
-    nodes = (
-        [f"{args.name}-{i}" for i in range(args.num_slices)] if args.num_slices > 1 else [args.name]
+    if args.num_slices > 1:
+        command = [*command, f"--config.mesh.dcn_data={args.num_slices}"]
+    script = render(
+        "tpu_vm.sh",
+        {
+            "NAME": args.name,
+            "PROJECT": args.project,
+            "ZONE": args.zone,
+            "ACCELERATOR_TYPE": args.accelerator_type,
+            "RUNTIME_VERSION": version,
+            "NUM_SLICES": args.num_slices,
+            "QUEUED": args.queued or args.num_slices > 1,
+            "SPOT": args.spot,
+            "MAX_RESTARTS": args.max_restarts,
+            "KEEP": args.keep,
+            "CHECKOUT": "" if args.install else str(ROOT),
+            "SOURCES": [] if args.install else list(SOURCES),
+            "WORKER_SCRIPT": Raw(worker_script(args, command)),
+        },
     )
-    spot = ["--spot"] if args.spot else []
-    out = Plan(
+    return Plan(
+        [Script(script)],
         notes=[
-            f"{args.num_slices} x {args.accelerator_type} ({version}) in {args.zone}; "
-            f"nodes: {', '.join(nodes)}",
-            "the workdir must be a folder every worker shares (gcsfuse/Filestore mount)",
-        ]
+            f"{args.num_slices} x {args.accelerator_type} ({version}) in {args.zone}, "
+            f"running: {' '.join(command[:2])} ...",
+        ],
     )
-
-    # 1. capacity
-    if queued:
-        count = (
-            ["--node-count", str(args.num_slices), "--node-prefix", args.name]
-            if args.num_slices > 1
-            else ["--node-id", args.name]
-        )
-        out.add(
-            Command(
-                [
-                    "gcloud",
-                    "compute",
-                    "tpus",
-                    "queued-resources",
-                    "create",
-                    args.name,
-                    *count,
-                    f"--accelerator-type={args.accelerator_type}",
-                    f"--runtime-version={version}",
-                    *_where(args),
-                    *spot,
-                ],
-                note="request the slice(s) as a queued resource",
-            )
-        )
-        describe = shlex.join(
-            [
-                "gcloud",
-                "compute",
-                "tpus",
-                "queued-resources",
-                "describe",
-                args.name,
-                *_where(args),
-                "--format=value(state.state)",
-            ]
-        )
-        out.add(
-            Shell(
-                f'until [ "$({describe})" = ACTIVE ]; do sleep 30; done',
-                note="wait until the queued resource is ACTIVE",
-            )
-        )
-    else:
-        out.add(
-            Command(
-                [
-                    "gcloud",
-                    "compute",
-                    "tpus",
-                    "tpu-vm",
-                    "create",
-                    args.name,
-                    f"--accelerator-type={args.accelerator_type}",
-                    f"--version={version}",
-                    *_where(args),
-                    *spot,
-                ],
-                note="create the TPU VM slice",
-            )
-        )
-
-    # 2. code on every worker
-    if args.install:
-        remote = f"python3 -m pip install -q {shlex.quote(args.install)} {shlex.quote(JAX_TPU)}"
-        out.add(Parallel([_ssh(n, args, remote) for n in nodes], note="install on all workers"))
-    else:
-        tarball = f"/tmp/{args.name}-t5x_like.tgz"
-        out.add(
-            Command(
-                ["tar", "czf", tarball, "-C", str(ROOT), "--exclude=__pycache__", *SOURCES],
-                note="pack this checkout",
-            )
-        )
-        out.add(
-            Parallel(
-                [
-                    Command(
-                        [
-                            "gcloud",
-                            "compute",
-                            "tpus",
-                            "tpu-vm",
-                            "scp",
-                            tarball,
-                            f"{n}:t5x_like.tgz",
-                            "--worker=all",
-                            *_where(args),
-                        ]
-                    )
-                    for n in nodes
-                ],
-                note="copy it to every worker",
-            )
-        )
-        remote = (
-            "mkdir -p ~/t5x_like && tar xzf ~/t5x_like.tgz -C ~/t5x_like && "
-            f"python3 -m pip install -q -e ~/t5x_like {shlex.quote(JAX_TPU)}"
-        )
-        out.add(Parallel([_ssh(n, args, remote) for n in nodes], note="install on every worker"))
-
-    # 3. train on every worker of every slice; ssh streams their output here
-    workdir = "cd ~/t5x_like && " if not args.install else ""
-    remote = (
-        f"set -o pipefail; export PATH=$HOME/.local/bin:$PATH; {workdir}"
-        f"T5X_LIKE_DISTRIBUTED=auto {shlex.join(command)} 2>&1 | tee -a ~/t5x_like.log"
-    )
-    out.add(
-        Parallel(
-            [_ssh(n, args, remote) for n in nodes],
-            note=f"run {command[1]} on all workers (logs stream here)",
-        )
-    )
-
-    # 4. release the capacity
-    if queued:
-        delete = [
-            "gcloud",
-            "compute",
-            "tpus",
-            "queued-resources",
-            "delete",
-            args.name,
-            *_where(args),
-            "--force",
-            "--quiet",
-        ]
-    else:
-        delete = [
-            "gcloud",
-            "compute",
-            "tpus",
-            "tpu-vm",
-            "delete",
-            args.name,
-            *_where(args),
-            "--quiet",
-        ]
-    out.add(Command(delete, note="delete the slice(s)", cleanup=True))
-    return out
