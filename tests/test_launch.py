@@ -556,6 +556,27 @@ def test_train_with_a_task_module_and_a_config_name_from_another_directory(tmp_p
     assert any(json.loads(line).get("step") == 2 for line in lines)
 
 
+SHIPS_FOLDERS = "share/t5x_like/launch" in (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPS_FOLDERS, reason="pyproject.toml has no data-files for configs/, "
+                    "launch/, tasks/ yet")
+def test_the_wheel_ships_configs_launch_and_tasks(tmp_path):
+    """A non-editable install finds them under <prefix>/share/t5x_like (config.shipped)."""
+    import zipfile
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                           "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, pattern in (("configs", "*.py"), ("launch", "*"), ("tasks", "*.py")):
+        for path in (ROOT / folder).glob(pattern):
+            assert any(n.endswith(f"/data/share/t5x_like/{folder}/{path.name}") for n in names)
+
+
 def test_templates_are_found_and_every_key_is_filled():
     assert templates.folder() == ROOT / "launch"
     with pytest.raises(ValueError, match="no value for"):
