@@ -34,15 +34,21 @@ def _quiet_backends() -> None:
 
 
 def _cmd_train(args, overrides):
-    from t5x_like import config as config_lib
     from t5x_like import distributed
 
     distributed.initialize(args)  # before any JAX computation; a no-op for one process
 
-    config = config_lib.load_config(args.config, overrides)
+    from t5x_like import gin_config
+
+    config, run = gin_config.config_from_args(args, overrides)  # --config or --gin_file
+    workdir = args.workdir or run.get("workdir")
+    if not workdir:
+        from t5x_like.errors import UserError
+
+        raise UserError("pass --workdir (or set MODEL_DIR in the gin files)")
     from t5x_like.train import train
 
-    result = train(config, args.workdir)
+    result = train(config, workdir)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
 
 
@@ -52,6 +58,8 @@ def _cmd_eval(args, overrides):
     distributed.initialize(args)
     from t5x_like.errors import UserError
     from t5x_like.evaluation import driver, task_eval
+
+    _gin_run_values(args, "eval")
 
     name = args.mixture or args.task
     if name and (args.mixture or args.rank_classification or task_eval.has_task_metrics(name)):
@@ -118,9 +126,34 @@ def _task_metrics(args, overrides, name: str) -> None:
         task_eval.write_json(report, args.json)
 
 
+def _gin_run_values(args, verb: str) -> None:
+    """eval/infer with ``--gin_file`` (T5X's eval.gin): the checkpoint, task and split the gin
+    files name fill the flags not given; the model comes from the checkpoint's own config."""
+    from t5x_like.errors import UserError
+
+    if getattr(args, "gin_file", None) or getattr(args, "gin_bindings", None):
+        from t5x_like import gin_config
+
+        run = gin_config.load(args.gin_file or [], args.gin_bindings or [],
+                              args.gin_search_paths or [], verb).run
+        args.checkpoint = args.checkpoint or run.get("checkpoint")
+        for name in ("task", "split"):
+            if hasattr(args, name) and not getattr(args, name):
+                setattr(args, name, run.get(name))
+    if not args.checkpoint:
+        raise UserError("pass --checkpoint WORKDIR (or set CHECKPOINT_PATH in the gin files)")
+    from t5x_like.interop import t5x
+
+    if t5x.is_t5x_checkpoint(args.checkpoint):
+        raise UserError(f"{args.checkpoint} is a T5X checkpoint; import it first with "
+                        f"t5x-like import-t5x {args.checkpoint} WORKDIR and pass WORKDIR")
+
+
 def _cmd_infer(args, overrides):
     from t5x_like import decoding
     from t5x_like.evaluation import driver
+
+    _gin_run_values(args, "infer")
 
     options = decoding.Options(
         beam_size=args.beam_size,
@@ -279,15 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train any family from a config file; run it again with the "
                           "same --workdir to resume from its newest checkpoint")
-    p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
-    p.add_argument("--workdir", required=True, help="checkpoints, logs and config go here")
+    p.add_argument("--config", help="configs/FILE.py[:preset] (or --gin_file)")
+    p.add_argument("--workdir", help="checkpoints, logs and config go here (gin: MODEL_DIR)")
+    _add_gin_arguments(p)
     distributed.add_arguments(p)
     p.set_defaults(run=_cmd_train)
 
     p = verbs.add_parser("eval", help="validation loss and accuracy of a checkpoint beside a "
                           "unigram baseline; task metrics with --task/--mixture; span fills with "
                           "--samples")
-    p.add_argument("--checkpoint", required=True, help="a workdir written by train")
+    p.add_argument("--checkpoint", help="a workdir written by train (gin: CHECKPOINT_PATH)")
+    _add_gin_arguments(p)
     p.add_argument("--task", help="evaluate on this task instead of the training task: its "
                    "metrics (decode -> postprocess -> metric functions) for a text-to-text "
                    "task, the loss for a pretraining task")
@@ -318,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "infer", help="decoding of text by a checkpoint: greedy, beam search or sampling"
     )
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="a workdir (gin: CHECKPOINT_PATH)")
+    _add_gin_arguments(p)
     p.add_argument(
         "--input",
         action="append",
@@ -455,10 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_gin_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gin_file", action="append", help="a gin file, ours (configs/gin/) or "
+                   "T5X's; repeat for more; --gin.BINDING=VALUE after the flags overrides")
+    p.add_argument("--gin_search_paths", action="append",
+                   help="folder to look for included gin files in (T5X's flag); repeatable")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
-    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    gin_bindings = [a for a in argv if a.startswith("--gin.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith(("--config.",
+                                                                           "--gin."))])
+    args.gin_bindings = gin_bindings
     _quiet_backends()
     from absl import logging as absl_logging
 

@@ -210,6 +210,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         _assign(config, dotted, value)
 
 
+def apply_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Sets ``a.b`` to ``value`` (already parsed, e.g. from a gin file) with the same checks and
+    one-sentence errors as a ``--config.a.b=`` override."""
+    _assign(config, dotted, value)
+
+
+def flatten(values: dict) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a nested dict (a config's ``to_dict()``)."""
+    return list(_flatten(values))
+
+
 def _assign(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = config

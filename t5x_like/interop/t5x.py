@@ -93,6 +93,13 @@ def find_checkpoint(path: str | Path) -> Path:
                     f"'{CHECKPOINT_FILE}' file) or the model directory that holds them")
 
 
+def is_t5x_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a T5X checkpoint folder or a T5X model directory holding some."""
+    path = Path(path)
+    return (path / CHECKPOINT_FILE).is_file() or any(
+        (p / CHECKPOINT_FILE).is_file() for p in path.glob("checkpoint_*"))
+
+
 def _flatten(tree: dict, prefix: str = "") -> Iterable[tuple[str, object]]:
     for key, value in tree.items():
         if isinstance(value, dict) and "driver" not in value:
