@@ -39,7 +39,7 @@ def test_every_preset_has_a_gin_twin():
 
 
 def _t5x(size: str, run: str, *bindings: str, verb: str = "train") -> gin_config.GinRun:
-    return gin_config.load([str(T5X / "t5_1_1" / f"{size}.gin"), str(T5X / "runs" / f"{run}.gin")],
+    return gin_config.load([str(T5X / "t5_1_1" / f"{size}.gin"), str(T5X / "run_files" / f"{run}.gin")],
                            list(bindings), verb=verb)
 
 
@@ -99,7 +99,7 @@ def test_t5x_eval_file_names_checkpoint_task_and_split():
      "has no t5x-like equivalent"),
 ])
 def test_bad_bindings_stop_in_one_sentence(bindings, message):
-    files = [str(T5X / "t5_1_1" / "small.gin"), str(T5X / "runs" / "pretrain.gin")]
+    files = [str(T5X / "t5_1_1" / "small.gin"), str(T5X / "run_files" / "pretrain.gin")]
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("*", r"\*")):
         gin_config.load(files, [*PRETRAIN, *bindings])
 
