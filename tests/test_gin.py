@@ -39,8 +39,8 @@ def test_every_preset_has_a_gin_twin():
 
 
 def _t5x(size: str, run: str, *bindings: str, verb: str = "train") -> gin_config.GinRun:
-    return gin_config.load([str(T5X / "t5_1_1" / f"{size}.gin"), str(T5X / "run_files" / f"{run}.gin")],
-                           list(bindings), verb=verb)
+    files = [str(T5X / "t5_1_1" / f"{size}.gin"), str(T5X / "run_files" / f"{run}.gin")]
+    return gin_config.load(files, list(bindings), verb=verb)
 
 
 PRETRAIN = ("MIXTURE_OR_TASK_NAME='shakespeare'",
