@@ -311,6 +311,9 @@ def test_prompt_tuning_refuses_packing():
     with pytest.raises(UserError, match="data.pack=false"):
         make_config("t5_finetune", **{"data.pack": True, "finetune.mode": "prompt",
                                       "finetune.prompt_length": 2})
+    c = config_lib.base_config("t5_finetune")
+    config_lib.apply_overrides(c, ["--config.data.pack=true"])  # the switch as spelled
+    assert c.data.pack is True
     with pytest.raises(UserError, match="data.pack"):
         c = config_lib.base_config("t5")
         c.data.pack = True
@@ -338,13 +341,14 @@ def test_packed_stream_resumes_at_any_batch(family):
 
         def stream(skip):
             return ft_data.encoder_batches("play_lines", rows, skip_batches=skip, **kw)
+    skip = 24  # past the window's first rows, where its longest examples sit alone
     fresh = stream(0)
-    first = [next(fresh) for _ in range(4)]
-    resumed = next(stream(3))
-    assert set(resumed) == set(first[3])
+    first = [next(fresh) for _ in range(skip + 1)]
+    resumed = next(stream(skip))
+    assert set(resumed) == set(first[skip])
     for k in resumed:
-        np.testing.assert_array_equal(resumed[k], first[3][k], err_msg=k)
-    seg = first[0]["inputs_segment_ids" if family == "t5_finetune" else "segment_ids"]
+        np.testing.assert_array_equal(resumed[k], first[skip][k], err_msg=k)
+    seg = first[skip]["inputs_segment_ids" if family == "t5_finetune" else "segment_ids"]
     assert seg.max() >= 2  # several examples in a row
 
 
