@@ -277,6 +277,15 @@ def test_mixture_reports_each_task_and_t5s_average(workdir, one_by_one, mock40, 
     assert mrpc["f1"] == pytest.approx(100 * f1_score(truth, fixed, zero_division=0))
 
 
+def test_mixture_leaves_out_training_only_members():
+    """T5's SuperGLUE mixture trains on simple WSC, which has no metrics (seqio's evaluator
+    skips it); DPR has metrics but no validation split, so ``evaluate`` skips it there."""
+    tasks, is_mixture = task_eval.member_tasks("super_glue_proportional")
+    names = {t.name for t in tasks}
+    assert is_mixture and "super_glue_wsc_simple_train" not in names
+    assert {"super_glue_boolq", "super_glue_record", "dpr_simple"} <= names
+
+
 # --------------------------------------------------------------------------- bad requests
 
 
