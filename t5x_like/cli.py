@@ -101,7 +101,7 @@ def _cmd_eval(args, overrides):
                 f"\n  truth:  {sample['truth']}"
             )
             for span, top in sorted(sample["candidates"].items()):
-                print(f"    <{span}> " + "  ".join(f"{piece!r} {p:.2f}" for piece, p in top))
+                print(f"    <{span}> " + "  ".join(f"{piece!r} {p:.3f}" for piece, p in top))
     if args.json:
         import jax
 
@@ -290,9 +290,12 @@ def _cmd_compress_report(args, overrides):
 
 
 def _cmd_report(args, overrides):
-    from t5x_like.evaluation.report import write_report
+    from t5x_like.evaluation.report import images, write_report
 
-    print(f"wrote {write_report(args.run_dirs, args.out, title=args.title)}")
+    out = write_report(args.run_dirs, args.out, title=args.title)
+    print(f"wrote {out}")
+    for png in images(out):
+        print(f"  plot {png}")
 
 
 # What import-hf / export-hf take: ``interop.hf.supported_model_types()``, written out so that

@@ -106,3 +106,28 @@ def test_eval_only_run_and_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         report.load_run(tmp_path / "missing")
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_loss_plot_and_summary_show_the_unigram_baseline(tmp_path, capsys, monkeypatch):
+    """``t5x-like eval --json``'s unigram_loss appears in the summary table and as a dotted
+    line at that height on the loss plot; the verb prints each PNG it linked."""
+    import matplotlib.pyplot as plt
+
+    _toy_run(tmp_path / "demo", 0.3, {"step": 20, "loss": 2.5, "unigram_loss": 4.75})
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    out = tmp_path / "demo" / "report.md"
+    assert cli.main(["report", str(tmp_path / "demo"), "--out", str(out)]) == 0
+    header, _, row = [line for line in out.read_text().splitlines() if line.startswith("|")][:3]
+    assert header.split("|")[-2].strip() == "unigram baseline"
+    assert float(row.split("|")[-2]) == 4.75
+    printed = [Path(line.split("plot ", 1)[1]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  plot ")]
+    assert printed == _images(out.read_text(), out.parent) and len(printed) >= 2
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in printed)
+    (loss_axes,) = [f.axes[0] for f in figures if f.axes and f.axes[0].get_title() == "loss"]
+    dotted = [line for line in loss_axes.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and set(dotted[0].get_ydata()) == {4.75}
+    (accuracy_axes,) = [f.axes[0] for f in figures if f.axes and
+                        f.axes[0].get_title() == "accuracy"]
+    assert not [line for line in accuracy_axes.get_lines() if line.get_linestyle() == ":"]

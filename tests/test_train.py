@@ -88,23 +88,168 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_says_so(straight_and_resumed
     assert "checkpoint step 20" in out and "unreadable" in out and "falling back" in out
 
 
-def test_eval_reports_loss_accuracy_and_beats_nothing_silently(straight_and_resumed):
+def _torch_t5(workdir, out):
+    """The checkpoint as transformers' PyTorch T5 (exported, then loaded by transformers)."""
+    import transformers
+
+    from t5x_like.interop import checkpoint_io
+
+    checkpoint_io.export_hf(workdir, out)
+    return transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+
+
+def _torch_log_probs(model, inputs, decoder_inputs):
+    import torch
+
+    inputs, decoder_inputs = (torch.tensor(np.asarray(x), dtype=torch.long)
+                              for x in (inputs, decoder_inputs))
+    with torch.no_grad():
+        logits = model(input_ids=inputs, attention_mask=inputs != 0,
+                       decoder_input_ids=decoder_inputs).logits
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+def _shift_right(targets):
+    return np.pad(np.asarray(targets), ((0, 0), (1, 0)))[:, :-1]
+
+
+def _body(ids):
+    """A row without its padding and final EOS (an EOS inside is a document boundary)."""
+    ids = list(ids)
+    while ids and ids[-1] == 0:
+        ids.pop()
+    return ids[:-1] if ids and ids[-1] == 1 else ids
+
+
+def _spans(ids, first_sentinel):
+    """{span index: tokens} of a target/output row (sentinel i = vocab_size - 1 - i); a
+    repeated sentinel keeps its first span."""
+    spans, current = {}, None
+    for t in _body(ids):
+        if t >= first_sentinel:
+            current = first_sentinel + 99 - t
+            current = None if current in spans else current
+            if current is not None:
+                spans[current] = []
+        elif current is not None:
+            spans[current].append(t)
+    return spans
+
+
+@pytest.fixture(scope="module")
+def eval_run(straight_and_resumed, tmp_path_factory):
+    """``t5x-like eval --batches 2 --samples 2 --json`` on the 20-step run, its stdout and
+    report, and the same checkpoint as transformers' T5."""
     straight, _ = straight_and_resumed
-    result = run_cli(
-        "eval",
-        "--checkpoint",
-        str(straight),
-        "--batches",
-        "2",
-        "--json",
-        str(straight / "eval.json"),
-    )
+    out = tmp_path_factory.mktemp("eval")
+    result = run_cli("eval", "--checkpoint", str(straight), "--batches", "2", "--samples", "2",
+                     "--json", str(out / "eval.json"))
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((straight / "eval.json").read_text())
-    assert report["step"] == 20 and report["tokens"] > 0
-    assert 0.0 <= report["accuracy"] <= 1.0
-    assert np.isfinite(report["loss"]) and np.isfinite(report["unigram_loss"])
-    assert "validation loss" in result.stdout and "unigram baseline" in result.stdout
+    report = json.loads((out / "eval.json").read_text())
+    return straight, result.stdout, report, _torch_t5(straight, out / "hf")
+
+
+def test_eval_report_matches_transformers_on_the_same_batches(eval_run):
+    """Loss, accuracy and token count of the report against transformers' T5 with the same
+    weights, on the same two validation batches masked with the same keys; the unigram
+    baseline recomputed in NumPy from its definition (add-one counts of 32 corrupted training
+    batches' targets, scored on those validation targets)."""
+    from t5x_like.evaluation.driver import load_checkpoint
+    from t5x_like.evaluation.loop import EVAL_KEY_SALT, device_batches
+
+    workdir, stdout, report, model = eval_run
+    exp, _, step = load_checkpoint(workdir)
+    assert report["step"] == step == 20
+    key = jax.random.fold_in(exp.root_key, EVAL_KEY_SALT)
+    split = exp.config.data.eval_split
+    nll, correct, targets_seen = 0.0, 0, []
+    for i, batch in zip(range(2), device_batches(exp, split=split, repeat=False, shuffle=False),
+                        strict=False):
+        f = jax.device_get(exp.family.features(batch, jax.random.fold_in(key, i)))
+        targets = np.asarray(f["targets"])
+        log_p = _torch_log_probs(model, f["inputs"], _shift_right(targets))
+        mask = targets > 0
+        nll -= np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0][mask].sum()
+        correct += int((log_p.argmax(-1) == targets)[mask].sum())
+        targets_seen.append(targets[mask])
+    count = sum(t.size for t in targets_seen)
+    assert report["tokens"] == count
+    np.testing.assert_allclose(report["loss"], nll / count, rtol=1e-4)
+    assert abs(report["accuracy"] - correct / count) <= 2 / count  # a near-tie may flip
+
+    counts = np.ones(exp.config.model.vocab_size)
+    stream = device_batches(exp, split="train", repeat=True, shuffle=False)
+    for i in range(32):
+        t = np.asarray(jax.device_get(exp.family.features(next(stream), jax.random.key(i))
+                                      ["targets"]))
+        counts += np.bincount(t[t > 0], minlength=counts.size)
+    log_unigram = np.log(counts / counts.sum())
+    baseline = -log_unigram[np.concatenate(targets_seen)].mean()
+    np.testing.assert_allclose(report["unigram_loss"], baseline, rtol=1e-9)
+    assert f"validation loss     {report['loss']:.4f}" in stdout
+    assert f"unigram baseline    {report['unigram_loss']:.4f}" in stdout
+
+
+def test_eval_samples_are_the_truth_and_the_models_greedy_fills(eval_run):
+    """What ``eval --samples`` shows: the truth spans put back into the masked text give the
+    original validation tokens; the fills are the greedy output of transformers' T5 with the
+    same weights; each span's candidates are its first-token probabilities under that model
+    (the first one the greedy fill's own first token); and the CLI prints exactly these."""
+    from t5x_like.evaluation.driver import fill_spans, load_checkpoint
+    from t5x_like.evaluation.loop import device_batches
+
+    workdir, stdout, _, model = eval_run
+    exp, params, _ = load_checkpoint(workdir)
+    vocab = exp.vocabulary
+    first_sentinel = vocab.vocab_size - 100
+    samples = fill_spans(exp, params, num_examples=2)  # the CLI's call
+    batch = next(device_batches(exp, split=exp.config.data.eval_split, repeat=False,
+                                shuffle=False))
+    original = np.asarray(jax.device_get(batch["tokens"]))[:2, :48]
+    for sample, raw in zip(samples, original, strict=True):
+        inputs, truth, output = sample["input_ids"], sample["target_ids"], sample["output_ids"]
+        # The truth is the original text: sentinels replaced by their target spans.
+        true_spans = _spans(truth, first_sentinel)
+        rebuilt = []
+        for t in _body(inputs):
+            rebuilt += true_spans.pop(first_sentinel + 99 - t) if t >= first_sentinel else [t]
+        assert not true_spans and rebuilt == raw.tolist()
+        for i, span in _spans(truth, first_sentinel).items():
+            assert f"[{vocab.decode(span)}]" in sample["truth"] and f"<{i}>" in sample["masked"]
+
+        # The fills are transformers' greedy decoding of the same inputs.
+        import torch
+
+        ids = torch.tensor([inputs])
+        greedy = model.generate(ids, attention_mask=ids != 0, max_new_tokens=len(output),
+                                do_sample=False, num_beams=1, decoder_start_token_id=0,
+                                eos_token_id=1, pad_token_id=0)[0, 1:].tolist()
+        end = output.index(1) + 1 if 1 in output else len(output)
+        assert output[:end] == greedy[:end]
+        for span in _spans(output, first_sentinel).values():
+            assert f"[{vocab.decode(span)}]" in sample["model"]
+
+        # Candidates: the torch model's top 3 after each sentinel of the greedy output.
+        log_p = _torch_log_probs(model, [inputs], _shift_right([output]))[0]
+        seen = set()
+        for position, t in enumerate(output[: end - 1]):
+            if t < first_sentinel or (span := first_sentinel + 99 - t) in seen:
+                continue
+            seen.add(span)
+            probs = np.exp(log_p[position + 1][: vocab.vocab_size])
+            best = np.argsort(-probs, kind="stable")[:3]
+            got = sample["candidates"][span]
+            np.testing.assert_allclose([p for _, p in got], probs[best], atol=1e-4)
+            assert [piece for piece, _ in got][0] in (
+                vocab.tokenizer.id_to_piece(int(output[position + 1])).replace("\u2581", "_"),
+                "</s>", f"<{first_sentinel + 99 - output[position + 1]}>")
+        assert seen == set(sample["candidates"]) and seen
+
+        # The CLI printed these very lines.
+        for field in ("masked", "model", "truth"):
+            assert f"{field}:".ljust(8) + f"{sample[field]}" in stdout
+        for span, top in sample["candidates"].items():
+            assert f"    <{span}> " + "  ".join(f"{p!r} {q:.3f}" for p, q in top) in stdout
 
 
 def test_mesh_that_does_not_divide_the_devices_is_one_sentence(tmp_path):

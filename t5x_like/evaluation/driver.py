@@ -148,13 +148,17 @@ def _is_sentinel(vocab, token: int) -> bool:
 
 
 def _span_pieces(tokens: np.ndarray, vocab) -> dict[int, list[int]]:
-    """Target tokens grouped by sentinel index: ``{0: [...], 1: [...]}``; padding ends it."""
+    """Target tokens grouped by sentinel index: ``{0: [...], 1: [...]}``; padding ends it.
+    A sentinel the model repeats keeps its first span (what follows a repeat is dropped), as
+    the candidates of ``fill_spans`` are read after its first occurrence."""
     spans: dict[int, list[int]] = {}
     current = None
     for t in _strip_final_eos(tokens.tolist()):
         if _is_sentinel(vocab, t):
-            current = vocab.vocab_size - 1 - t
-            spans[current] = []
+            index = vocab.vocab_size - 1 - t
+            current = None if index in spans else index
+            if current is not None:
+                spans[current] = []
         elif current is not None:
             spans[current].append(t)
     return spans
@@ -168,12 +172,17 @@ def _strip_final_eos(ids: list[int]) -> list[int]:
 
 
 def fill_spans(
-    exp: Experiment, params: dict, *, num_examples: int = 5, length: int = 48, seed: int = 1
-) -> list[dict[str, str]]:
-    """Held-out text with spans masked, the model's greedy fills and the truth, as text.
+    exp: Experiment, params: dict, *, num_examples: int = 5, length: int = 48, seed: int = 1,
+    top_k: int = 3,
+) -> list[dict]:
+    """Held-out text with spans masked, the model's greedy fills and the truth, as text (and
+    ids); per span, the model's ``top_k`` likeliest first tokens with their probabilities.
 
     Uses the first rows of the validation split, cut to ``length`` tokens so a line fits on
-    screen; the spans come from the same span corruption the model was trained with.
+    screen; the spans come from the same span corruption the model was trained with. The
+    candidates are read where greedy decoding chose the span's first token (after its
+    sentinel in the greedy output), so the first candidate is the fill's first token: what
+    the model knows shows even when greedy decoding picks ``,``.
     """
     if exp.config.family != "t5":
         raise UserError(f"--samples shows T5 span corruption filled in; this checkpoint is "
@@ -189,9 +198,11 @@ def fill_spans(
             params, {"inputs": features["inputs"]}, max_length=features["targets"].shape[1] + 8
         )
     )
+    probs = _next_token_probs(exp, params, np.asarray(features["inputs"]), predicted)
     samples = []
-    for inputs, truth, guess in zip(
-        np.asarray(features["inputs"]), np.asarray(features["targets"]), predicted, strict=True
+    for inputs, truth, guess, p in zip(
+        np.asarray(features["inputs"]), np.asarray(features["targets"]), predicted, probs,
+        strict=True,
     ):
         segments = _segments(vocab, inputs.tolist())
         true_spans, guess_spans = _span_pieces(truth, vocab), _span_pieces(guess, vocab)
@@ -204,9 +215,53 @@ def fill_spans(
                 "truth": _render(
                     segments, lambda i, t=true_spans: f"[{vocab.decode(t.get(i, []))}]"
                 ),
+                "candidates": _first_token_candidates(vocab, guess, p, top_k),
+                # the token ids behind the text: masked inputs, true targets, greedy output
+                "input_ids": inputs.tolist(),
+                "target_ids": truth.tolist(),
+                "output_ids": guess.tolist(),
             }
         )
     return samples
+
+
+def _next_token_probs(exp: Experiment, params: dict, inputs: np.ndarray,
+                      outputs: np.ndarray) -> np.ndarray:
+    """[B, T, V] probabilities of each output position's token given the outputs before it
+    (teacher forcing on the model's own greedy output)."""
+    from t5x_like.families.t5 import shift_right
+
+    logits = exp.family.model(params)(inputs, shift_right(outputs))
+    return np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+
+
+def _first_token_candidates(vocab, output: np.ndarray, probs: np.ndarray,
+                            top_k: int) -> dict[int, list[tuple[str, float]]]:
+    """``{span index: [(piece, probability), ...]}``: the ``top_k`` likeliest tokens at the
+    position after each sentinel of ``output`` (its first occurrence), likeliest first."""
+    out: dict[int, list[tuple[str, float]]] = {}
+    ids = _strip_final_eos(output.tolist())
+    for position, token in enumerate(ids):
+        if not _is_sentinel(vocab, token) or position + 1 >= len(output):
+            continue
+        span = vocab.vocab_size - 1 - token
+        if span in out:
+            continue
+        row = probs[position + 1]
+        best = np.argsort(-row[: vocab.vocab_size], kind="stable")[:top_k]  # not table padding
+        out[span] = [(_piece(vocab, int(t)), float(row[t])) for t in best]
+    return out
+
+
+def _piece(vocab, token: int) -> str:
+    """A token as a user reads it: EOS, a sentinel, or its text (a word-initial piece's
+    space kept visible as ``_``)."""
+    if token == 1:
+        return "</s>"
+    if _is_sentinel(vocab, token):
+        return f"<{vocab.vocab_size - 1 - token}>"
+    piece = vocab.tokenizer.id_to_piece(token) if hasattr(vocab, "tokenizer") else None
+    return piece.replace("\u2581", "_") if piece else vocab.decode([token])
 
 
 def _segments(vocab, ids: list[int]) -> list[str | int]:

@@ -5,10 +5,12 @@ For each run directory it reads ``metrics.jsonl`` (one JSON object per logged st
 (``*.json`` files in the run directory or its ``eval/`` folder, other than ``config.json``,
 holding numbers: what ``t5x-like eval --json`` writes). It writes a Markdown file with:
 
-- a summary table (steps, last train loss, best and last validation loss per run);
+- a summary table (steps, last train loss, best and last validation loss per run, and the
+  unigram baseline where an eval report holds one: ``t5x-like eval --json``'s
+  ``unigram_loss``);
 - one PNG per logged quantity (``loss``, ``accuracy``, ...) with every run's training curve
   solid and validation curve dashed on shared axes, so objectives compare at a glance, as in
-  the T5 paper's study;
+  the T5 paper's study; the loss plot draws each run's unigram baseline as a dotted line;
 - the eval reports as a table (runs x metrics) and a grouped bar chart.
 
 Plots go next to the Markdown file, in ``<out stem>_plots/``, linked by relative paths.
@@ -110,6 +112,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "plot"
 
 
+BASELINE = "unigram_loss"  # written by t5x-like eval: a model knowing only token frequencies
+
+
+def plots_dir(out: str | Path) -> Path:
+    """Where ``write_report(..., out)`` puts its PNGs."""
+    out = Path(out)
+    return out.parent / f"{out.stem}_plots"
+
+
+def images(markdown: str | Path) -> list[Path]:
+    """The PNGs a written report links to, in order (not stale files beside them)."""
+    markdown = Path(markdown)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown.read_text())
+    return [markdown.parent / link for link in links]
+
+
 def _plot_curves(runs: list[Run], quantity: str, keys: list[str], out: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -124,6 +142,10 @@ def _plot_curves(runs: list[Run], quantity: str, keys: list[str], out: Path) -> 
             marker = "o" if len(steps) < 30 else None
             ax.plot(steps, values, style, color=colors[i % len(colors)], marker=marker,
                     markersize=3, label=f"{run.name}: {key}")
+        baseline = _eval_value(run, BASELINE)
+        if quantity == "loss" and baseline is not None:
+            ax.axhline(baseline, linestyle=":", color=colors[i % len(colors)],
+                       label=f"{run.name}: unigram baseline {baseline:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel(quantity)
     ax.set_title(quantity)
@@ -169,15 +191,18 @@ def _fmt(value) -> str:
 
 
 def _summary_table(runs: list[Run]) -> list[str]:
-    lines = ["| run | steps | last train loss | best eval loss | last eval loss |",
-             "|---|---|---|---|---|"]
+    baselines = any(_eval_value(r, BASELINE) is not None for r in runs)
+    lines = ["| run | steps | last train loss | best eval loss | last eval loss |"
+             + (" unigram baseline |" if baselines else ""),
+             "|---|---|---|---|---|" + ("---|" if baselines else "")]
     for run in runs:
         steps = run.rows[-1]["step"] if run.rows else None
         _, train = run.series("train/loss")
         _, evals = run.series("eval/loss")
         lines.append(f"| {run.name} | {_fmt(steps)} | {_fmt(train[-1] if train else None)} | "
                      f"{_fmt(min(evals) if evals else None)} | "
-                     f"{_fmt(evals[-1] if evals else None)} |")
+                     f"{_fmt(evals[-1] if evals else None)} |"
+                     + (f" {_fmt(_eval_value(run, BASELINE))} |" if baselines else ""))
     return lines
 
 
@@ -196,13 +221,13 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *,
             run.name = f"{run.name}-{i + 1}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots = out.parent / f"{out.stem}_plots"
+    plots = plots_dir(out)
     plots.mkdir(exist_ok=True)
 
     lines = [f"# {title}", "", "Runs: " + ", ".join(f"`{r.path}`" for r in runs), ""]
     if any(r.rows for r in runs):
         lines += ["## Summary", "", *_summary_table(runs), "", "## Curves", "",
-                  "Solid: training; dashed: validation.", ""]
+                  "Solid: training; dashed: validation; dotted: the unigram baseline.", ""]
         for quantity, keys in _quantities(runs).items():
             png = plots / f"curve_{_slug(quantity)}.png"
             _plot_curves(runs, quantity, keys, png)
