@@ -58,3 +58,25 @@ def test_missing_beam_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # what an absent package looks like
     with pytest.raises(UserError, match=r"install the \[beam\] extra"):
         prepare_with_beam(DEFAULT_TASK, "validation", str(tmp_path), runner="DirectRunner")
+
+
+def test_direct_runner_to_gcs_writes_the_same_objects(tmp_path):
+    """Object stores have no folder rename: the store is copied out of .partial/, manifest
+    last, against a real GCS JSON API server (fake-gcs-server on 127.0.0.1)."""
+    from etils import epath
+    from gcs_emulator import running
+
+    local = tmp_path / "local"
+    prepare(DEFAULT_TASK, "validation", str(local), workers=1, num_shards=2, progress=False)
+    with running("t5x-like-beam") as gcs:
+        got = prepare_with_beam(DEFAULT_TASK, "validation", "gs://t5x-like-beam/stores",
+                                runner="DirectRunner", num_shards=2, progress=False)
+        objects = sorted(gcs.objects("stores/"))
+        prefix = f"stores/{DEFAULT_TASK}/validation/"
+        names = _files(local / DEFAULT_TASK / "validation")
+        assert objects == sorted(prefix + str(n) for n in names)  # nothing left in .partial/
+        for name in names:
+            remote = epath.Path(f"gs://t5x-like-beam/{prefix}{name}")
+            assert remote.read_bytes() == (local / DEFAULT_TASK / "validation" / name
+                                           ).read_bytes(), name
+    assert got["shards"] == store_lib.read_manifest(local / DEFAULT_TASK / "validation")["shards"]

@@ -102,20 +102,35 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def _publish(partial: epath.Path, final: epath.Path, manifest: dict) -> None:
+def _fresh_listings(path: str) -> None:
+    """fsspec file systems (gcsfs, which epath uses with EPATH_USE_TF=false) cache listings
+    per process; the workers wrote what the driver reads next."""
+    if _is_local(path):
+        return
+    try:
+        import fsspec
+
+        fsspec.filesystem(path.split("://", 1)[0]).invalidate_cache()
+    except (ImportError, ValueError):  # no fsspec backend for it: nothing cached either
+        pass
+
+
+def _publish(partial: epath.Path, final: epath.Path, names: Sequence[str],
+             manifest: dict) -> None:
     """Makes the finished store visible: the manifest last, so its presence still means
-    complete. A local folder is renamed; object stores (no folder rename) get copies."""
-    for path in partial.glob("*"):
-        if not path.name.startswith("shard-") or path.name.endswith(_DONE):
-            path.unlink()
+    complete. A local folder is renamed; object stores (no folder rename) get copies. Files
+    are named, never listed: a listing may be stale."""
+    for name in names:
+        (partial / (name + _DONE)).unlink(missing_ok=True)
     text = json.dumps(manifest, indent=1) + "\n"
     if _is_local(os.fspath(partial)):
         (partial / store_lib.MANIFEST).write_text(text)
         partial.rename(final)
         return
     final.mkdir(parents=True, exist_ok=True)
-    for path in sorted(partial.glob("shard-*")):
-        path.copy(final / path.name, overwrite=True)
+    for name in names:
+        for suffix in (".array_record", ".index.npy"):
+            (partial / (name + suffix)).copy(final / (name + suffix), overwrite=True)
     (final / store_lib.MANIFEST).write_text(text)
     partial.rmtree()
 
@@ -194,15 +209,17 @@ def prepare_with_beam(task_name: str, split: str, out: str, *, runner: str,
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise UserError(f"the Beam pipeline ended in state {state}; rerun to start over")
 
+    _fresh_listings(os.fspath(partial))
+    names = [store_lib.shard_name(s, num_shards) for s in range(num_shards)]
     entries = []
-    for s in range(num_shards):
-        done = partial / (store_lib.shard_name(s, num_shards) + _DONE)
+    for name in names:
+        done = partial / (name + _DONE)
         if not done.exists():
-            raise UserError(f"the Beam pipeline finished without writing {done.name[:-5]}; "
-                            "rerun to start over")
+            raise UserError(f"the Beam pipeline finished without writing {name}; rerun to "
+                            "start over")
         entries.append(json.loads(done.read_text()))
     data = prepare_lib.manifest(task_name, split, vocabulary, seed, dtype, entries)
-    _publish(partial, final, data)
+    _publish(partial, final, names, data)
     if progress:
         print(f"prepared {final} on {runner}: {data['documents']} documents, "
               f"{data['tokens']} tokens in {data['num_shards']} shards, "
