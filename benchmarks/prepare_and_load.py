@@ -78,7 +78,7 @@ class Meter:
 
 def bench_prepare(task_name: str, split: str, work: Path, workers: tuple[int, ...],
                   beam: bool, shards: int) -> dict:
-    from t5x_like.data.prepare import prepare, task_for_prepare
+    from t5x_like.data.prepare import prepare, source_examples, task_for_prepare
 
     task = task_for_prepare(task_name, split)  # TensorFlow, seqio and the vocabulary: once
     out: dict = {}
@@ -97,10 +97,18 @@ def bench_prepare(task_name: str, split: str, work: Path, workers: tuple[int, ..
             manifests[n] = prepare(task_name, split, str(folder), workers=n, num_shards=shards,
                                    progress=False)
         tokens = manifests[n]["tokens"]
-        out[f"prepare_workers_{n}"] = m.record(
-            tokens=tokens, tokens_per_s=round(tokens / m.seconds),
-            tokens_per_s_per_worker=round(tokens / m.seconds / n), workers=n,
-            note="includes starting the worker processes" if n > 1 else "in this process")
+        row = m.record(tokens=tokens, tokens_per_s=round(tokens / m.seconds),
+                       tokens_per_s_per_worker=round(tokens / m.seconds / n), workers=n,
+                       note="in this process" if n == 1 else
+                       "wall time, including starting the worker processes")
+        out[f"prepare_workers_{n}"] = row
+        # each worker's map phase alone, one after the other in this warm process
+        for w in range(n):
+            with Meter() as mw:
+                got = sum(len(t) for _, t in source_examples(task, split, w, n))
+            out[f"map_worker_{w}_of_{n}"] = mw.record(
+                tokens=got, tokens_per_s=round(got / mw.seconds),
+                note="read + tokenise only, no process start, no writing")
     if beam:
         from t5x_like.data.prepare_beam import prepare_with_beam
 
