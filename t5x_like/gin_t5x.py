@@ -156,8 +156,8 @@ class _Mapper:
         derived = span_corruption_lengths(value["inputs"], o.noise_density,
                                           o.mean_noise_span_length)[1]
         if targets != derived:
-            self.unmapped.append(f"{key}['targets']={targets} (span corruption derives "
-                                 f"{derived})")
+            self.unmapped.append(f"TASK_FEATURE_LENGTHS['targets']={targets} (span "
+                                 f"corruption derives {derived})")
 
     def binding(self, key: str, value: Any) -> None:
         scope, _, name = _split(key)
@@ -326,4 +326,4 @@ def apply(parsed: Parsed, config: ml_collections.ConfigDict, run: dict, verb: st
     if verb == "train" and "model.scan_layers" not in b:
         # as our T5 presets: stacks of up to 12 layers unrolled (T5X's T5 is unrolled)
         config.model.scan_layers = config.model.num_encoder_layers > 12
-    return m.unmapped
+    return list(dict.fromkeys(m.unmapped))  # once each, in order
