@@ -26,7 +26,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-base
 	$(BIN)/t5x-like vocab train --size 8000
 	$(BIN)/t5x-like train --config configs/t5_span_corruption.py:tiny --workdir $(RUNS)/demo
-	$(BIN)/t5x-like eval --checkpoint $(RUNS)/demo --samples 5
+	$(BIN)/t5x-like eval --checkpoint $(RUNS)/demo --samples 5 --json $(RUNS)/demo/eval.json
+	$(BIN)/t5x-like report $(RUNS)/demo --out $(RUNS)/demo/report.md --title "make demo"
 
 # Two pytest workers (pytest-xdist); --dist loadfile keeps each file, and so its module
 # fixtures (trained runs, 8-device subprocesses), on one worker.
