@@ -1,4 +1,6 @@
-"""MLM objectives measured over thousands of sequences against the recipes of OBJECTIVES.md.
+"""MLM objectives measured over thousands of sequences against the published recipes (BERT,
+Devlin et al. 2019 §3.1; ALBERT, Lan et al. 2020 §4.1; SpanBERT, Joshi et al. 2020 §3.1;
+ELECTRA's public code, ``pretrain_helpers.mask``; values in ``objectives/masking.py``).
 
 Bounds: a proportion p estimated from N independent draws has standard deviation
 sqrt(p (1 - p) / N); tests allow 5 of them (a false alarm about once in 1.7 million per check).

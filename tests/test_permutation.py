@@ -1,5 +1,6 @@
 """XLNet's permutation objective: mask properties over many random orders (vmapped), the
-OBJECTIVES.md rank rule written out independently, target layout, keys, statistics, spans."""
+XLNet reference code's rank rule (zihangdai/xlnet ``data_utils._local_perm``) written out
+independently, target layout, keys, statistics, spans."""
 
 import functools
 
@@ -28,7 +29,7 @@ def _tokens(n: int = 600, seed: int = 0) -> np.ndarray:
 
 
 def _reference_perm_mask(rank, target, special):
-    """OBJECTIVES.md, literally: rank = place in the order for targets and special tokens,
+    """XLNet's ``_local_perm``, literally: rank = place in the order for targets and special tokens,
     -1 otherwise; self_rank = rank for targets, rank + 1 otherwise; i cannot see j iff
     self_rank[i] <= rank[j] and j is a target or special token."""
     in_order = target | special

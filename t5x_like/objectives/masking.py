@@ -7,7 +7,11 @@ spans within a 15% budget) and replaces them: ``mask_fraction`` -> ``mask_id``,
 trainer (``fold_in(seed, step)``), so every step masks afresh (RoBERTa's dynamic masking);
 static masking is a fixed key, nothing more. ``mask_batch`` splits a key over the rows of a
 batch. The presets ``bert_masking``, ``albert_masking``, ``spanbert_masking`` and
-``electra_masking`` carry the recipes of OBJECTIVES.md.
+``electra_masking`` carry the published recipes: BERT (Devlin et al., 2019, §3.1: 15% of
+tokens, 80% [MASK] / 10% random / 10% kept), ALBERT (Lan et al., 2020, §4.1: n-grams up to
+n = 3 with p(n) ~ 1/n), SpanBERT (Joshi et al., 2020, §3.1: span lengths ~ Geo(0.2) clipped
+at 10 words, replaced per span) and ELECTRA (google-research/electra,
+``pretrain/pretrain_helpers.py``, ``mask``: 85% of the selected tokens become [MASK]).
 
 Outputs (per sequence; every shape fixed by L and ``max_predictions`` P):
 

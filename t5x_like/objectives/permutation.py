@@ -4,7 +4,8 @@ Per sequence: choose the targets (about 1/K of the ordinary tokens, a fixed budg
 sample a factorisation order with the targets last, and build from it the attention pattern
 (``perm_mask``), the one-hot ``target_mapping`` [P, L] and the target ids and weights.
 
-The mask is the reference code's rule (OBJECTIVES.md): ``rank[j]`` is j's place in the order
+The mask is the reference code's rule (zihangdai/xlnet, ``data_utils.py``, ``_local_perm``;
+Yang et al., 2019, §2.3 and Appendix A.2): ``rank[j]`` is j's place in the order
 for targets and special tokens and -1 for ordinary context tokens; ``self_rank[i] = rank[i]``
 for targets, ``rank[i] + 1`` otherwise; ``perm_mask[i, j] = 1`` (i cannot see j) iff
 ``self_rank[i] <= rank[j]`` and j is a target or special token. So context tokens are seen by
