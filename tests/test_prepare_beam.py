@@ -54,6 +54,17 @@ def test_remote_runner_needs_shared_storage(tmp_path):
         prepare_with_beam(DEFAULT_TASK, "validation", str(tmp_path), runner="DataflowRunner")
 
 
+def test_dataflow_without_the_gcp_client_names_it():
+    try:
+        import apache_beam.runners.dataflow.internal.apiclient  # noqa: F401
+        pytest.skip("Beam's [gcp] extra is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match=r"apache-beam\[gcp\]"):
+        prepare_with_beam(DEFAULT_TASK, "validation", "gs://bucket/stores",
+                          runner="DataflowRunner")
+
+
 def test_missing_beam_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # what an absent package looks like
     with pytest.raises(UserError, match=r"install the \[beam\] extra"):

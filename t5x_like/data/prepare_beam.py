@@ -145,6 +145,15 @@ def prepare_with_beam(task_name: str, split: str, out: str, *, runner: str,
     ``pipeline_args``. The source is read in ``source_parts`` parts (0: one per shard);
     the bytes do not depend on it."""
     beam = _beam()
+    if "Dataflow" in runner:
+        if _is_local(out):
+            raise UserError(f"--runner {runner} runs on other machines: --out must be shared "
+                            f"storage they can write (e.g. gs://BUCKET/stores), not {out}")
+        try:  # the Dataflow client is Beam's [gcp] extra, not part of Beam itself
+            import apache_beam.runners.dataflow.internal.apiclient  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"--runner {runner} needs Beam's Google Cloud client ({e}); "
+                            "install it with pip install 'apache-beam[gcp]>=2.77,<3'") from None
     import seqio
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -162,9 +171,6 @@ def prepare_with_beam(task_name: str, split: str, out: str, *, runner: str,
         raise UserError(f"--shards must be at least 1 (or 0 for the default), got {num_shards}")
     if not 0 <= seed < 2 ** 32:
         raise UserError(f"--seed must be in [0, 2**32), got {seed}")
-    if not runner.startswith(("Direct", "Prism", "FnApi")) and _is_local(out):
-        raise UserError(f"--runner {runner} runs on other machines: --out must be shared "
-                        f"storage they can write (e.g. gs://BUCKET/stores), not {out}")
     requested, num_shards = num_shards, num_shards or 16
     vocabulary = provider.output_features["targets"].vocabulary
     dtype = store_lib.token_dtype(vocabulary.vocab_size)
