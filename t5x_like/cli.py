@@ -140,6 +140,9 @@ def _gin_run_values(args, verb: str) -> None:
         for name in ("task", "split"):
             if hasattr(args, name) and not getattr(args, name):
                 setattr(args, name, run.get(name))
+        if run.get("output_dir") and hasattr(args, "json") and not args.json:
+            Path(run["output_dir"]).mkdir(parents=True, exist_ok=True)  # T5X's EVAL_OUTPUT_DIR
+            args.json = str(Path(run["output_dir"]) / "metrics.json")
     if not args.checkpoint:
         raise UserError("pass --checkpoint WORKDIR (or set CHECKPOINT_PATH in the gin files)")
     from t5x_like.interop import t5x

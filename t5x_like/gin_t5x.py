@@ -184,7 +184,7 @@ class _Mapper:
         elif name == "train.random_seed":
             if value is not None:
                 self.set("seed", value, key)
-        elif name in ("train.model_dir", "evaluate.output_dir", "infer.output_dir"):
+        elif name in ("train.model_dir", "evaluate.output_dir"):
             if value is not REQUIRED and value:
                 self.run["workdir" if name == "train.model_dir" else "output_dir"] = value
         elif name == "RestoreCheckpointConfig.path":
@@ -245,7 +245,8 @@ class _Mapper:
         elif arg == "pack" and scope == "train_eval":
             if self.config.family != "t5" and bool(value) != self.config.data.pack:
                 self.unmapped.append(f"{key}={value!r}")  # ours evaluates as it trains
-        elif (arg, value) in (("use_cached", False), ("shuffle", False)) and evaluating:
+        elif (arg, value) in (("use_cached", False), ("shuffle", False),
+                              ("pack", False)) and evaluating:
             pass  # reading the raw task in order: what eval does
         else:
             self.unmapped.append(f"{key}={_show(value)}")
@@ -319,7 +320,7 @@ def apply(parsed: Parsed, config: ml_collections.ConfigDict, run: dict, verb: st
             value = resolve(raw, b)
             _, _, name = _split(key)
             if verb != "train" and not (name.startswith(("DatasetConfig.", "Restore"))
-                                        or name in ("evaluate.output_dir", "infer.output_dir")):
+                                        or name.endswith(".output_dir")):
                 continue  # eval/infer read the model from the checkpoint's own config
             m.binding(key, value)
     m.apply_scheduler()

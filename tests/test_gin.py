@@ -117,3 +117,25 @@ def test_cli_takes_gin_files_and_bindings(tmp_path):
     assert result.returncode == 2
     assert "unknown config key 'train.num_stesp'" in result.stderr
     assert "did you mean 'num_steps'" in result.stderr
+
+
+@pytest.mark.slow  # a real (tiny) training run from T5X's files through the CLI: ~1-2 min
+def test_cli_trains_from_t5x_gin_files(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("train", f"--gin_file={T5X / 't5_1_1' / 'small.gin'}",
+                     f"--gin_file={T5X / 'run_files' / 'pretrain.gin'}",
+                     "--gin.MIXTURE_OR_TASK_NAME=shakespeare",
+                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 14}",
+                     "--gin.TRAIN_STEPS=2", "--gin.DROPOUT_RATE=0.0", f"--gin.MODEL_DIR={workdir}",
+                     "--gin.BATCH_SIZE=4", "--gin.network.T5Config.emb_dim=64",
+                     "--gin.network.T5Config.num_encoder_layers=2",
+                     "--gin.network.T5Config.num_decoder_layers=2",
+                     "--gin.network.T5Config.mlp_dim=128",
+                     "--gin.seqio.SentencePieceVocabulary.sentencepiece_model_file=''",
+                     "--gin.train_script.train.eval_period=2",
+                     "--gin.train_script.train.eval_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = config_lib.config_from_json(workdir / "config.json")
+    assert (written.model.d_model, written.model.dtype, written.train.num_steps) == (
+        64, "bfloat16", 2)
+    assert (workdir / "checkpoints" / "2").is_dir()
