@@ -13,7 +13,12 @@ Every step that decides bytes (``source_examples``, ``order_keys``, ``write_shar
 folder and then copied, so the output folder may be on any storage epath reaches: with a
 distributed runner (DataflowRunner, ...) it must be shared storage (gs://...), and the
 workers need this package (``--setup_file=./pyproject.toml``) and every file the task reads
-(its text or TFDS data and its vocabulary) on shared storage too.
+(its text or TFDS data and its vocabulary) on shared storage too; DataflowRunner also needs
+Beam's Google Cloud client (``apache-beam[gcp]``) on the launching machine.
+
+Each source part reads the task's whole example stream and keeps every P-th example (what
+the local writer's workers do), so reading is repeated P times while tokenising is divided:
+right while tokenising dominates; for a corpus whose reading is the cost, keep P small.
 """
 
 from __future__ import annotations
