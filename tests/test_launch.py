@@ -591,8 +591,9 @@ def _parse_local(text: str) -> list[list[str]]:
     return [shlex.split(line.removesuffix(" &")) for line in lines]
 
 
-def test_local_dry_run_gives_each_process_its_id_and_fake_devices(capsys):
+def test_local_dry_run_gives_each_process_its_id_and_fake_devices(capsys, tmp_path):
     out = _dry_run(capsys, "local", "--processes=3", "--devices-per-process=2", "--port=4567")
+    shellcheck(out, tmp_path)
     commands = _parse_local(out)
     assert commands[-1] == ["wait"]
     commands = commands[:-1]
