@@ -129,21 +129,26 @@ follow() {  # 0 when every worker's training succeeded, LOST, or a worker's fail
     rc=0
     gcloud compute tpus tpu-vm ssh "${NODES[0]}" --worker=0 "${WHERE[@]}" \
       --command='bash ~/t5x_like_worker.sh follow' || rc=$?
+    if [ "$rc" -eq 0 ]; then  # worker 0's training succeeded
+      break
+    fi
     if ! capacity_ok; then
       return "$LOST"
     fi
-    if [ "$rc" -ne 255 ]; then  # 255: ssh itself failed; otherwise the worker's status
-      break
+    if [ "$rc" -ne 255 ]; then  # 255: ssh itself failed; otherwise training's status
+      return "$rc"
     fi
     echo "lost the ssh connection; training goes on detached: following again" >&2
     sleep "$POLL_SECONDS"
   done
-  if [ "$rc" -ne 0 ]; then
-    return "$rc"
-  fi
-  for node in "${NODES[@]}"; do
+  for node in "${NODES[@]}"; do  # and every other worker's
+    rc=0
     gcloud compute tpus tpu-vm ssh "$node" --worker=all "${WHERE[@]}" \
-      --command='bash ~/t5x_like_worker.sh status' || return
+      --command='bash ~/t5x_like_worker.sh status' || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      capacity_ok || return "$LOST"
+      return "$rc"
+    fi
   done
 }
 

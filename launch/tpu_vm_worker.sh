@@ -8,7 +8,7 @@
 #   detach  run the training command detached (nohup + setsid: it survives the ssh
 #           connection), its output in ~/t5x_like.log and its exit status in ~/t5x_like.status
 #   follow  print the log as it grows until the status exists, then exit with that status
-#   status  exit with the recorded status (75 while training still runs)
+#   status  wait for the recorded status, then exit with it
 #
 # Copy it to change how workers install or run; the launcher renders its copy from this file.
 set -euo pipefail
@@ -25,7 +25,6 @@ SRC="$HOME/t5x_like"
 VENV="$HOME/t5x_like_venv"
 LOG="$HOME/t5x_like.log"
 STATUS="$HOME/t5x_like.status"
-STILL_RUNNING=75
 
 install() {
   if ! command -v uv >/dev/null 2>&1 && [ ! -x "$HOME/.local/bin/uv" ]; then
@@ -89,10 +88,10 @@ case "${1:-}" in
     exit "$(cat "$STATUS")"
     ;;
   status)
-    if [ -f "$STATUS" ]; then
-      exit "$(cat "$STATUS")"
-    fi
-    exit "$STILL_RUNNING"
+    until [ -f "$STATUS" ]; do
+      sleep 5
+    done
+    exit "$(cat "$STATUS")"
     ;;
   *)
     echo "usage: $0 start|install|detach|follow|status" >&2
