@@ -284,6 +284,9 @@ def test_mixture_leaves_out_training_only_members():
     names = {t.name for t in tasks}
     assert is_mixture and "super_glue_wsc_simple_train" not in names
     assert {"super_glue_boolq", "super_glue_record", "dpr_simple"} <= names
+    by_split = {t.name for t in task_eval.member_tasks("super_glue_proportional",
+                                                        "validation")[0]}
+    assert by_split == names - {"dpr_simple"}
 
 
 # --------------------------------------------------------------------------- bad requests

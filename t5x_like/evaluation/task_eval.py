@@ -106,16 +106,19 @@ def _scored(task: seqio.Task) -> bool:
     return "inputs" in task.output_features and bool(task.metric_fns)
 
 
-def member_tasks(name: str) -> tuple[list[seqio.Task], bool]:
+def member_tasks(name: str, split: str | None = None) -> tuple[list[seqio.Task], bool]:
     """(leaf tasks, whether ``name`` is a mixture); a UserError for a task without metrics.
-    A mixture's training-only members (no metrics, e.g. simple WSC's train task) are left out,
-    as seqio's evaluator leaves them out."""
+    A mixture's training-only members (no metrics, e.g. simple WSC's train task) and, given
+    ``split``, those without that split (DPR has no validation set) are left out, as seqio's
+    evaluator leaves them out."""
     import t5x_like.tasks  # noqa: F401  (registers the benchmarks)
     from t5x_like.tasks.mixtures import get_provider
 
     provider = get_provider(name)
     is_mixture = isinstance(provider, seqio.Mixture)
     tasks = [t for t in provider.tasks if _scored(t)] if is_mixture else [provider]
+    if is_mixture and split is not None:
+        tasks = [t for t in tasks if split in t.splits] or tasks  # none: evaluate_task says so
     if not tasks:
         raise UserError(f"no task of mixture {name!r} has metric functions to evaluate")
     for task in tasks:
@@ -333,9 +336,7 @@ def average(results: Sequence[TaskResult]) -> float:
 
 def evaluate(exp, params: dict, name: str, options: Options) -> tuple[dict, list[TaskResult]]:
     """({task: {metric: value}} with the mixture's average under its own name, results)."""
-    tasks, is_mixture = member_tasks(name)
-    if is_mixture:  # members without this split (a train-only task) are skipped, as in seqio
-        tasks = [t for t in tasks if options.split in t.splits] or tasks
+    tasks, is_mixture = member_tasks(name, options.split)
     runner = Runner(exp, params, beam_size=options.beam_size, alpha=options.alpha)
     results = [evaluate_task(runner, task, options) for task in tasks]
     table = {r.name: r.metrics for r in results}
