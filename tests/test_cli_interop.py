@@ -1,5 +1,7 @@
-"""import-hf -> eval/infer -> export-hf through the CLI, checked against transformers."""
+"""import-hf -> eval/infer -> export-hf through the CLI, checked against transformers: eval's
+loss and accuracy and infer's text are the source model's own on the same tokens."""
 
+import json
 import os
 
 os.environ.setdefault("USE_TF", "0")
@@ -48,21 +50,27 @@ def test_import_eval_infer_export_round_trip(hf_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "config.json").is_file() and (workdir / "checkpoints" / "0").is_dir()
 
-    result = run_cli("eval", "--checkpoint", str(workdir), "--batches", "1", "--no-baseline")
+    report_path = tmp_path / "eval.json"
+    result = run_cli("eval", "--checkpoint", str(workdir), "--batches", "1", "--no-baseline",
+                     "--json", str(report_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "validation loss" in result.stdout
+    report = json.loads(report_path.read_text())
+    loss, accuracy, tokens, vocab = _transformers_eval(workdir, reference)
+    assert report["tokens"] == tokens
+    np.testing.assert_allclose(report["loss"], loss, rtol=1e-4)
+    assert abs(report["accuracy"] - accuracy) <= 2 / tokens  # a near-tie may flip
+    assert f"validation loss     {report['loss']:.4f}" in result.stdout
 
-    result = run_cli(
-        "infer",
-        "--checkpoint",
-        str(workdir),
-        "--input",
-        "To be, or not to be, <extra_id_0> the question",
-        "--max-length",
-        "8",
-    )
+    text = "To be, or not to be, <extra_id_0> the question"
+    result = run_cli("infer", "--checkpoint", str(workdir), "--input", text, "--max-length", "8")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "->" in result.stdout
+    ids = torch.tensor([vocab.encode(text) + [1]])
+    with torch.no_grad():
+        greedy = reference.generate(ids, attention_mask=ids != 0, max_new_tokens=8,
+                                    do_sample=False, num_beams=1, decoder_start_token_id=0,
+                                    eos_token_id=1, pad_token_id=0)[0, 1:].tolist()
+    greedy = greedy[: greedy.index(1)] if 1 in greedy else greedy
+    assert result.stdout.splitlines()[-2:] == [text, f"  -> {_render(greedy, vocab)}"]
 
     result = run_cli("export-hf", str(workdir), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,6 +81,49 @@ def test_import_eval_infer_export_round_trip(hf_dir, tmp_path):
         a = reference(input_ids=ids, attention_mask=ids != 0, decoder_input_ids=decoder).logits
         b = exported(input_ids=ids, attention_mask=ids != 0, decoder_input_ids=decoder).logits
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _transformers_eval(workdir, reference):
+    """(loss, token accuracy, target tokens) of ``eval --batches 1`` recomputed with the
+    transformers model the checkpoint was imported from, on the same masked batch."""
+    import jax
+
+    from t5x_like.evaluation.driver import load_checkpoint
+    from t5x_like.evaluation.loop import EVAL_KEY_SALT, device_batches
+
+    exp, _, _ = load_checkpoint(workdir)
+    batch = next(device_batches(exp, split=exp.config.data.eval_split, repeat=False,
+                                shuffle=False))
+    key = jax.random.fold_in(jax.random.fold_in(exp.root_key, EVAL_KEY_SALT), 0)
+    features = jax.device_get(exp.family.features(batch, key))
+    inputs, targets = (torch.tensor(np.asarray(features[k]), dtype=torch.long)
+                       for k in ("inputs", "targets"))
+    decoder_inputs = torch.nn.functional.pad(targets, (1, 0))[:, :-1]
+    with torch.no_grad():
+        logits = reference(input_ids=inputs, attention_mask=inputs != 0,
+                           decoder_input_ids=decoder_inputs).logits.double()
+    log_p = torch.log_softmax(logits, dim=-1)
+    mask = targets > 0
+    nll = -log_p.gather(-1, targets[..., None])[..., 0][mask].sum().item()
+    correct = (log_p.argmax(-1) == targets)[mask].sum().item()
+    count = int(mask.sum())
+    return nll / count, correct / count, count, exp.vocabulary
+
+
+def _render(ids, vocab):
+    """What infer prints for generated ids: text runs, sentinels as <extra_id_N>."""
+    first_sentinel = vocab.vocab_size - vocab.extra_ids
+    parts, run = [], []
+    for t in [*ids, None]:
+        if t is None or t >= first_sentinel:
+            if run:
+                parts.append(vocab.decode(run))
+                run = []
+            if t is not None:
+                parts.append(f"<extra_id_{vocab.vocab_size - 1 - t}>")
+        else:
+            run.append(t)
+    return " ".join(parts)
 
 
 def test_import_refuses_a_folder_without_weights(tmp_path):
