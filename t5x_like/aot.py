@@ -74,29 +74,44 @@ def abstract_batch(exp) -> dict:
             for k, s in shapes.items()}
 
 
-def _compile(lowered, dump: str):
+def _compile(lowered, dump: str, exp):
     """Compiles with the optimized HLO dumped to ``dump``; a program too big for HBM is one
-    sentence (the TPU compiler refuses it and names the largest allocations)."""
+    sentence (the TPU compiler refuses it before it is ever run)."""
     options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
     try:
         return lowered.compile(compiler_options=options)
     except Exception as e:
         text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise
-        raise UserError(_out_of_memory_sentence(text)) from e
+        raise UserError(_out_of_memory_sentence(text, exp)) from e
 
 
-def _out_of_memory_sentence(text: str) -> str:
-    used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", text)
-    sizes = re.findall(r"Size: ([\d.]+[KMGT]?)\n.*?Shape: (\S+)", text, flags=re.S)[:3]
-    what = f" (uses {used.group(1)} of {used.group(2)})" if used else ""
-    biggest = (f"; its biggest buffers are {', '.join(f'{s} {size}' for size, s in sizes)}"
-               if sizes else "")
-    return (f"the step does not fit in the chip's HBM{what}{biggest}: shard the weights and "
-            "optimizer state over more chips (mesh.fsdp, rules fsdp or fsdp_tensor), "
-            "recompute activations (model.remat_policy=full) or lower data.batch_size / raise "
-            "optimizer.grad_accum_steps")
+def largest_state_arrays(exp, k: int = 3) -> list[tuple[str, int]]:
+    """The ``k`` largest per-chip shards of the state (parameters, optimizer state): name, bytes."""
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(exp.abstract_state()):
+        shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        rows.append((jax.tree_util.keystr(path, simple=True, separator="/"), shard))
+    return sorted(rows, key=lambda r: -r[1])[:k]
+
+
+def _out_of_memory_sentence(text: str, exp) -> str:
+    need = re.search(r"required for ([\w ]+?) \(([\d.]+\w?)\) exceeds available HBM "
+                     r"\(([\d.]+\w?)\)", text)
+    used = re.search(r"Used ([\d.]+\w?) of ([\d.]+\w?) hbm", text)
+    if need:
+        what = f"{need.group(1)} need {need.group(2)} of the chip's {need.group(3)} HBM"
+    elif used:
+        what = f"it uses {used.group(1)} of the chip's {used.group(2)} HBM"
+    else:
+        what = "the compiler ran out of HBM"
+    biggest = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in
+                        largest_state_arrays(exp))
+    return (f"the step does not fit on one chip: {what} (largest state arrays per chip: "
+            f"{biggest}); shard weights and optimizer state over more chips (mesh.fsdp, rules "
+            "fsdp or fsdp_tensor), recompute activations (model.remat_policy=full), or lower "
+            "data.batch_size / raise optimizer.grad_accum_steps")
 
 
 def _optimized_hlo(dump: str, name: str) -> str:
@@ -115,7 +130,7 @@ def compile_experiment(exp, *, eval_step: bool = True) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as dump:
         start = time.perf_counter()
-        compiled = _compile(train.make_train_step(exp).lower(state, batch), dump)
+        compiled = _compile(train.make_train_step(exp).lower(state, batch), dump, exp)
         out["train"] = (compiled, _optimized_hlo(dump, "train_step"),
                         time.perf_counter() - start)
         if eval_step:
@@ -123,7 +138,7 @@ def compile_experiment(exp, *, eval_step: bool = True) -> dict:
             start = time.perf_counter()
             lowered = train.make_eval_step(exp).lower(state["params"], batch, key,
                                                       state.get("carry"))
-            compiled = _compile(lowered, dump)
+            compiled = _compile(lowered, dump, exp)
             out["eval"] = (compiled, _optimized_hlo(dump, "eval_step"),
                            time.perf_counter() - start)
     return out
@@ -181,6 +196,28 @@ def _wire_bytes(kind: str, result_bytes: int, n: int) -> float:
             "all-reduce": 2 * result_bytes * (n - 1) / n,
             "all-to-all": result_bytes * (n - 1) / n,
             "collective-permute": float(result_bytes)}[kind]
+
+
+_MEGASCALE_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather",
+                    "REDUCE_SCATTER": "reduce-scatter", "ALL_TO_ALL": "all-to-all"}
+
+
+def _megascale(type_text: str, attrs: str) -> tuple[str, int, int]:
+    """A cross-slice collective: libtpu lowers it to a host-transfer ``send`` (and ``recv``)
+    for the megascale runtime, tagged with its kind and the slices it spans
+    (``_xla_megascale_target="{1,2}x{0:7}"``). Returns (kind, bytes this chip sends, slices);
+    an all-gather's bytes are scaled to its result, as for the ICI ones."""
+    kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs).group(1)
+    kind = _MEGASCALE_KINDS.get(kind, "collective-permute")
+    target = re.search(r'_xla_megascale_target="\{([^}]*)\}', attrs)
+    n = 2
+    if target:
+        n = 0
+        for item in target.group(1).split(","):
+            lo, _, hi = item.partition(":")
+            n += int(hi) - int(lo) + 1 if hi else 1
+    nbytes = _array_bytes(_split_top(type_text)[0] if type_text.startswith("(") else type_text)
+    return kind, nbytes * (n if kind == "all-gather" else 1), n
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -243,6 +280,9 @@ def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
                                        for g in groups) else "ICI"
                 n = 2 if base == "collective-permute" else len(groups[0])
                 sums[(base, network)] += (1, nbytes, _wire_bytes(base, nbytes, n))
+            elif opcode == "send" and "_xla_megascale_transfer_type" in after:
+                kind, nbytes, n = _megascale(type_text, after)
+                sums[(kind, "DCN")] += (1, nbytes, _wire_bytes(kind, nbytes, n))
             trips = 1
             if opcode == "while":
                 t = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
