@@ -42,13 +42,17 @@ trap 'exit 130' INT TERM
 
 kubectl apply -f "$MANIFEST"
 
-# The pods' logs, once they exist (best effort: the outcome comes from the JobSet below).
+# The pods' logs while they exist, again after each restart recreates them (best effort:
+# the outcome comes from the JobSet below; a reconnect may repeat up to a minute of lines).
 (
-  until kubectl get pods "${NS[@]}" --selector="$SELECTOR" --output=name | grep -q .; do
+  while :; do
+    until kubectl get pods "${NS[@]}" --selector="$SELECTOR" --output=name | grep -q .; do
+      sleep 10
+    done
+    kubectl logs "${NS[@]}" --selector="$SELECTOR" --follow --prefix --since=60s \
+      --max-log-requests="$PODS" --ignore-errors || true
     sleep 10
   done
-  kubectl logs "${NS[@]}" --selector="$SELECTOR" --follow --prefix \
-    --max-log-requests="$PODS" --ignore-errors || true
 ) &
 logs_pid=$!
 
