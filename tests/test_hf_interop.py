@@ -121,3 +121,28 @@ def test_missing_or_broken_files_name_the_file(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match="model.safetensors is missing"):
         hf.load(tmp_path)
+
+
+def test_mt5_folder_imports_with_transformers_logits(tmp_path):
+    """An mT5 folder (model_type "mt5": T5 v1.1, gated-gelu, untied head) written by
+    transformers' MT5ForConditionalGeneration loads through ``hf.load`` and gives its logits."""
+    torch.manual_seed(0)
+    torch_config = transformers.MT5Config(
+        vocab_size=SMALL["vocab_size"], d_model=16, d_kv=4, num_heads=2, d_ff=24, num_layers=2,
+        num_decoder_layers=1, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, dropout_rate=0.0)
+    torch_model = transformers.MT5ForConditionalGeneration(torch_config).eval()
+    torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mt5"
+    model, config = hf.load(tmp_path)
+    assert (config.num_encoder_layers, config.num_decoder_layers) == (2, 1)
+    assert config.feed_forward_proj == "gated-gelu" and not config.tie_word_embeddings
+    rng = np.random.RandomState(0)
+    enc = rng.randint(2, SMALL["vocab_size"], (2, 9))
+    enc[1, 6:] = 0
+    dec = rng.randint(2, SMALL["vocab_size"], (2, 7))
+    dec[:, 0] = 0
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+                          decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(enc, dec)), ref, atol=1e-4, rtol=0)
