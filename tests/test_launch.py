@@ -525,6 +525,27 @@ def test_task_modules_import_from_any_directory(tmp_path, monkeypatch):
         import_task_modules("tasks.nope")
 
 
+def test_the_c4_task_module_reads_c4_from_tfds():
+    """tasks/c4.py through TFDS's own mock of c4/en:3.1.0: the first raw chunk decodes to the
+    start of the first validation document TFDS gives (EOS-joined stream, T5's layout)."""
+    import tensorflow_datasets as tfds
+
+    from t5x_like.data.pipeline import raw_token_batches
+    from t5x_like.data.vocab import get_vocabulary
+
+    (c4,) = import_task_modules("tasks.c4")
+    vocabulary = get_vocabulary(None)
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        texts = [ex["text"].decode() for ex in
+                 tfds.as_numpy(tfds.load("c4/en:3.1.0", split="validation"))]
+        batch = next(iter(raw_token_batches(c4.TASK, split="validation", raw_length=16,
+                                            batch_size=1, seed=0, shuffle=False, repeat=False,
+                                            vocabulary=vocabulary)))
+    tokens = [int(t) for t in batch["tokens"][0] if t > 1]  # drop pad and EOS
+    words = vocabulary.decode(tokens).split()  # SentencePiece normalises whitespace
+    assert len(words) >= 2 and " ".join(" ".join(texts).split()).startswith(" ".join(words))
+
+
 @pytest.mark.slow
 def test_train_with_a_task_module_and_a_config_name_from_another_directory(tmp_path):
     """The console script, run where there is no checkout: the config comes from the shipped
