@@ -26,27 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Command:
-    """One command line; ``parallel`` groups run concurrently (one per TPU slice)."""
+    """One command line."""
 
     argv: list[str]
     note: str = ""
     cleanup: bool = False  # runs even if an earlier step failed (unless --keep)
-
-
-@dataclass
-class Parallel:
-    commands: list[Command]
-    note: str = ""
-    cleanup: bool = False
-
-
-@dataclass
-class Shell:
-    """A shell snippet (a polling loop); runs with ``bash -c``."""
-
-    script: str
-    note: str = ""
-    cleanup: bool = False
 
 
 @dataclass
@@ -66,7 +50,7 @@ class Script:
     cleanup: bool = False
 
 
-Step = Command | Parallel | Shell | File | Script
+Step = Command | File | Script
 
 
 @dataclass
@@ -134,14 +118,6 @@ def render(plan: Plan) -> str:
             lines.append("# (cleanup: runs even if training failed; --keep skips it)")
         if isinstance(step, Command):
             lines.append(shlex.join(step.argv))
-        elif isinstance(step, Parallel) and len(step.commands) == 1:
-            lines.append(shlex.join(step.commands[0].argv))
-        elif isinstance(step, Parallel):
-            lines.append("pids=()")
-            lines += [shlex.join(c.argv) + " & pids+=($!)" for c in step.commands]
-            lines.append('for pid in "${pids[@]}"; do wait "$pid"; done')
-        elif isinstance(step, Shell):
-            lines.append(step.script)
         elif isinstance(step, Script):
             raise ValueError("a Script is a plan's only step")
         else:
@@ -159,21 +135,11 @@ def _run_step(step: Step) -> int:
     if isinstance(step, Command):
         print(f"+ {shlex.join(step.argv)}", flush=True)
         return subprocess.run(step.argv).returncode
-    if isinstance(step, Shell):
-        print(f"+ {step.script}", flush=True)
-        return subprocess.run(["bash", "-c", step.script]).returncode
-    if isinstance(step, Script):
-        # from a file, not stdin: ssh and kubectl in the script would read the rest of it
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="t5x_like_launch_") as f:
-            f.write(step.text)
-            f.flush()
-            return subprocess.run(["bash", f.name]).returncode
-    procs = []
-    for c in step.commands:
-        print(f"+ {shlex.join(c.argv)} &", flush=True)
-        procs.append(subprocess.Popen(c.argv))
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    # a Script runs from a file, not stdin: ssh and kubectl in it would read the rest of it
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="t5x_like_launch_") as f:
+        f.write(step.text)
+        f.flush()
+        return subprocess.run(["bash", f.name]).returncode
 
 
 def execute(plan: Plan, *, keep: bool = False) -> int:
