@@ -185,8 +185,9 @@ def to_config(parsed: Parsed, verb: str = "train") -> GinRun:
     sections = {k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)}
     run: dict[str, str] = {}
     unmapped: list[str] = []
-    if t5x_keys:
+    if t5x_keys or any(k in gin_t5x.RUN_MACROS for k in bindings):
         unmapped = gin_t5x.apply(parsed, config, run, verb)
+    set_by = run.pop("_set_by", {})  # our field -> the T5X binding that set it
     known = our_keys(config) + gin_t5x.known_keys()
     for key, raw in bindings.items():
         if key in t5x_keys or key == FAMILY_KEY:
@@ -202,6 +203,9 @@ def to_config(parsed: Parsed, verb: str = "train") -> GinRun:
             raise UserError(f"gin binding {key} is %gin.REQUIRED; set it with --gin.{key}=VALUE")
         if key == SEED_KEY:
             key = "seed"
+        other = set_by.get(key)
+        if other is not None:
+            raise UserError(f"gin bindings {other} and {key} both set {key}; keep one")
         config_lib.apply_value(config, key, value)
     config_lib.validate(config)
     return GinRun(config, run, unmapped)

@@ -56,6 +56,9 @@ MACROS = {
     "EVAL_STEPS": "train.eval_batches",
     "EVAL_PERIOD": "train.eval_every",
 }
+# Every T5X macro we read: a gin file of ours may set them too (--gin.TRAIN_STEPS=...).
+RUN_MACROS = {*MACROS, "TASK_FEATURE_LENGTHS", "MODEL_DIR", "CHECKPOINT_PATH",
+              "INITIAL_CHECKPOINT_PATH", "OPTIMIZER"}
 # Accepted when they hold T5X's default, which is also what t5x-like does; listed otherwise.
 SAME_AS_OURS = {
     "Adafactor.decay_rate": 0.8, "Adafactor.step_offset": 0,
@@ -133,6 +136,7 @@ class _Mapper:
             raise UserError(f"T5X gin binding {key} is %gin.REQUIRED; set it with "
                             f"--gin.{key}=VALUE")
         config_lib.apply_value(self.config, field, value)
+        self.run.setdefault("_set_by", {})[field] = key
 
     def lengths(self, value: Any, key: str) -> None:
         if value is REQUIRED:
@@ -298,8 +302,10 @@ def apply(parsed: Parsed, config: ml_collections.ConfigDict, run: dict, verb: st
     from t5x_like import presets
 
     m = _Mapper(parsed, config, run, verb)
-    config.train.update({k: v for k, v in presets.FULL_TRAIN.items()})  # T5X runs are full-size
     b = parsed.bindings
+    names = [_split(k)[2] for k in b if is_t5x(k, parsed.imports)]
+    if any(n.startswith("train.") for n in names):  # T5X's train(): a full-size run
+        config.train.update(dict(presets.FULL_TRAIN))
     if verb == "train":
         for macro, field in MACROS.items():
             if macro in b:
@@ -324,7 +330,8 @@ def apply(parsed: Parsed, config: ml_collections.ConfigDict, run: dict, verb: st
                 continue  # eval/infer read the model from the checkpoint's own config
             m.binding(key, value)
     m.apply_scheduler()
-    if verb == "train" and "model.scan_layers" not in b:
+    if verb == "train" and "model.scan_layers" not in b and any(
+            n.startswith("T5Config.") for n in names):
         # as our T5 presets: stacks of up to 12 layers unrolled (T5X's T5 is unrolled)
         config.model.scan_layers = config.model.num_encoder_layers > 12
     return list(dict.fromkeys(m.unmapped))  # once each, in order
