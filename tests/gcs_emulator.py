@@ -67,6 +67,13 @@ class Emulator:
             headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(request, timeout=10).read()
 
+    def delete(self, name: str) -> None:
+        """Deletes one object through the server's JSON API."""
+        quoted = urllib.parse.quote(name, safe="")
+        request = urllib.request.Request(f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}",
+                                         method="DELETE")
+        urllib.request.urlopen(request, timeout=10).read()
+
     def objects(self, prefix: str = "") -> list[str]:
         """Names of the bucket's objects under ``prefix``, straight from the server's JSON API
         (no client library in between)."""

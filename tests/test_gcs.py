@@ -202,6 +202,18 @@ def test_eval_and_export_hf_read_a_gcs_workdir(gcs, local_reference, killed_and_
     _assert_same_params(jax.device_get(params), ref_params)
 
 
+def test_an_unreadable_step_on_gcs_falls_back_with_a_warning(gcs, killed_and_resumed, capsys):
+    """The newest step's meta object deleted on the server (runs after the tests above, which
+    read that step): reading the run falls back to the step before and says why."""
+    workdir, run, *_ = killed_and_resumed
+    gcs.delete(f"{run}/checkpoints/{NUM_STEPS}/meta/metadata")
+    _fresh_listings()
+    _, step = _state(workdir)
+    assert step == NUM_STEPS - 2
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint step {NUM_STEPS} in {workdir}/checkpoints is unreadable" in out
+
+
 # --------------------------------------------------------------------------- launch local
 
 
