@@ -1,0 +1,193 @@
+"""Pod rehearsal: ``t5x-like compile`` runs the TPU compiler (libtpu) for TPU topologies here.
+
+The default run compiles one micro T5 for two v5p:2x2x2 slices through the command line (one
+TPU compile costs ~20-40 s on 2 busy cores); per-preset, per-size and per-family compiles are
+``slow``. What the compiler reports is checked against what the rules and the model say:
+parameter bytes per chip against ``fsdp``, model FLOPs against XLA's count, which
+collectives run on which network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import ROOT, TINY_CONFIG, run_cli
+
+pytest.importorskip("libtpu")
+
+# A T5 small enough that the TPU compile is mostly fixed cost; every dim divides 2 and 4.
+MICRO = ["model.d_model=32", "model.d_kv=8", "model.num_heads=4", "model.d_ff=64",
+         "model.num_encoder_layers=1", "model.num_decoder_layers=1", "data.inputs_length=32",
+         "data.batch_size=16"]
+
+
+def _flags(overrides):
+    return [f"--config.{o}" for o in overrides]
+
+
+@pytest.fixture(scope="module")
+def two_slice_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "report.json"
+    result = run_cli("compile", "--config", TINY_CONFIG, "--topology", "v5p:2x2x2",
+                     "--num-slices", "2", "--skip-eval", "--json", str(out),
+                     *_flags(MICRO + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                      "mesh.dcn_data=2"]), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_two_slices_compile_and_fit(two_slice_report):
+    report, text = two_slice_report
+    assert report["chips"] == 16 and report["num_slices"] == 2
+    assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 2}
+    train = report["steps"]["train"]
+    assert train["fits"] is True
+    memory = train["memory"]
+    assert memory["arguments"] >= report["param_bytes_per_chip"] > 0
+    assert memory["total"] < 95 * 2**30
+    assert "roofline:" in text and "DCN all-reduce" in text
+
+
+def test_model_flops_agree_with_xla(two_slice_report):
+    train = two_slice_report[0]["steps"]["train"]
+    # ours counts matmuls only; XLA also counts elementwise work and the objective
+    assert 0.5 < train["model_flops_per_chip"] / train["xla_flops_per_chip"] < 1.5
+
+
+def test_collectives_are_where_the_mesh_puts_them(two_slice_report):
+    rows = two_slice_report[0]["steps"]["train"]["collectives"]
+    kinds = {(r["network"], r["kind"]) for r in rows}
+    # fsdp gathers weights inside a slice; gradients are summed over data, across slices
+    assert ("ICI", "all-gather") in kinds
+    assert ("DCN", "all-reduce") in kinds
+    assert all(r["count"] > 0 and r["bytes"] > 0 for r in rows if r["kind"] != "collective-permute")
+    roofline = two_slice_report[0]["steps"]["train"]["roofline"]
+    assert roofline["dcn_s"] > 0 and roofline["ici_s"] > 0 and roofline["compute_s"] > 0
+    assert roofline["step_s_bound"] == max(roofline[k] for k in
+                                           ("compute_s", "hbm_s", "ici_s", "dcn_s"))
+
+
+@pytest.mark.parametrize("fsdp", [1, 2, 4, 8])
+def test_parameter_bytes_per_chip_fall_as_fsdp_grows(fsdp):
+    """Parameter bytes / fsdp per chip, plus the small arrays no dim of which fsdp divides."""
+    from t5x_like import aot, experiment
+    from t5x_like import config as config_lib
+
+    config = config_lib.load_config(TINY_CONFIG, MICRO + ["mesh.rules=fsdp", "mesh.data=-1",
+                                                          f"mesh.fsdp={fsdp}"])
+    exp = experiment.build(config, aot.topology_devices("v5p:2x2x2"))
+    whole, per_chip = aot._param_bytes_per_chip(exp)
+    leaves = jax.tree.leaves(exp.abstract_state()["params"])
+    undivided = sum(x.size * x.dtype.itemsize for x in leaves
+                    if not any(d % fsdp == 0 for d in x.shape) or fsdp == 1)
+    assert whole == sum(x.size * x.dtype.itemsize for x in leaves)
+    assert whole / fsdp <= per_chip <= whole / fsdp + undivided
+
+
+def test_an_unknown_topology_is_one_sentence():
+    result = run_cli("compile", "--config", TINY_CONFIG, "--topology", "v5x:9x9")
+    assert result.returncode == 2
+    assert "error: no TPU topology 'v5x:9x9'" in result.stderr
+
+
+# --------------------------------------------------------------------------- slow
+
+
+def _rehearse(config_spec, overrides, topology, num_slices=1, eval_step=False):
+    from t5x_like import aot
+    from t5x_like import config as config_lib
+
+    config = config_lib.load_config(config_spec, overrides)
+    return aot.rehearse(config, topology, num_slices, eval_step=eval_step)
+
+
+PRESET_MESHES = {"dp": [], "fsdp": ["mesh.fsdp=-1", "mesh.data=1"],
+                 "tensor": ["mesh.tensor=2"], "fsdp_tensor": ["mesh.fsdp=2", "mesh.tensor=2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x2"])
+@pytest.mark.parametrize("preset", list(PRESET_MESHES))
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_t5_compiles_with_every_mesh_preset(size, preset, topology):
+    overrides = [f"mesh.rules={preset}", "data.batch_size=32", "model.dtype=bfloat16",
+                 *PRESET_MESHES[preset]]
+    report = _rehearse(f"configs/t5_span_corruption.py:{size}", overrides, topology)
+    train = report["steps"]["train"]
+    assert train["fits"], train["memory"]
+    assert train["memory"]["arguments"] >= report["param_bytes_per_chip"]
+    kinds = {r["kind"] for r in train["collectives"]}
+    assert {r["network"] for r in train["collectives"]} <= {"ICI"}
+    if report["mesh"]["fsdp"] > 1:
+        assert "all-gather" in kinds  # the weights, gathered where they are used
+    if preset == "dp":
+        assert "all-gather" not in kinds  # replicated weights: only gradients are summed
+    if report["mesh"]["tensor"] > 1:  # Megatron: the MLP's and attention's partial sums
+        assert kinds & {"all-reduce", "reduce-scatter"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_t5_compiles_for_two_slices(size):
+    report = _rehearse(f"configs/t5_span_corruption.py:{size}",
+                       ["mesh.fsdp=-1", "mesh.data=1", "mesh.dcn_data=2", "data.batch_size=32",
+                        "model.dtype=bfloat16"], "v5p:2x2x2", num_slices=2)
+    train = report["steps"]["train"]
+    assert report["mesh"] == {"data": 2, "fsdp": 8, "tensor": 1} and train["fits"]
+    dcn = {r["kind"] for r in train["collectives"] if r["network"] == "DCN"}
+    assert dcn and "all-gather" not in dcn  # weights stay inside a slice; gradients cross
+
+
+@pytest.mark.slow
+def test_compiled_argument_bytes_fall_with_fsdp_as_the_rules_say():
+    """The compiler's own per-chip argument bytes (state + batch) against the rules."""
+    args = {}
+    for fsdp in (1, 8):
+        report = _rehearse("configs/t5_span_corruption.py:small",
+                           ["mesh.rules=fsdp", "mesh.data=-1", f"mesh.fsdp={fsdp}",
+                            "data.batch_size=32"], "v5p:2x2x2")
+        args[fsdp] = report["steps"]["train"]["memory"]["arguments"]
+        per_chip = report["param_bytes_per_chip"]
+        assert math.isclose(per_chip, report["param_bytes"] / fsdp, rel_tol=0.01)
+    assert 6 < args[1] / args[8] <= 8  # params and Adafactor state / 8; the batch is fixed
+
+
+OTHER_FAMILIES = sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                        if not p.name.startswith("t5_"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file", OTHER_FAMILIES)
+def test_every_family_tiny_preset_compiles_for_v5p(config_file):
+    report = _rehearse(f"configs/{config_file}:tiny",
+                       ["mesh.rules=fsdp_tensor", "mesh.fsdp=2", "mesh.tensor=2",
+                        "data.batch_size=8"], "v5p:2x2x2")
+    assert report["steps"]["train"]["fits"]
+    assert report["steps"]["train"]["collectives"]
+
+
+@pytest.mark.slow
+def test_the_eval_step_compiles_too(tmp_path):
+    result = run_cli("compile", "--config", TINY_CONFIG, "--topology", "v5e:2x2",
+                     "--json", str(tmp_path / "r.json"), *_flags(MICRO), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(Path(tmp_path / "r.json").read_text())
+    assert set(report["steps"]) == {"train", "eval"}
+    assert report["steps"]["eval"]["xla_flops_per_chip"] < report["steps"]["train"][
+        "xla_flops_per_chip"]
+
+
+@pytest.mark.slow
+def test_a_step_too_big_for_hbm_is_one_sentence():
+    result = run_cli("compile", "--config", "configs/t5_span_corruption.py:base",
+                     "--topology", "v5e:2x2", "--skip-eval", "--config.mesh.rules=dp",
+                     "--config.data.batch_size=512", timeout=1200)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the step does not fit on one chip: ")
+    assert "mesh.fsdp" in line and "remat_policy=full" in line and "batch_size" in line
+    assert "params/" in line  # the largest state arrays are named
