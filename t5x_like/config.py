@@ -126,7 +126,8 @@ def shipped(folder: str) -> Path | None:
     """The repository's top-level ``folder`` (configs, launch, tasks): next to the package in a
     checkout or editable install, else the copy a wheel installs under
     ``<prefix>/share/t5x_like/`` (pyproject's data-files); None if neither exists."""
-    candidates = [Path(__file__).resolve().parents[1] / folder]
+    checkout = Path(__file__).resolve().parents[1]  # site-packages after a wheel install
+    candidates = [checkout / folder] if (checkout / "pyproject.toml").is_file() else []
     candidates += [Path(prefix) / SHIPPED_PREFIX / folder
                    for prefix in (sys.prefix, site.getuserbase())]
     return next((c for c in candidates if c.is_dir()), None)
