@@ -52,6 +52,20 @@ def _cmd_train(args, overrides):
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
 
 
+def _import_task_modules_of(checkpoint: str, overrides) -> None:
+    """Imports the ``data.task_modules`` of the workdir's saved config (overrides applied)."""
+    from t5x_like import config as config_lib
+    from t5x_like import storage
+    from t5x_like.experiment import import_task_modules
+
+    config_file = storage.as_path(checkpoint) / "config.json"
+    if not config_file.exists():
+        return  # the checkpoint loader reports a missing config in its own sentence
+    config = config_lib.config_from_json(config_file)
+    config_lib.apply_overrides(config, overrides)
+    import_task_modules(config.data.task_modules)
+
+
 def _cmd_eval(args, overrides):
     from t5x_like import distributed
 
@@ -62,6 +76,8 @@ def _cmd_eval(args, overrides):
     _gin_run_values(args, "eval")
 
     name = args.mixture or args.task
+    if name and args.checkpoint:  # tasks the run's data.task_modules register, before lookup
+        _import_task_modules_of(args.checkpoint, overrides)
     if name and (args.mixture or args.rank_classification or task_eval.has_task_metrics(name)):
         return _task_metrics(args, overrides, name)
     if args.rank_classification or args.shots or args.beam_size > 1:

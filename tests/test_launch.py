@@ -525,6 +525,27 @@ def test_task_modules_import_from_any_directory(tmp_path, monkeypatch):
         import_task_modules("tasks.nope")
 
 
+def test_eval_task_finds_a_task_that_the_runs_task_modules_register(tmp_path, capsys):
+    """``eval --task NAME`` looks NAME up before loading the checkpoint: the run's
+    data.task_modules are imported first, so a task only they register is found (the run here
+    has a config and no checkpoint, so eval stops at the checkpoint, past the lookup)."""
+    module = tmp_path / "probe_tasks.py"
+    module.write_text(
+        "from t5x_like.evaluation import metrics\n"
+        "from t5x_like.tasks import register_t2t_task\n"
+        "register_t2t_task('probe_t2t_only_here', 'tfds:glue/sst2:2.0.0',\n"
+        "                  inputs='sst2 sentence: {sentence}', label_names=('neg', 'pos'),\n"
+        "                  metric_fns=[metrics.accuracy])\n")
+    config = config_lib.base_config()
+    config.data.task_modules = str(module)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    code = cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--task",
+                     "probe_t2t_only_here"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is registered" not in err and "checkpoint" in err, err
+
+
 def test_the_c4_task_module_reads_c4_from_tfds():
     """tasks/c4.py through TFDS's own mock of c4/en:3.1.0: the first raw chunk decodes to the
     start of the first validation document TFDS gives (EOS-joined stream, T5's layout)."""
