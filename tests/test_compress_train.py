@@ -19,9 +19,12 @@ COMMON = ["data.inputs_length=64", "data.batch_size=16", "objective.max_predicti
           "optimizer.learning_rate=0.003", "optimizer.warmup_steps=10", "train.log_every=10",
           "train.eval_every=100000", "train.checkpoint_every=100000", "train.progress_bar=False"]
 STUDENT_STEPS = 80
-# Four training runs (~80 CPU-seconds): -m slow; tests/test_compress.py checks each method's
-# pieces in the default run.
-pytestmark = pytest.mark.slow
+# Four training runs (~80 CPU-seconds) back the distillation and compress-report tests: -m slow.
+# The default run keeps one: 12 steps of quantization-aware training with pruning in the real
+# loop (tests/test_compress.py checks each method's pieces).
+Q8_PRUNED = ["train.num_steps=12", "train.eval_batches=0", "objective.teacher=",
+             "objective.alpha_ce=0.0", "objective.alpha_cos=0.0", "model.quantize=fake",
+             "objective.prune=magnitude", "objective.prune_sparsity=0.5", "objective.prune_end=10"]
 
 
 def _train(spec, overrides, workdir):
@@ -46,12 +49,16 @@ def runs(tmp_path_factory):
     results["plain"] = _train(student[0], [*student[1:], "objective.teacher=",
                                            "objective.alpha_ce=0.0", "objective.alpha_cos=0.0"],
                               base / "plain")
-    results["q8_pruned"] = _train(
-        student[0], ["train.num_steps=12", "train.eval_batches=0", "objective.teacher=",
-                     "objective.alpha_ce=0.0", "objective.alpha_cos=0.0", "model.quantize=fake",
-                     "objective.prune=magnitude", "objective.prune_sparsity=0.5",
-                     "objective.prune_end=10"], base / "q8_pruned")
+    results["q8_pruned"] = _train(student[0], Q8_PRUNED, base / "q8_pruned")
     return base, results
+
+
+@pytest.fixture(scope="module")
+def q8_pruned(tmp_path_factory):
+    """The quantization-aware, pruned student alone (no teacher): the default run's one."""
+    workdir = tmp_path_factory.mktemp("q8") / "q8_pruned"
+    _train("configs/distil_bert.py:tiny", Q8_PRUNED, workdir)
+    return workdir
 
 
 def _params(workdir):
@@ -60,6 +67,7 @@ def _params(workdir):
     return jax.device_get(load_checkpoint(workdir)[1])
 
 
+@pytest.mark.slow
 def test_distilled_student_beats_the_same_student_without_a_teacher(runs):
     _, results = runs
     distilled, plain = results["distilled"], results["plain"]
@@ -71,6 +79,7 @@ def test_distilled_student_beats_the_same_student_without_a_teacher(runs):
     assert distilled["eval/accuracy"] >= plain["eval/accuracy"]
 
 
+@pytest.mark.slow
 def test_the_teacher_stays_frozen_and_distilbert_copies_its_layers(runs):
     base, _ = runs
     teacher, distilled = _params(base / "teacher"), _params(base / "distilled")
@@ -80,9 +89,8 @@ def test_the_teacher_stays_frozen_and_distilbert_copies_its_layers(runs):
     assert set(distilled) == {"student", "teacher"}
 
 
-def test_quantization_ranges_and_pruning_masks_move_in_the_train_step(runs):
-    base, _ = runs
-    student = _params(base / "q8_pruned")["student"]
+def test_quantization_ranges_and_pruning_masks_move_in_the_train_step(q8_pruned):
+    student = _params(q8_pruned)["student"]
     ranges = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(student)
               if p[-1].key in ("input_range", "decoder_range")]
     assert len(ranges) == 6 + 1 + 1  # six layer denses, the MLM transform and its decoder
@@ -93,6 +101,7 @@ def test_quantization_ranges_and_pruning_masks_move_in_the_train_step(runs):
         assert (w == 0).mean() == pytest.approx(0.5, abs=1 / w.size)
 
 
+@pytest.mark.slow
 def test_compress_report_measures_every_variant(runs, tmp_path, capsys):
     from t5x_like.cli import main
 
