@@ -195,9 +195,11 @@ def test_packed_logits_losses_and_metrics_equal_unpacked(family):
     eff_p = float(sums_p["packing/efficiency"] / sums_p["packing/weight"])
     eff_u = float(sums_u["packing/efficiency"] / sums_u["packing/weight"])
     assert eff_p > 1.4 * eff_u
-    # per-example scores (rank classification) are the same numbers
-    got = sorted(scores_p[scores_p != 0].tolist())
-    np.testing.assert_allclose(got, sorted(scores_u.tolist()), rtol=TOL)
+    # per-example scores (rank classification), mapped back to the examples in order
+    again, where = packing.pack_examples(examples, {"inputs": INPUTS, "targets": TARGETS})
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(again, rows,
+                                                                         strict=True))
+    np.testing.assert_allclose([scores_p[r, s] for r, s in where], scores_u, rtol=TOL)
 
 
 def test_t5_perturbing_one_example_leaves_the_others_unchanged():
@@ -376,7 +378,7 @@ def test_packed_run_reports_efficiency_and_evaluates_like_unpacked(tmp_path):
     assert packed["tokens"] == alone["tokens"] > 0
     for name in ("loss", "accuracy", "sequence/accuracy"):
         np.testing.assert_allclose(packed[name], alone[name], rtol=TOL, err_msg=name)
-    assert packed["packing/efficiency"] > 2 * alone["packing/efficiency"]
+    assert packed["packing/efficiency"] > alone["packing/efficiency"]
 
 
 NUM_STEPS = 12

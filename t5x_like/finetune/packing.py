@@ -99,6 +99,19 @@ def packed_text_to_text(examples: Iterator[dict], lengths: dict[str, int], *,
             yield pack_row([block[i] for i in b], lengths)
 
 
-def efficiency(segment_ids: np.ndarray) -> float:
-    """Real tokens / row tokens of packed rows (segment id > 0)."""
-    return float(np.mean(np.asarray(segment_ids) > 0))
+def pack_examples(examples: Sequence[dict], lengths: dict[str, int], *, window: int = WINDOW
+                  ) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, int]]]:
+    """(packed rows, (row, slot) of each example): the rows ``packed_text_to_text`` gives for
+    a finite list, and where each example went, so per-slot outputs (``score_batch`` on
+    packed rows gives [B, M]) map back to the examples in order."""
+    rows: list[dict[str, np.ndarray]] = []
+    where: list[tuple[int, int]] = [(-1, -1)] * len(examples)
+    names = list(lengths)
+    for start in range(0, len(examples), window):
+        block = examples[start:start + window]
+        sizes = np.array([[len(ex[n]) for n in names] for ex in block])
+        for b in first_fit_decreasing(sizes, [lengths[n] for n in names]):
+            for slot, i in enumerate(b):
+                where[start + i] = (len(rows), slot)
+            rows.append(pack_row([block[i] for i in b], lengths))
+    return rows, where
