@@ -43,6 +43,11 @@ def make_config(family: str, mode: str, **overrides):
         c.model.update(dict(d_model=16, d_kv=4, num_heads=2, d_ff=32, num_encoder_layers=2,
                             num_decoder_layers=2, scan_layers=False))
         c.data.task = "play_lines"
+    elif family == "bart_finetune":
+        c.model.update(dict(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+                            num_decoder_layers=1, max_position_embeddings=64,
+                            scan_layers=False, dropout_rate=0.0))
+        c.data.task = "play_lines"
     else:
         c.model.update(dict(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2,
                             max_position_embeddings=64, scan_layers=False,
@@ -65,7 +70,7 @@ def synthetic_batch(exp, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     b, length = exp.config.data.batch_size, exp.config.data.inputs_length
     ids = rng.integers(3, 500, (b, length)).astype(np.int32)
-    if exp.config.family == "t5_finetune":
+    if exp.config.family in ("t5_finetune", "bart_finetune"):
         targets = np.zeros((b, exp.config.finetune.targets_length), np.int32)
         targets[:, :2] = rng.integers(3, 500, (b, 2))
         targets[:, 2] = 1
@@ -93,7 +98,7 @@ def changed_leaves(before, after) -> dict[str, bool]:
 def predictions(exp, params, batch) -> np.ndarray:
     """Head outputs, or T5's teacher-forced logits (greedy decoding is their argmax chain,
     test_finetune_t5.py checks that; the logits compile much faster)."""
-    if exp.config.family == "t5_finetune":
+    if exp.config.family in ("t5_finetune", "bart_finetune"):
         from t5x_like.families.t5 import shift_right
 
         return np.asarray(exp.family.logits(params, batch["inputs"],
@@ -149,6 +154,13 @@ def _check_mode(family: str, mode: str, tmp_path):
                                   pytest.param(m, marks=pytest.mark.slow) for m in ENCODER_MODES])
 def test_encoder_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("bert_finetune", mode, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+def test_bart_finetune_trains_only_its_parameters_and_reloads(mode, tmp_path):
+    """The bart_finetune family through the real train step: LoRA moves only its factors,
+    saves only them, and the reloaded model predicts the same logits."""
+    _check_mode("bart_finetune", mode, tmp_path)
 
 
 @pytest.mark.slow
