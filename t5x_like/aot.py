@@ -238,6 +238,21 @@ def _opcode(rest: str) -> tuple[str, str, str]:
     return type_text, opcode.strip(), after
 
 
+def _trip_count(attrs: str, computations: dict[str, list[str]]) -> int:
+    """Iterations of a while loop: XLA's ``known_trip_count``, else the bound of a scan's
+    condition (``counter < constant(N)``, the counter starting at 0 as ``scan``'s does);
+    1 when neither is there (the loop's collectives then count once)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", attrs)
+    lines = computations.get(cond.group(1), []) if cond else []
+    constants = [int(c) for line in lines for c in re.findall(r"s32\[\]\S* constant\((\d+)\)",
+                                                              line)]
+    compares = [line for line in lines if "compare(" in line and "direction=LT" in line]
+    return constants[0] if len(constants) == 1 and len(compares) == 1 else 1
+
+
 def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
     """The collectives one step runs, per chip: kind, network (ICI within a slice, DCN across
     slices), count per step (ops inside a scanned loop count once per iteration) and bytes:
@@ -285,8 +300,7 @@ def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
                 sums[(kind, "DCN")] += (1, nbytes, _wire_bytes(kind, nbytes, n))
             trips = 1
             if opcode == "while":
-                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
-                trips = int(t.group(1)) if t else 1
+                trips = _trip_count(after, computations)
             for target in _CALLS.findall(after):
                 for callee in re.findall(r"%?([\w.\-]+)", target):
                     if callee in computations and callee not in stack:
