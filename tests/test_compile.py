@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from conftest import ROOT, TINY_CONFIG, run_cli
 
@@ -86,6 +87,48 @@ def test_parameter_bytes_per_chip_fall_as_fsdp_grows(fsdp):
                     if not any(d % fsdp == 0 for d in x.shape) or fsdp == 1)
     assert whole == sum(x.size * x.dtype.itemsize for x in leaves)
     assert whole / fsdp <= per_chip <= whole / fsdp + undivided
+
+
+# The shapes of libtpu's optimized HLO, as its dumps print them (jax 0.10.2, libtpu 0.0.52):
+# a scan is a while loop whose condition compares the counter with a constant; cross-slice
+# collectives are host-transfer sends tagged for the megascale runtime.
+HLO = """HloModule jit_train_step
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %constant.1 = s32[]{:T(128)} constant(24)
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.1), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[16,128]{1,0:T(8,128)} all-gather(f32[4,128]{1,0} %x), channel_id=1, replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}, use_global_device_ids=true
+  ROOT %t = (s32[], f32[8]) tuple(%a, %b)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[]{:T(128)}, f32[8]{0}) while(%init), condition=%cond, body=%body, metadata={op_name="while"}
+  %ar = (bf16[1024]{0}, bf16[1024]{0}) all-reduce(%g, %h), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, use_global_device_ids=true, to_apply=%add
+  %send.1 = (f32[256]{0}, u32[]{:S(2)}, token[]) send(%c, %tok), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv.1 = (f32[256]{0}, u32[]{:S(2)}, token[]) recv(%tok), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %r = f32[8]{0} copy(%a)
+}
+"""  # noqa: E501  (HLO lines are as long as the compiler writes them)
+
+
+def test_collectives_are_counted_per_step_with_their_bytes_and_network():
+    from t5x_like import aot
+
+    rows = {(r["kind"], r["network"]): r for r in aot.collectives(HLO, np.zeros(8, int))}
+    assert set(rows) == {("all-gather", "ICI"), ("all-reduce", "ICI"), ("all-reduce", "DCN")}
+    gather = rows["all-gather", "ICI"]  # once per layer of the 24-layer scan, groups of 4
+    assert gather["count"] == 24 and gather["bytes"] == 24 * 16 * 128 * 4
+    assert gather["wire_bytes"] == 24 * 16 * 128 * 4 * 3 / 4
+    reduce = rows["all-reduce", "ICI"]  # two bf16 operands combined, groups of 2
+    assert reduce["count"] == 1 and reduce["bytes"] == 2 * 1024 * 2
+    assert reduce["wire_bytes"] == 2 * 2 * 1024 * 2 * 1 / 2
+    dcn = rows["all-reduce", "DCN"]  # the send counts, not its recv; 2 slices
+    assert dcn["count"] == 1 and dcn["bytes"] == 256 * 4 and dcn["wire_bytes"] == 256 * 4
 
 
 def test_an_unknown_topology_is_one_sentence():
