@@ -384,6 +384,7 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
         "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
         "rules": exp.config.mesh.rules, "batch_size": int(exp.config.data.batch_size),
         "remat": exp.config.model.get("remat_policy", "none"),
+        "scan_layers": bool(exp.config.model.get("scan_layers", False)),
         "params": int(exp.family.num_params), "param_bytes": whole,
         "param_bytes_per_chip": per_chip,
         "chip": None if chip is None else {"name": chip.name, "hbm_bytes": chip.hbm_bytes,
@@ -438,7 +439,9 @@ def format_report(r: dict) -> str:
                      f"{_gib(m['temporaries'])}; total {_gib(m['total'])}{of}")
         ours = s["model_flops_per_chip"]
         lines.append(f"  FLOPs per chip per step: XLA {s['xla_flops_per_chip']:.3e}"
-                     + (f", ours (model) {ours:.3e}" if ours else ""))
+                     + (f", ours (model) {ours:.3e}" if ours else "")
+                     + (" (XLA counts a scanned layer stack's body once)"
+                        if r["scan_layers"] else ""))
         for c in s["collectives"]:
             lines.append(f"  {c['network']} {c['kind']:<18} x{c['count']:<5} "
                          f"{c['bytes'] / 2**20:10.1f} MiB, sent per chip "
