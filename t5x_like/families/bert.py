@@ -183,15 +183,20 @@ class EncoderFamily(Family):
         return sentence_pairs.SpecialTokens(pad=ids.pad, cls=ids.cls, sep=ids.sep, bos=ids.cls,
                                             eos=ids.sep)
 
+    def _sentence_ends(self) -> tuple[int, ...]:
+        """The ids that end a sentence, when examples are split into sentences."""
+        o = self.config.objective
+        if o.examples_per_document:
+            return ()
+        from t5x_like.families.bart import sentence_end_ids
+
+        return tuple(sentence_end_ids(self.vocabulary, o.sentence_end_chars))
+
     def documents(self, split: str) -> list[list[np.ndarray]]:
         o = self.config.objective
-        ends = ()
-        if not o.examples_per_document:
-            from t5x_like.families.bart import sentence_end_ids
-
-            ends = sentence_end_ids(self.vocabulary, o.sentence_end_chars)
         return task_documents(self.config.data.task, split, self.vocabulary,
-                              examples_per_document=o.examples_per_document, sentence_ends=ends)
+                              examples_per_document=o.examples_per_document,
+                              sentence_ends=self._sentence_ends())
 
     def batches(self, *, split: str, batch_size: int, shuffle: bool, repeat: bool,
                 skip_batches: int, shard_index: int, num_shards: int
@@ -205,6 +210,22 @@ class EncoderFamily(Family):
         """
         del shuffle
         o = self.config.objective
+        if self.config.data.store:  # by index from the prepared store (data/store_pairs.py)
+            from t5x_like.data.store_pairs import store_pair_batches
+
+            stores, _ = self.open_data(split)
+            if len(stores) != 1:
+                raise UserError(f"{self.config.family} builds {o.layout} rows from one task's "
+                                "documents; a mixture's store cannot serve them, name a task")
+            d = self.config.data
+            return store_pair_batches(
+                stores[0], objective=o.layout, length=d.inputs_length,
+                global_batch=batch_size * num_shards, seed=self.config.seed,
+                special=self._special(), examples_per_document=o.examples_per_document,
+                sentence_ends=self._sentence_ends(), eos=self.vocabulary.eos_id,
+                short_seq_prob=o.short_seq_prob, repeat=repeat, start_batch=skip_batches,
+                process_index=shard_index, process_count=num_shards,
+                read_threads=d.read_threads, prefetch_batches=d.prefetch_batches)
         return sentence_pairs.sentence_pair_batches(
             self.documents(split), objective=o.layout, length=self.config.data.inputs_length,
             batch_size=batch_size, seed=self.config.seed, special=self._special(),
