@@ -94,5 +94,7 @@ def evaluate(
     totals = jax.device_get(totals)
     scores = {k: float(v) for k, v in exp.family.summarize(totals).items()}
     # The reported loss is the cross-entropy: the z-loss is a regulariser, not a model score.
-    scores["loss"] = scores.pop("cross_entropy", float(totals["loss"]) / max(totals["weight"], 1))
+    # (A Python float: numpy's float32 from ``max`` would not go into the JSON-lines log.)
+    scores["loss"] = scores.pop("cross_entropy",
+                                float(totals["loss"]) / max(float(totals["weight"]), 1.0))
     return {**scores, "tokens": int(totals["weight"])}
