@@ -20,7 +20,7 @@ $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps t5==0.9.4 babel
+	$(BIN)/pip install -q --no-deps t5==0.9.4
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
