@@ -14,9 +14,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "t5x_like"
 
-# The lower layers, and what they may import from the package: each other and errors.py.
+# The lower layers, and what they may import from the package: each other and the two
+# utilities below everything (errors.py; storage.py, local or gs:// paths), which import
+# nothing of the package themselves (checked below).
 LOWER = ("t5x_like.models", "t5x_like.objectives", "t5x_like.data", "t5x_like.losses")
-LOWER_MAY_IMPORT = (*LOWER, "t5x_like.errors")
+BOTTOM = ("t5x_like.errors", "t5x_like.storage")
+LOWER_MAY_IMPORT = (*LOWER, *BOTTOM)
 
 
 def _modules() -> dict[str, Path]:
@@ -69,6 +72,11 @@ def test_lower_layers_import_nothing_above_them(layer):
     bad = sorted(f"{m} imports {d}" for m, deps in GRAPH.items() if _inside(m, (layer,))
                  for d in deps if not _inside(d, LOWER_MAY_IMPORT))
     assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("module", BOTTOM)
+def test_the_bottom_utilities_import_nothing_of_the_package(module):
+    assert GRAPH[module] == set()
 
 
 def test_evaluation_does_not_import_the_trainer():
