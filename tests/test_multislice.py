@@ -95,9 +95,7 @@ SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     out = {}
     tokens = None
-    for name, mesh in [("one_slice", ["mesh.data=4", "mesh.fsdp=2"]),
-                       ("dcn_data_2", ["mesh.data=2", "mesh.fsdp=2", "mesh.dcn_data=2"]),
-                       ("dcn_fsdp_2", ["mesh.data=4", "mesh.fsdp=1", "mesh.dcn_fsdp=2"])]:
+    for name, mesh in MESHES:
         config = config_lib.load_config(CONFIG, OVERRIDES + ["mesh.rules=fsdp"] + mesh)
         exp = build(config, jax.devices())
         if tokens is None:
@@ -119,10 +117,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
+ONE_SLICE = ("one_slice", ["mesh.data=4", "mesh.fsdp=2"])
+DCN_DATA = ("dcn_data_2", ["mesh.data=2", "mesh.fsdp=2", "mesh.dcn_data=2"])
+DCN_FSDP = ("dcn_fsdp_2", ["mesh.data=4", "mesh.fsdp=1", "mesh.dcn_fsdp=2"])
+
+
+def _runs(meshes) -> dict:
+    overrides = [o.removeprefix("--config.") for o in TINY_OVERRIDES]
+    return on_8_devices(f"CONFIG = {TINY_CONFIG!r}\nOVERRIDES = {overrides!r}\n"
+                        f"MESHES = {meshes!r}\n" + SCRIPT, ROOT)
+
+
 @pytest.fixture(scope="module")
 def cpu_runs():
-    overrides = [o.removeprefix("--config.") for o in TINY_OVERRIDES]
-    return on_8_devices(f"CONFIG = {TINY_CONFIG!r}\nOVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
+    return _runs([ONE_SLICE, DCN_DATA])
 
 
 def test_fake_slices_are_equal_groups_of_consecutive_devices(cpu_runs):
@@ -131,14 +139,22 @@ def test_fake_slices_are_equal_groups_of_consecutive_devices(cpu_runs):
     first_slice, second_slice = run["grid"][:2], run["grid"][2:]
     assert sorted(sum(first_slice, [])) == [0, 1, 2, 3]
     assert sorted(sum(second_slice, [])) == [4, 5, 6, 7]
-    assert cpu_runs["dcn_fsdp_2"]["shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
-@pytest.mark.parametrize("name", ["dcn_data_2", "dcn_fsdp_2"])
-def test_two_slices_train_as_one_slice(cpu_runs, name):
+def _same_training(run: dict, one_slice: dict) -> None:
     # (one slice trains as one device does: tests/test_sharding.py)
-    run, one_slice = cpu_runs[name], cpu_runs["one_slice"]
     np.testing.assert_allclose(run["losses"], one_slice["losses"], rtol=0, atol=1e-5)
     for a, b in zip(run["params"], one_slice["params"], strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert run["losses"][2] < run["losses"][0]  # it trains
+
+
+def test_dcn_data_2_trains_as_one_slice(cpu_runs):
+    _same_training(cpu_runs["dcn_data_2"], cpu_runs["one_slice"])
+
+
+@pytest.mark.slow
+def test_dcn_fsdp_2_trains_as_one_slice():
+    runs = _runs([ONE_SLICE, DCN_FSDP])
+    assert runs["dcn_fsdp_2"]["shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    _same_training(runs["dcn_fsdp_2"], runs["one_slice"])
