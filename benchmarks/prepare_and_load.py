@@ -78,7 +78,7 @@ class Meter:
 
 def bench_prepare(task_name: str, split: str, work: Path, workers: tuple[int, ...],
                   beam: bool, shards: int) -> dict:
-    from t5x_like.data.prepare import prepare, source_examples, task_for_prepare
+    from t5x_like.prepare import prepare, source_examples, task_for_prepare
 
     task = task_for_prepare(task_name, split)  # TensorFlow, seqio and the vocabulary: once
     out: dict = {}
@@ -110,7 +110,7 @@ def bench_prepare(task_name: str, split: str, work: Path, workers: tuple[int, ..
                 tokens=got, tokens_per_s=round(got / mw.seconds),
                 note="read + tokenise only, no process start, no writing")
     if beam:
-        from t5x_like.data.prepare_beam import prepare_with_beam
+        from t5x_like.prepare_beam import prepare_with_beam
 
         with Meter() as m:
             got = prepare_with_beam(task_name, split, str(work / "beam"), runner="DirectRunner",

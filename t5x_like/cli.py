@@ -202,7 +202,7 @@ def _cmd_prepare(args, overrides):
     from t5x_like.errors import UserError
 
     if args.runner:
-        from t5x_like.data.prepare_beam import prepare_with_beam
+        from t5x_like.prepare_beam import prepare_with_beam
 
         prepare_with_beam(args.task, args.split, args.out, runner=args.runner,
                           pipeline_args=args.beam_option, num_shards=args.shards,
@@ -210,7 +210,7 @@ def _cmd_prepare(args, overrides):
         return
     if args.beam_option:
         raise UserError("--beam-option needs --runner (DirectRunner, DataflowRunner, ...)")
-    from t5x_like.data.prepare import prepare
+    from t5x_like.prepare import prepare
 
     prepare(args.task, args.split, args.out, workers=args.workers, num_shards=args.shards,
             seed=args.seed, modules=args.module)

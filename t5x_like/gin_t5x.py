@@ -18,7 +18,7 @@ import ml_collections
 
 from t5x_like import config as config_lib
 from t5x_like.errors import UserError
-from t5x_like.gin_config import REQUIRED, Parsed, Ref, resolve
+from t5x_like.gin_parse import REQUIRED, Parsed, Ref, resolve
 
 # Module aliases of T5X / seqio gin files; bindings under them are T5X's even without imports.
 MODULES = {"network", "models", "utils", "partitioning", "trainer", "adafactor", "seqio",

@@ -134,6 +134,7 @@ def test_user_errors(text_task, tmp_path):
 def test_same_batches_in_another_process():
     script = (
         "import hashlib, itertools;"
+        "import t5x_like.tasks;"
         "from t5x_like.data.pipeline import raw_token_batches;"
         "b = [x['tokens'] for x in itertools.islice(raw_token_batches('shakespeare', "
         "split='train', raw_length=32, batch_size=4, seed=11, skip_batches=2), 3)];"

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("apache_beam")
 
 from t5x_like.data import store as store_lib  # noqa: E402
-from t5x_like.data.prepare import prepare  # noqa: E402
-from t5x_like.data.prepare_beam import prepare_with_beam  # noqa: E402
+from t5x_like.prepare import prepare  # noqa: E402
+from t5x_like.prepare_beam import prepare_with_beam  # noqa: E402
 from t5x_like.errors import UserError  # noqa: E402
 from t5x_like.tasks.pretraining import DEFAULT_TASK  # noqa: E402
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import seqio
 
-from t5x_like.data import tf_runtime
+from t5x_like.data.registry import pretraining_provider, task_provider  # noqa: F401
 from t5x_like.errors import UserError
 
 # Per task object (a re-registered name is a new object): the probes that passed.
@@ -49,38 +49,6 @@ def _check_one_batch(task: seqio.Task, split: str, raw_length: int, batch_size: 
             f"{raw_length} tokens, fewer tokens than one batch of {batch_size} x {raw_length}; "
             "add text, lower data.batch_size or the sequence length, or use another split")
     _probed.setdefault(task, set()).add(key)
-
-
-def task_provider(name: str, split: str, feature: str, kind: str) -> seqio.DatasetProviderBase:
-    """The registered task or mixture ``name``, with ``split`` and the ``feature`` that makes
-    it ``kind`` (e.g. "a pretraining task; register ...": the sentence's ending)."""
-    tf_runtime.configure()
-    import t5x_like.tasks  # noqa: F401  (registers the tasks a config may name)
-    from t5x_like.tasks.mixtures import get_provider
-
-    provider = get_provider(name)
-    if split not in provider.splits:
-        raise UserError(f"task {name!r} has no split {split!r}; it has "
-                        f"{', '.join(sorted(provider.splits))}")
-    if feature not in provider.output_features:
-        raise UserError(f"task {name!r} has no {feature!r} feature, so it is not {kind}")
-    return provider
-
-
-def pretraining_provider(name: str, split: str,
-                         vocabulary: seqio.Vocabulary | None = None) -> seqio.DatasetProviderBase:
-    """The registered task or mixture ``name``, checked to have ``split`` and pretraining
-    text ("targets") in ``vocabulary`` (when given): the guard against training on ids from
-    another vocabulary."""
-    provider = task_provider(name, split, "targets",
-                             "a pretraining task; register its text with "
-                             "t5x_like.tasks.register_text_task")
-    task_vocab = provider.output_features["targets"].vocabulary
-    if vocabulary is not None and vocabulary != task_vocab:
-        file = getattr(task_vocab, "sentencepiece_model_file", task_vocab)
-        raise UserError(f"task {name!r} tokenises with {file}, not the model's vocabulary; "
-                        "register it with vocabulary=get_vocabulary(data.vocab_path)")
-    return provider
 
 
 def raw_token_batches(

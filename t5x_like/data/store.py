@@ -1,6 +1,6 @@
 """The prepared token store: a task's tokenised documents, addressable by index.
 
-Written once by ``t5x-like prepare`` (``data/prepare.py``), read at random by Grain
+Written once by ``t5x-like prepare`` (``t5x_like/prepare.py``), read at random by Grain
 (``data/store_input.py``). One store serves every objective and sequence length: it holds
 documents (the task's examples after tokenisation, EOS appended), not chunks of one length.
 
@@ -214,7 +214,8 @@ class StoreSplit:
         first = np.searchsorted(self.offsets, starts, side="right") - 1
         last = np.searchsorted(self.offsets, np.minimum(starts + length, self.num_tokens),
                                side="left")
-        wanted = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(first, last, strict=True)]))
+        spans = [np.arange(a, b) for a, b in zip(first, last, strict=True)]
+        wanted = np.unique(np.concatenate(spans))
         docs = dict(zip(wanted.tolist(), self.documents(wanted), strict=True))
         for row, (start, a, b) in enumerate(zip(starts, first, last, strict=True)):
             tokens = np.concatenate([docs[d] for d in range(a, b)])

@@ -9,35 +9,17 @@ number of input examples (documents, not chunks).
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Sequence
 
 import seqio
 
+from t5x_like.data.registry import (  # noqa: F401  (re-exported: callers look names up here)
+    get_provider,
+    provider_names,
+    unknown_name_error,
+)
 from t5x_like.errors import UserError
-
-
-def provider_names() -> list[str]:
-    """Every registered task and mixture name, sorted."""
-    return sorted({*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()})
-
-
-def unknown_name_error(name: str, what: str = "task or mixture") -> UserError:
-    """A UserError for an unregistered name, listing the closest registered ones."""
-    names = provider_names()
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"registered: {', '.join(names)}"
-    return UserError(f"no {what} named {name!r} is registered; {hint}")
-
-
-def get_provider(name: str) -> seqio.Task | seqio.Mixture:
-    """The registered task or mixture ``name``; a UserError names close matches if none."""
-    if name in seqio.TaskRegistry.names():
-        return seqio.TaskRegistry.get(name)
-    if name in seqio.MixtureRegistry.names():
-        return seqio.MixtureRegistry.get(name)
-    raise unknown_name_error(name)
 
 
 def register_mixture(name: str, tasks: Sequence[str], *, cap: int | None = None,

@@ -1,4 +1,4 @@
-"""``t5x-like prepare --runner R``: the store writer (``data/prepare.py``) on Apache Beam.
+"""``t5x-like prepare --runner R``: the store writer (``prepare.py``) on Apache Beam.
 
 The same transform as the local writer, so the store is byte-identical to the one
 ``prepare(..., workers=N)`` writes for the same task, split, seed and shard count:
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from t5x_like.data import prepare as prepare_lib
+from t5x_like import prepare as prepare_lib
 from t5x_like.data import store as store_lib
 from t5x_like.errors import UserError
 

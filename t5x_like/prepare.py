@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from t5x_like.data import store as store_lib
+from t5x_like.data.registry import pretraining_provider
 from t5x_like.errors import UserError
 
 WRITER = f"t5x_like.prepare/{store_lib.VERSION}"
@@ -36,19 +37,14 @@ WRITER = f"t5x_like.prepare/{store_lib.VERSION}"
 
 
 def task_for_prepare(name: str, split: str, modules: Sequence[str] = ()):
-    """The registered task ``name`` (after importing ``modules``), checked to have ``split``
-    and pretraining text."""
-    import importlib
+    """The registered task or mixture ``name``, checked to have ``split`` and pretraining
+    text, after registering the built-in tasks and importing ``modules`` (module names or .py
+    files, as ``data.task_modules`` takes them)."""
+    import t5x_like.tasks  # noqa: F401  (the built-in tasks)
+    from t5x_like.experiment import import_task_modules
 
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise UserError(f"cannot import task module {module!r}: {e}") from None
-    from t5x_like.data.pipeline import pretraining_provider
-
-    provider = pretraining_provider(name, split)
-    return provider
+    import_task_modules(",".join(modules))
+    return pretraining_provider(name, split)
 
 
 def source_examples(task, split: str, worker: int, workers: int
