@@ -218,6 +218,10 @@ def prepare(task_name: str, split: str, out: str, *, workers: int = 1, num_shard
                 last = prepare(task.name, split, out, workers=workers, num_shards=num_shards,
                                seed=seed, modules=modules, progress=progress)
         return last
+    if str(out).startswith(("gs://", "s3://")):
+        raise UserError(f"--out {out}: the local writer writes local files (ArrayRecord); "
+                        "write to a local or mounted folder, or use --runner (Beam writes "
+                        "gs:// directly)")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if not 0 <= seed < 2 ** 32:

@@ -122,6 +122,10 @@ class StoreSplit:
     """
 
     def __init__(self, root: str | epath.Path, task: str, split: str):
+        if str(root).startswith(("gs://", "s3://")):
+            raise UserError(f"data.store={root}: prepared stores are read from a local or "
+                            "mounted folder (ArrayRecord opens local files only); mount the "
+                            "bucket (gcsfuse) and point data.store at the mount")
         self.path = split_dir(root, task, split)
         self.task, self.split = task, split
         self.manifest = read_manifest(self.path)
