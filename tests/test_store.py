@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -388,7 +389,8 @@ def test_sigkill_and_resume_from_a_store_is_bit_identical(store_dir, tmp_path):
     proc.wait()
     resumed = run_cli(*_train_argv(killed, store_dir, *steps))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step 20" in resumed.stdout
+    # from 20, or from 10 when the kill came while checkpoint 20 was being written
+    assert re.search(r"resumed from step (10|20)\b", resumed.stdout), resumed.stdout[-2000:]
     a, b = _params(tmp_path / "straight"), _params(killed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)

@@ -233,7 +233,10 @@ def test_rank_classification_is_the_argmax_of_score_batch(loaded, one_by_one, mo
     np.testing.assert_allclose(result.scores, scores, atol=1e-4)
     assert np.min(np.abs(np.diff(scores, axis=1))) > 1e-3  # no near-ties to flip an argmax
     assert result.outputs == [LABELS[g] for g in guesses]
-    assert len(set(guesses)) == 2  # both labels chosen somewhere: not a constant answer
+    # the margin depends on the input: the scores are the model's, not a constant answer (a
+    # 40-step tiny model may still pick one label for every input of this small mock split)
+    margins = np.diff(scores, axis=1).ravel()
+    assert np.ptp(margins) > 1e-3
     assert table["glue_sst2"][f"accuracy_rank_{shots}shot"] == pytest.approx(
         100 * accuracy_score(truth, guesses), abs=1e-9)
 
