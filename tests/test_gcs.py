@@ -150,6 +150,7 @@ def killed_and_resumed(gcs, local_reference, tmp_path_factory):
     return workdir, run, caught, max(committed), resumed
 
 
+@pytest.mark.slow  # three CLI runs on the emulator (~4 min); make test-all
 def test_sigkill_mid_save_on_gcs_resumes_bit_identical(gcs, local_reference, killed_and_resumed):
     _, ref_params = local_reference
     workdir, run, caught, last_committed, resumed = killed_and_resumed
@@ -169,6 +170,7 @@ def test_sigkill_mid_save_on_gcs_resumes_bit_identical(gcs, local_reference, kil
     _assert_same_params(params, ref_params)
 
 
+@pytest.mark.slow  # three CLI runs on the emulator (~4 min); make test-all
 def test_eval_and_export_hf_read_a_gcs_workdir(gcs, local_reference, killed_and_resumed, tmp_path):
     """eval of the gs:// run equals eval of the local run; export-hf from gs:// to gs://
     writes the same bytes as exporting the local run; import-hf from gs:// to gs:// brings the
@@ -202,6 +204,7 @@ def test_eval_and_export_hf_read_a_gcs_workdir(gcs, local_reference, killed_and_
     _assert_same_params(jax.device_get(params), ref_params)
 
 
+@pytest.mark.slow  # three CLI runs on the emulator (~4 min); make test-all
 def test_an_unreadable_step_on_gcs_falls_back_with_a_warning(gcs, killed_and_resumed, capsys):
     """The newest step's meta object deleted on the server (runs after the tests above, which
     read that step): reading the run falls back to the step before and says why."""
