@@ -232,17 +232,8 @@ def prepare(task_name: str, split: str, out: str, *, workers: int = 1, num_shard
                num_shards=num_shards or max(workers, 1) * 4, modules=list(modules),
                dtype=store_lib.token_dtype(vocabulary.vocab_size).name,
                vocabulary=store_lib.vocabulary_fingerprint(vocabulary), writer=WRITER)
-    if final.exists():
-        have = store_lib.read_manifest(final)
-        same = (have["seed"] == seed and have["vocabulary"]["fingerprint"] == job["vocabulary"]
-                and (not num_shards or have["num_shards"] == num_shards))
-        if not same:
-            raise UserError(f"{final} already holds a store prepared with other settings "
-                            "(seed, vocabulary or shard count); remove it or choose another "
-                            "--out")
-        if progress:
-            print(f"{final} is already prepared ({have['documents']} documents, "
-                  f"{have['tokens']} tokens)", flush=True)
+    have = existing_store(final, seed, job["vocabulary"], num_shards, progress)
+    if have is not None:
         return have
     partial = final.parent / (final.name + ".partial")
     job["partial"] = os.fspath(partial)
@@ -260,6 +251,23 @@ def prepare(task_name: str, split: str, out: str, *, workers: int = 1, num_shard
         print(f"prepared {final}: {data['documents']} documents, {data['tokens']} tokens in "
               f"{data['num_shards']} shards, {time.perf_counter() - started:.1f} s", flush=True)
     return data
+
+
+def existing_store(final: epath.Path, seed: int, fingerprint: str, num_shards: int,
+                   progress: bool) -> dict | None:
+    """The manifest of a store already at ``final`` written with these settings (a rerun is
+    a no-op), None if there is none; a UserError if one with other settings is there."""
+    if not final.exists():
+        return None
+    have = store_lib.read_manifest(final)
+    if (have["seed"] != seed or have["vocabulary"]["fingerprint"] != fingerprint
+            or num_shards and have["num_shards"] != num_shards):
+        raise UserError(f"{final} already holds a store prepared with other settings (seed, "
+                        "vocabulary or shard count); remove it or choose another --out")
+    if progress:
+        print(f"{final} is already prepared ({have['documents']} documents, "
+              f"{have['tokens']} tokens)", flush=True)
+    return have
 
 
 def _start_or_resume(partial: epath.Path, job: dict) -> None:

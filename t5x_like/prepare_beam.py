@@ -181,16 +181,8 @@ def prepare_with_beam(task_name: str, split: str, out: str, *, runner: str,
     dtype = store_lib.token_dtype(vocabulary.vocab_size)
     fingerprint = store_lib.vocabulary_fingerprint(vocabulary)
     final = store_lib.split_dir(out, task_name, split)
-    if final.exists():
-        have = store_lib.read_manifest(final)
-        if (have["seed"] != seed or have["vocabulary"]["fingerprint"] != fingerprint
-                or requested and have["num_shards"] != requested):
-            raise UserError(f"{final} already holds a store prepared with other settings "
-                            "(seed, vocabulary or shard count); remove it or choose another "
-                            "--out")
-        if progress:
-            print(f"{final} is already prepared ({have['documents']} documents, "
-                  f"{have['tokens']} tokens)", flush=True)
+    have = prepare_lib.existing_store(final, seed, fingerprint, requested, progress)
+    if have is not None:
         return have
     partial = final.parent / (final.name + ".partial")
     if partial.exists():  # a left-over of an earlier run (local or Beam): start over

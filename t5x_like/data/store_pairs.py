@@ -33,7 +33,12 @@ from functools import cached_property
 
 import numpy as np
 
-from t5x_like.data.sentence_pairs import SpecialTokens, _encode_pairs, truncate_pair
+from t5x_like.data.sentence_pairs import (
+    SpecialTokens,
+    _encode_pairs,
+    _random_segments,
+    truncate_pair,
+)
 from t5x_like.data.store import StoreSplit
 from t5x_like.errors import UserError
 
@@ -69,6 +74,13 @@ class StoreDocuments:
             return self.example_tokens
         sums = np.add.reduceat(self.example_tokens, np.arange(0, len(self._order), self.n))
         return sums.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, d: int) -> list[np.ndarray]:
+        """Document d's segments: the list-of-documents view the streaming helpers take."""
+        return self.segments(d)
 
     def segments(self, d: int) -> list[np.ndarray]:
         """Document d's segments (non-empty)."""
@@ -117,27 +129,13 @@ def pair_example(docs: StoreDocuments, slot_doc: int, slot_in_doc: int, rng: np.
     else:
         a, rest, label = chunk[0], chunk[0][:0], 1
     if objective == "nsp" and label:
-        b = _random_segments(docs, slot_doc, max(goal - len(a), 1), rng)
+        b = _random_segments(docs, slot_doc, max(goal - len(a), 1), rng)  # type: ignore[arg-type]
     else:
         b = rest
         if label:  # sop: swapped
             a, b = b, a
     a, b = truncate_pair(a, b, max_tokens, rng)
     return a, b, label
-
-
-def _random_segments(docs: StoreDocuments, exclude: int, want: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    other = int(rng.integers(docs.count - 1))
-    segments = docs.segments(other + (other >= exclude))
-    start = int(rng.integers(len(segments)))
-    out, size = [segments[start][:0]], 0
-    for segment in segments[start:]:
-        out.append(segment)
-        size += len(segment)
-        if size >= want:
-            break
-    return np.concatenate(out)
 
 
 class FullSentenceRows:
