@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,21 +66,8 @@ def train_vocab(texts: Iterable[str], model_path: str | Path,
     except RuntimeError as e:  # e.g. "Vocabulary size too high (8000). Please set it to ..."
         raise UserError(f"cannot train vocabulary {model_path} with {vocab_size} pieces: "
                         f"{str(e).strip().splitlines()[-1]}") from None
-    _write_atomically(model_path, model.getvalue())
+    storage.write_atomically(model_path, model.getvalue())  # readers never see half a model
     return model_path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: readers never see half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def ensure_default_vocab(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
