@@ -82,12 +82,8 @@ def token_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """{"tokens": int32[global_batch / process_count, raw_length]}: this process's rows of
     global batches start_batch, start_batch + 1, ... (module docstring)."""
-    import grain
 
-    if global_batch % process_count:
-        raise UserError(f"data.batch_size={global_batch} cannot be split evenly over "
-                        f"{process_count} processes; make it a multiple of {process_count}")
-    rows = global_batch // process_count
+    rows = rows_per_process(global_batch, process_count)
     counts = [s.num_tokens // raw_length for s in stores]
     for store, count in zip(stores, counts, strict=True):
         if count < 1:
@@ -129,9 +125,24 @@ def token_batches(
                 tokens[mine] = store.stream_slices(starts, raw_length)
         return {"tokens": tokens}
 
+    return read_ahead(batch, start_batch, num_batches, read_threads, prefetch_batches)
+
+
+def rows_per_process(global_batch: int, process_count: int) -> int:
+    """Rows of each global batch one process reads (a UserError unless they divide evenly)."""
+    if global_batch % process_count:
+        raise UserError(f"data.batch_size={global_batch} cannot be split evenly over "
+                        f"{process_count} processes; make it a multiple of {process_count}")
+    return global_batch // process_count
+
+
+def read_ahead(batch, start_batch: int, num_batches: int, read_threads: int,
+               prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """``batch(k)`` for k in [start_batch, num_batches), built ahead on Grain's threads."""
+    import grain
+
     if start_batch >= num_batches:
         return iter(())
     ds = grain.MapDataset.range(start_batch, num_batches).map(batch)
-    options = grain.ReadOptions(num_threads=read_threads,
-                                prefetch_buffer_size=prefetch_batches)
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
     return iter(ds.to_iter_dataset(options))

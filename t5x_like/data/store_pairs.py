@@ -40,6 +40,7 @@ from t5x_like.data.sentence_pairs import (
     truncate_pair,
 )
 from t5x_like.data.store import StoreSplit
+from t5x_like.data.store_input import read_ahead, rows_per_process
 from t5x_like.errors import UserError
 
 
@@ -206,10 +207,7 @@ def store_pair_batches(
     gives. ``repeat=False``: the first epoch's whole batches, slots in order."""
     import grain
 
-    if global_batch % process_count:
-        raise UserError(f"data.batch_size={global_batch} cannot be split evenly over "
-                        f"{process_count} processes; make it a multiple of {process_count}")
-    rows = global_batch // process_count
+    rows = rows_per_process(global_batch, process_count)
     docs = StoreDocuments(store, examples_per_document, sentence_ends, eos)
     if objective == "full_sentences":
         builder = FullSentenceRows(docs, length, special)
@@ -254,8 +252,4 @@ def store_pair_batches(
             ids[r, :len(row)], mask[r, :len(row)] = row, 1
         return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": mask}
 
-    if start_batch >= num_batches:
-        return iter(())
-    ds = grain.MapDataset.range(start_batch, num_batches).map(batch)
-    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
-    return iter(ds.to_iter_dataset(options))
+    return read_ahead(batch, start_batch, num_batches, read_threads, prefetch_batches)
