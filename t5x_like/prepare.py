@@ -12,20 +12,29 @@ in ``prepare_beam.py``, which shares every function that decides bytes):
 Everything is written in ``<split>.partial/``; the manifest is written last and the folder
 renamed to ``<split>``, so a kill leaves either nothing visible or a complete store. A rerun
 with the same settings reuses finished buckets and shards (``.done`` markers) and finishes.
+
+With ``--out gs://...`` (object storage has no folder rename and ArrayRecord writes local
+files) the same job runs in a local staging folder (``staging_folder``) and each finished
+shard is uploaded into ``<split>/`` followed by its ``<shard>.done`` entry; the manifest is
+uploaded last, so a store without one is unfinished, and a rerun, on any machine, keeps the
+shards already uploaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
 
+from t5x_like import storage
 from t5x_like.data import store as store_lib
 from t5x_like.data.registry import pretraining_provider
 from t5x_like.errors import UserError
@@ -111,7 +120,8 @@ def write_shard(out: epath.Path, name: str, keys: np.ndarray, sources: np.ndarra
         np.save(f, index)
     return dict(name=name, documents=int(len(order)), tokens=int(lengths.sum()),
                 bytes=record.stat().length, sha256=store_lib.file_sha256(record),
-                index_sha256=store_lib.file_sha256(index_path))
+                index_sha256=store_lib.file_sha256(index_path),
+                crc32c=storage.crc32c_of(record), index_crc32c=storage.crc32c_of(index_path))
 
 
 def manifest(task_name: str, split: str, vocabulary, seed: int, dtype: np.dtype,
@@ -165,16 +175,33 @@ def _map_worker(job: dict, worker: int, report=None) -> None:
 
 
 def _reduce_worker(job: dict, shard: int) -> dict:
-    """Phase 2 for one shard: its buckets into the record file and the index."""
+    """Phase 2 for one shard: its buckets into the record file and the index; with
+    ``job["upload"]`` (a gs:// store) both files are then uploaded, followed by the shard's
+    ``.done`` entry, and a shard whose remote entry exists is not written again."""
     out = epath.Path(job["partial"])
     name = store_lib.shard_name(shard, job["num_shards"])
+    remote = epath.Path(job["upload"]) if job.get("upload") else None
+    uploaded = out / f"{name}.uploaded"
+    if remote is not None:
+        if uploaded.exists():
+            return json.loads(uploaded.read_text())
+        if (remote / f"{name}.done").exists():  # uploaded by an earlier, killed run
+            entry = json.loads((remote / f"{name}.done").read_text())
+            uploaded.write_text(json.dumps(entry))
+            return entry
     done = out / f"{name}.done"
     if done.exists():
-        return json.loads(done.read_text())
-    buckets = [out / f"bucket-{shard:05d}-{w:05d}.npz" for w in range(job["workers"])]
-    keys, sources, docs = read_buckets(buckets)
-    entry = write_shard(out, name, keys, sources, docs, np.dtype(job["dtype"]))
-    done.write_text(json.dumps(entry))
+        entry = json.loads(done.read_text())
+    else:
+        buckets = [out / f"bucket-{shard:05d}-{w:05d}.npz" for w in range(job["workers"])]
+        keys, sources, docs = read_buckets(buckets)
+        entry = write_shard(out, name, keys, sources, docs, np.dtype(job["dtype"]))
+        done.write_text(json.dumps(entry))
+    if remote is not None:
+        for suffix in (".array_record", ".index.npy"):
+            storage.upload(out / (name + suffix), remote / (name + suffix))
+        storage.write_atomically(remote / f"{name}.done", json.dumps(entry))
+        uploaded.write_text(json.dumps(entry))
     return entry
 
 
@@ -218,10 +245,10 @@ def prepare(task_name: str, split: str, out: str, *, workers: int = 1, num_shard
                 last = prepare(task.name, split, out, workers=workers, num_shards=num_shards,
                                seed=seed, modules=modules, progress=progress)
         return last
-    if str(out).startswith(("gs://", "s3://")):
-        raise UserError(f"--out {out}: the local writer writes local files (ArrayRecord); "
-                        "write to a local or mounted folder, or use --runner (Beam writes "
-                        "gs:// directly)")
+    if str(out).startswith("s3://"):
+        raise UserError(f"--out {out}: stores are read by ArrayRecord, which reads local files "
+                        "and gs:// objects but not s3://; write to gs:// or a local or mounted "
+                        "folder")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if not 0 <= seed < 2 ** 32:
@@ -235,22 +262,67 @@ def prepare(task_name: str, split: str, out: str, *, workers: int = 1, num_shard
     have = existing_store(final, seed, job["vocabulary"], num_shards, progress)
     if have is not None:
         return have
-    partial = final.parent / (final.name + ".partial")
+    remote = storage.is_remote(out)
+    if remote:  # written in a local staging folder, each finished shard uploaded
+        job["upload"] = os.fspath(final)
+        partial = staging_folder(final)
+        pending = _start_or_resume_upload(final, job)
+    else:
+        partial, pending = final.parent / (final.name + ".partial"), True
     job["partial"] = os.fspath(partial)
     _start_or_resume(partial, job)
     started = time.perf_counter()
-    _run_phases(job, progress, getattr(provider.source, "num_input_examples", lambda s: None))
-    entries = [_reduce_worker(job, s) for s in range(job["num_shards"])]  # all .done now
+    if pending:
+        _run_phases(job, progress,
+                    getattr(provider.source, "num_input_examples", lambda s: None))
+    entries = [_reduce_worker(job, s) for s in range(job["num_shards"])]  # all done now
     data = manifest(task_name, split, vocabulary, seed, np.dtype(job["dtype"]), entries)
-    for path in partial.glob("*"):
-        if not path.name.startswith("shard-") or path.name.endswith(".done"):
-            path.unlink()
-    (partial / store_lib.MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
-    partial.rename(final)
+    text = json.dumps(data, indent=1) + "\n"
+    if remote:
+        storage.write_atomically(final / store_lib.MANIFEST, text)  # last: the store is whole
+        for entry in entries:
+            (final / f"{entry['name']}.done").unlink(missing_ok=True)
+        (final / "job.json").unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        for path in partial.glob("*"):
+            if not path.name.startswith("shard-") or path.name.endswith(".done"):
+                path.unlink()
+        (partial / store_lib.MANIFEST).write_text(text)
+        partial.rename(final)
     if progress:
         print(f"prepared {final}: {data['documents']} documents, {data['tokens']} tokens in "
               f"{data['num_shards']} shards, {time.perf_counter() - started:.1f} s", flush=True)
     return data
+
+
+def staging_folder(final: epath.Path) -> epath.Path:
+    """The local folder where the store bound for object storage ``final`` is written before
+    each shard is uploaded: under the temp folder ($TMPDIR; it needs room for the split's
+    tokens twice), named by ``final`` so that a rerun on the same machine finds it."""
+    digest = hashlib.sha256(os.fspath(final).encode()).hexdigest()[:16]
+    return epath.Path(tempfile.gettempdir()) / "t5x-like-prepare" / f"{final.name}-{digest}"
+
+
+def _start_or_resume_upload(final: epath.Path, job: dict) -> bool:
+    """Claims the object-storage folder ``final`` (which has no manifest) for this job: what an
+    earlier run of the same job uploaded is kept, anything else is removed. True while some
+    shard is still to be uploaded."""
+    settings = {k: v for k, v in job.items() if k not in ("partial", "workers")}
+    have = storage.listing(final)
+    same = False
+    if have:
+        try:
+            same = json.loads((final / "job.json").read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:  # an unfinished store of other settings (no manifest): start over
+            final.rmtree()
+            storage.invalidate_listings(final)
+    if not same:
+        storage.write_atomically(final / "job.json", json.dumps(settings))
+    names = [store_lib.shard_name(s, job["num_shards"]) for s in range(job["num_shards"])]
+    return not (same and all(f"{name}.done" in have for name in names))
 
 
 def existing_store(final: epath.Path, seed: int, fingerprint: str, num_shards: int,
@@ -259,6 +331,8 @@ def existing_store(final: epath.Path, seed: int, fingerprint: str, num_shards: i
     a no-op), None if there is none; a UserError if one with other settings is there."""
     if not final.exists():
         return None
+    if storage.is_remote(final) and not (final / store_lib.MANIFEST).exists():
+        return None  # objects of an unfinished upload: resumed or replaced by the caller
     have = store_lib.read_manifest(final)
     if (have["seed"] != seed or have["vocabulary"]["fingerprint"] != fingerprint
             or num_shards and have["num_shards"] != num_shards):

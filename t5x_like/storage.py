@@ -141,3 +141,71 @@ class Mirror:
             self.sync()
         finally:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- whole files
+
+
+def crc32c_of(data_or_file) -> str:
+    """CRC32C (Castagnoli) as 8 hex digits of bytes, or of a local file read in blocks: the
+    checksum GCS computes for every object it stores, so a manifest that records it can be
+    checked against the server's object metadata without reading the object."""
+    import google_crc32c  # a dependency of gcsfs (google-cloud-storage)
+
+    checksum = google_crc32c.Checksum()
+    if isinstance(data_or_file, bytes | bytearray | memoryview):
+        checksum.update(bytes(data_or_file))
+    else:
+        with open(data_or_file, "rb") as f:
+            while block := f.read(1 << 22):
+                checksum.update(block)
+    return checksum.hexdigest().decode()
+
+
+def listing(folder: str | os.PathLike) -> dict[str, tuple[int, str | None]]:
+    """{file name: (size in bytes, crc32c as 8 hex digits or None)} of the files directly in
+    ``folder`` ({} if there is none). Object storage answers with one list request per 1,000
+    objects (sizes and GCS's own crc32c come with it), never a request per file; the listing
+    is always fresh (fsspec's listing cache is dropped first). A local folder gives sizes only
+    (its checksums would need a read)."""
+    if not is_remote(folder):
+        try:
+            with os.scandir(folder) as entries:
+                return {e.name: (e.stat().st_size, None) for e in entries if e.is_file()}
+        except FileNotFoundError:
+            return {}
+    import base64
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(folder))
+    fs.invalidate_cache()
+    try:
+        items = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for item in items:
+        if item.get("type") != "file":
+            continue
+        crc = item.get("crc32c")  # GCS: base64 of the big-endian 4 bytes
+        found[item["name"].rstrip("/").rsplit("/", 1)[-1]] = (
+            int(item["size"]), base64.b64decode(crc).hex() if crc else None)
+    return found
+
+
+def invalidate_listings(path: str | os.PathLike) -> None:
+    """Drops fsspec's cached listings for ``path``'s filesystem (gcsfs caches them per
+    process): what other processes wrote is then seen."""
+    if not is_remote(path):
+        return
+    import fsspec
+
+    fsspec.core.url_to_fs(str(path))[0].invalidate_cache()
+
+
+def upload(local: str | os.PathLike, remote: epath.Path) -> None:
+    """Streams a local file to ``remote`` in blocks (never whole in memory). The object appears
+    when the upload completes: a killed upload leaves no object, never half of one."""
+    with open(local, "rb") as src, as_path(remote).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)

@@ -9,7 +9,9 @@ the environment (subprocesses inherit it):
 - ``STORAGE_EMULATOR_HOST``: gcsfs, which ``etils.epath`` uses for gs:// with
   ``EPATH_USE_TF=false`` (orbax's metadata, our config, logs, vocabularies, HF files);
 - ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs's plain client, since the emulator has no
-  storage-control API for the bucket-layout lookup the extended client makes first.
+  storage-control API for the bucket-layout lookup the extended client makes first;
+- ``CLOUD_STORAGE_EMULATOR_ENDPOINT``: google-cloud-cpp, ArrayRecord's (riegeli's) gs:// reader
+  of prepared store shards (without it that client looks for credentials and hangs).
 
 TensorFlow's own gfile ignores all of these, so nothing here can test a gs:// read by TF ops.
 """
@@ -59,6 +61,7 @@ class Emulator:
             "STORAGE_EMULATOR_HOST": self.url,
             "EPATH_USE_TF": "false",
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
         }
 
     def create_bucket(self, name: str) -> None:
