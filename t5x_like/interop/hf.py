@@ -21,6 +21,7 @@ ARCHITECTURES = (
     "t5x_like.interop.hf_gpt2",
     "t5x_like.interop.hf_bart",
     "t5x_like.interop.hf_xlnet",
+    "t5x_like.interop.hf_longformer",
     "t5x_like.interop.hf_encoder",
 )
 
