@@ -23,7 +23,7 @@ import ml_collections
 
 from t5x_like.errors import UserError, check
 
-OPTIMIZERS = ("adafactor", "adamw")
+OPTIMIZERS = ("adafactor", "adamw", "lamb")
 SCHEDULES = ("rsqrt", "constant", "linear", "cosine")
 
 
@@ -50,6 +50,10 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             # package) or "path/to/my_tasks.py"; they register tasks with t5x_like.tasks
             task_modules="",
             vocab_path="",  # SentencePiece model; "" = the default corpus vocabulary (cached)
+            # sentencepiece | byte (seqio's ByteVocabulary, ByT5) | char (one id per character;
+            # vocab_path = a character list, "" = the default corpus's): every family reads
+            # it; data.task must tokenise with it (shakespeare_bytes, shakespeare_chars)
+            vocab_kind="sentencepiece",
             inputs_length=512,  # encoder length after corruption; raw chunks are longer
             batch_size=8,  # global batch, split over the mesh's data axes
             eval_split="validation",
@@ -264,6 +268,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(not d.pack or getattr(family_class(c.family), "packs", False),
           f"data.pack=True packs fine-tuning examples; family {c.family!r} reads chunks of a "
           "token stream, which are full already: set data.pack=false")
+    from t5x_like.data.vocab import VOCAB_KINDS
+
+    check(d.vocab_kind in VOCAB_KINDS,
+          f"config field data.vocab_kind={d.vocab_kind!r} is not one of {VOCAB_KINDS}")
+    check(d.vocab_kind == "sentencepiece" or d.task != "shakespeare",
+          f"data.vocab_kind={d.vocab_kind!r} needs a task that tokenises with it: set "
+          f"data.task=shakespeare_{d.vocab_kind}s for the default corpus")
     check(d.read_threads >= 1 and d.prefetch_batches >= 1,
           f"data.read_threads ({d.read_threads}) and data.prefetch_batches "
           f"({d.prefetch_batches}) must be at least 1")

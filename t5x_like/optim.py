@@ -28,11 +28,14 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
 def make_optimizer(
     opt: ml_collections.ConfigDict, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adafactor (T5's defaults: factored second moments, decay 0.8, update clipping 1.0) or
-    AdamW; optional global-norm clipping in front."""
+    """Adafactor (T5's defaults: factored second moments, decay 0.8, update clipping 1.0),
+    AdamW, or LAMB (You et al., 2020; ALBERT's optimizer: Adam moments, then each parameter's
+    update scaled by ||w|| / ||update||); optional global-norm clipping in front."""
     schedule = make_schedule(opt, num_steps)
     if opt.name == "adafactor":
         tx = optax.adafactor(learning_rate=schedule, weight_decay_rate=opt.weight_decay or None)
+    elif opt.name == "lamb":
+        tx = optax.lamb(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
     else:
         tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.grad_clip_norm > 0:
