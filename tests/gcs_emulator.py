@@ -77,6 +77,28 @@ class Emulator:
                                          method="DELETE")
         urllib.request.urlopen(request, timeout=10).read()
 
+    def metadata(self, name: str) -> dict:
+        """One object's metadata (size, crc32c, generation, ...) from the server's JSON API."""
+        quoted = urllib.parse.quote(name, safe="")
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}",
+                                    timeout=10) as r:
+            return json.loads(r.read())
+
+    def read(self, name: str) -> bytes:
+        """One object's bytes, downloaded through the server's JSON API."""
+        quoted = urllib.parse.quote(name, safe="")
+        with urllib.request.urlopen(
+                f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media", timeout=30) as r:
+            return r.read()
+
+    def upload(self, name: str, data: bytes) -> None:
+        """Creates or replaces one object through the server's JSON API (a simple upload)."""
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        request = urllib.request.Request(
+            f"{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}", data=data,
+            headers={"Content-Type": "application/octet-stream"}, method="POST")
+        urllib.request.urlopen(request, timeout=30).read()
+
     def objects(self, prefix: str = "") -> list[str]:
         """Names of the bucket's objects under ``prefix``, straight from the server's JSON API
         (no client library in between)."""

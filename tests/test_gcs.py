@@ -1,15 +1,18 @@
-"""gs:// workdirs, vocabularies and Hugging Face folders against a real GCS API server.
+"""gs:// workdirs, vocabularies, Hugging Face folders and prepared data stores against a real
+GCS API server.
 
 The server is ``fake-gcs-server`` (tests/gcs_emulator.py): orbax's arrays reach it through
 tensorstore's gcs driver, everything else through etils.epath + gcsfs, exactly as on GCS. The
 oracles are the same operations on a local disk: a run killed mid-save on gs:// must end with
 the parameters of an uninterrupted local run bit for bit, and eval / export-hf of the two must
-agree exactly. What the test process checks on the server it lists through the server's own
-JSON API, not through the client libraries under test.
+agree exactly; a store prepared on gs:// must hold the local writer's bytes and give the
+batches and losses of its local copy. What the test process checks on the server it reads
+through the server's own JSON API, not through the client libraries under test.
 """
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -245,3 +248,155 @@ def test_launch_local_two_processes_train_on_a_gcs_workdir(gcs):
     assert committed == {2, 4, 6} and not writing
     _, step = _state(workdir)
     assert step == steps and np.isfinite(rows[-1]["train/loss"])
+
+
+# --------------------------------------------------------------------------- prepared stores
+
+
+STORE = f"gs://{BUCKET}/stores"
+
+
+def _objects(gcs, prefix: str) -> dict[str, bytes]:
+    """{name under prefix: bytes} of the objects on the server, through its own JSON API."""
+    return {name[len(prefix):]: gcs.read(name) for name in sorted(gcs.objects(prefix))}
+
+
+@pytest.fixture(scope="module")
+def gcs_store(gcs, tmp_path_factory):
+    """The default task's train and validation splits prepared on gs:// by the local writer,
+    and a local copy of the objects downloaded through the server's API: the oracle."""
+    from t5x_like import tasks
+    from t5x_like.prepare import prepare
+
+    task = tasks.DEFAULT_TASK
+    for split in ("train", "validation"):
+        prepare(task, split, f"{STORE}/main", num_shards=2, progress=False)
+    copy = tmp_path_factory.mktemp("store_copy")
+    for name, data in _objects(gcs, "stores/main/").items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(data)
+    return task, f"{STORE}/main", copy
+
+
+def test_prepare_to_gcs_resumes_after_a_failed_upload_with_the_local_bytes(gcs, tmp_path,
+                                                                            monkeypatch):
+    """Shards are uploaded as they are finished, the manifest last; a rerun on another machine
+    (no staging folder) keeps what was uploaded and ends with the local writer's bytes."""
+    from etils import epath
+
+    from t5x_like import prepare as prepare_lib
+    from t5x_like import storage, tasks
+    from t5x_like.data.store import StoreSplit
+
+    task = tasks.DEFAULT_TASK
+    local = tmp_path / "local"
+    prepare_lib.prepare(task, "validation", str(local), num_shards=4, progress=False)
+    want = {p.name: p.read_bytes() for p in (local / task / "validation").iterdir()}
+
+    real, uploads = storage.upload, []
+
+    def fails_at_the_sixth(src, dst):  # the connection drops in shard 2's index
+        if len(uploads) == 5:
+            raise OSError("connection reset (injected)")
+        uploads.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(storage, "upload", fails_at_the_sixth)
+    out = f"{STORE}/resumed"
+    with pytest.raises(OSError, match="injected"):
+        prepare_lib.prepare(task, "validation", out, num_shards=4, progress=False)
+    prefix = f"stores/resumed/{task}/validation/"
+    names = set(gcs.objects(prefix))
+    assert f"{prefix}manifest.json" not in names  # never seen complete while partial
+    assert {f"{prefix}shard-0000{s}-of-00004.done" for s in (0, 1)} <= names
+    assert f"{prefix}shard-00002-of-00004.done" not in names
+    with pytest.raises(UserError, match=r"is not a prepared store split \(no manifest.json\)"):
+        StoreSplit(out, task, "validation")
+    kept = {n: gcs.metadata(n)["generation"] for n in names
+            if re.search(r"shard-0000[01]-of-00004\.(array_record|index\.npy)$", n)}
+    assert len(kept) == 4
+
+    monkeypatch.setattr(storage, "upload", real)
+    staging = prepare_lib.staging_folder(epath.Path(out) / task / "validation")
+    assert staging.exists()
+    shutil.rmtree(staging)  # the rerun starts on another machine
+    prepare_lib.prepare(task, "validation", out, num_shards=4, progress=False)
+    assert _objects(gcs, prefix) == want  # the local bytes, no marker left behind
+    assert {n: gcs.metadata(n)["generation"] for n in kept} == kept  # not uploaded again
+    assert not staging.exists()
+
+
+def test_a_gcs_store_gives_the_local_copys_batches_and_is_checked_without_a_download(
+        gcs_store, monkeypatch):
+    from t5x_like.data import store as store_lib
+    from t5x_like.data import store_input
+
+    task, remote_root, copy = gcs_store
+    remote = store_lib.StoreSplit(remote_root, task, "train")
+    local = store_lib.StoreSplit(copy, task, "train")
+    assert remote.manifest == local.manifest and remote.num_documents > 100
+    read = []
+    monkeypatch.setattr(store_lib, "file_sha256",
+                        lambda path: read.append(str(path)) or "not read")
+    with pytest.raises(UserError, match="does not match its checksum"):
+        local.verify()  # a local copy is read (and here the stand-in sha256 differs)
+    assert read
+    read.clear()
+    remote.verify()  # every object's CRC32C came with the listing: nothing downloaded
+    assert read == []
+    for start in (0, 10**6):
+        a, b = ([next(store_input.token_batches([s], None, raw_length=64, global_batch=8,
+                                                seed=5, start_batch=start + k, read_threads=2,
+                                                process_index=p, process_count=2))["tokens"]
+                 for k in range(3) for p in range(2)] for s in (remote, local))
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+            assert (x > 0).any()
+
+
+# --------------------------------------------------------------------------- training from gs://
+
+
+def _store_train_argv(workdir, store, *extra):
+    from conftest import TINY_OVERRIDES
+
+    return ["train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+            f"--config.data.store={store}", *TINY_OVERRIDES, "--config.train.num_steps=6",
+            "--config.train.eval_every=6", "--config.train.eval_batches=1",
+            "--config.train.checkpoint_every=6", *extra]
+
+
+@pytest.mark.parametrize("damage", ["flip", pytest.param("delete", marks=pytest.mark.slow)])
+def test_a_damaged_gcs_shard_is_named_in_one_sentence(gcs, gcs_store, tmp_path, damage):
+    task, _, _ = gcs_store
+    source, target = "stores/main/", f"stores/{damage}/"
+    for name, data in _objects(gcs, source).items():
+        gcs.upload(target + name, data)
+    shard = f"{target}{task}/train/shard-00001-of-00002.array_record"
+    if damage == "flip":
+        data = bytearray(gcs.read(shard))
+        data[len(data) // 2] ^= 0x01  # same size: only a checksum can tell
+        gcs.upload(shard, bytes(data))
+        want = "shard-00001-of-00002.array_record does not match its checksum"
+    else:
+        gcs.delete(shard)
+        want = "shard-00001-of-00002.array_record is missing"
+    result = run_cli(*_store_train_argv(tmp_path / "run", f"gs://{BUCKET}/{target.rstrip('/')}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert f"gs://{BUCKET}/{target}{task}/train" in lines[0] and want in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # two CLI training runs (~40 s on 2 quiet cores); make test-all
+def test_training_from_a_gcs_store_logs_the_local_copys_losses(gcs_store, tmp_path):
+    from family_runs import logged_losses
+
+    _, remote_root, copy = gcs_store
+    for name, store in (("remote", remote_root), ("local", copy)):
+        result = run_cli(*_store_train_argv(tmp_path / name, store))
+        assert result.returncode == 0, result.stderr[-3000:]
+    remote, local = logged_losses(tmp_path / "remote"), logged_losses(tmp_path / "local")
+    assert sorted(remote) == list(range(1, 7)) and remote == local
