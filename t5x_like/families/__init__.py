@@ -26,6 +26,7 @@ FAMILIES = {
     "albert": "t5x_like.families.bert:AlbertFamily",
     "spanbert": "t5x_like.families.bert:SpanBertFamily",
     "electra": "t5x_like.families.electra:ElectraFamily",
+    "longformer": "t5x_like.families.longformer:LongformerFamily",
     "t5_finetune": "t5x_like.families.finetune:T5FinetuneFamily",
     "bart_finetune": "t5x_like.families.finetune:BartFinetuneFamily",
     "bert_finetune": "t5x_like.families.finetune:EncoderFinetuneFamily",
