@@ -215,13 +215,15 @@ def main(argv=None) -> None:
           f"{args.steps} timed steps", flush=True)
     results = run_all(Path(__file__).resolve(), args.only or IMPLEMENTATIONS,
                       ["--steps", str(args.steps), "--warmup", str(args.warmup)],
-                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout)
+                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout,
+                      repeats=args.repeats)
     summary = print_summary(results, TITLES, ("ours", "ours_unrolled"))
     config = {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "ffn": FFN, "vocab": VOCAB,
               "length": LENGTH, "batch": BATCH, "mlm_slots_ours": PREDICTIONS,
               "masked_positions_peers": PREDICTIONS, "tokens_per_step": TOKENS_PER_STEP,
               "dtype": "float32", "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
-              "warmup_steps": args.warmup, "timed_steps": args.steps}
+              "warmup_steps": args.warmup, "timed_steps": args.steps,
+              "interleaved_repetitions": args.repeats}
     write_report(args.out, env=env, config=config, results=results, summary=summary)
 
 

@@ -166,19 +166,38 @@ def environment() -> dict:
     }
 
 
-def format_table(results: dict, titles: dict[str, str]) -> str:
-    rows = [("implementation", "step ms (median)", "tokens/s", "peak RSS delta MiB",
-             "XLA arg+out+temp MiB (temp)", "others' CPU")]
-    for name, r in results.items():
+def representative(runs: list[dict]) -> dict:
+    """The run whose step time is the median of an implementation's repetitions (the lower
+    middle one for an even count), with every repetition's median step time beside it;
+    the first failure when none succeeded."""
+    ok = sorted((r for r in runs if r.get("ok")), key=lambda r: r["step_ms_median"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2],
+            "repetitions_ok": len(ok), "repetitions": len(runs),
+            "step_ms_median_per_repetition": [r["step_ms_median"] if r.get("ok") else None
+                                              for r in runs],
+            "peak_rss_delta_mb_max": max(r["peak_rss_delta_mb"] for r in ok)}
+
+
+def format_table(results: dict[str, list[dict]], titles: dict[str, str]) -> str:
+    rows = [("implementation", "step ms: median (min-max) of repetitions", "tokens/s",
+             "peak RSS delta MiB (max)", "XLA arg+out+temp MiB (temp)", "others' CPU")]
+    for name, runs in results.items():
+        r = representative(runs)
         if not r.get("ok"):
             rows.append((f"{name}: {titles[name]}", "FAILED", "-", "-", "-", "-"))
             continue
+        per = [t for t in r["step_ms_median_per_repetition"] if t is not None]
         xla = r.get("xla_memory_bytes")
         xla_text = (f"{xla['argument_output_temp'] / MB:.0f} ({xla['temp'] / MB:.0f})"
                     if xla else "n/a")
-        rows.append((f"{name}: {titles[name]}", f"{r['step_ms_median']:.0f}",
-                     f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_delta_mb']:.0f}", xla_text,
-                     f"{100 * r['other_processes_cpu_share']:.0f}%"))
+        others = max(x["other_processes_cpu_share"] for x in runs if x.get("ok"))
+        rows.append((f"{name}: {titles[name]}",
+                     f"{r['step_ms_median']:.0f} ({min(per):.0f}-{max(per):.0f}, n={len(per)})",
+                     f"{r['tokens_per_s']:.0f}",
+                     f"{r['peak_rss_delta_mb']:.0f} ({r['peak_rss_delta_mb_max']:.0f})", xla_text,
+                     f"<= {100 * others:.0f}%"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
              for row in rows]
@@ -186,19 +205,32 @@ def format_table(results: dict, titles: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def ratios(results: dict, ours: tuple[str, ...]) -> dict:
-    """Each of ``ours`` against the faster of the peers 'flax' and 'torch'; flax / torch."""
-    speed = {n: r["tokens_per_s"] for n, r in results.items() if r.get("ok")}
-    out = {}
-    peers = {n: s for n, s in speed.items() if n in ("flax", "torch")}
-    if peers:
-        fastest = max(peers, key=peers.get)
-        for name in ours:
-            if name in speed:
-                out[f"{name} / {fastest} (faster peer)"] = speed[name] / peers[fastest]
-    if "flax" in speed and "torch" in speed:
-        out["flax / torch"] = speed["flax"] / speed["torch"]
-    return out
+def paired_ratio(results: dict[str, list[dict]], a: str, b: str) -> dict | None:
+    """a's tokens/s over b's, one ratio per interleaved repetition (both timed in the same
+    round; a round where either failed is left out), as median, min and max."""
+    def speeds(name: str) -> list[float | None]:
+        return [r["tokens_per_s"] if r.get("ok") else None for r in results.get(name, [])]
+
+    values = [x / y for x, y in zip(speeds(a), speeds(b), strict=False)
+              if x is not None and y is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "per_repetition": values}
+
+
+def ratios(results: dict[str, list[dict]], ours: tuple[str, ...]) -> dict:
+    """Each of ``ours`` against the faster (by median) of the peers 'flax' and 'torch', and
+    flax / torch, each as ``paired_ratio``."""
+    medians = {n: representative(runs)["tokens_per_s"] for n, runs in results.items()
+               if n in ("flax", "torch") and representative(runs).get("ok")}
+    pairs = {}
+    if medians:
+        fastest = max(medians, key=medians.get)
+        pairs.update({f"{name} / {fastest} (faster peer)": (name, fastest) for name in ours})
+    pairs["flax / torch"] = ("flax", "torch")
+    out = {label: paired_ratio(results, a, b) for label, (a, b) in pairs.items()}
+    return {label: value for label, value in out.items() if value is not None}
 
 
 # --------------------------------------------------------------------------- timed training loops
@@ -328,6 +360,8 @@ def peer_args(argv: Sequence[str] | None, *, description: str, implementations: 
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
     parser.add_argument("--only", choices=implementations, action="append",
                         help="run only this implementation (repeatable)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds of every implementation (median reported)")
     for flag, options in (extra or {}).items():
         parser.add_argument(flag, **options)
     parser.add_argument("--timeout", type=int, default=400, help="seconds per implementation")
@@ -336,8 +370,8 @@ def peer_args(argv: Sequence[str] | None, *, description: str, implementations: 
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--worker", choices=implementations, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--warmup, --steps and --repeats must be >= 1")
     return args
 
 
@@ -347,10 +381,11 @@ def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.N
     ``run_worker`` in the driver to read.
 
     Ours runs as the ``t5x-like`` command runs, keeping freed memory for reuse
-    (``t5x_like/host_memory.py``); the peers run as their users run them.
+    (``t5x_like/host_memory.py``), except rows named ``*_system_malloc`` (the allocator's A/B);
+    the peers run as their users run them.
     """
     kept = False
-    if args.worker.startswith("ours"):
+    if args.worker.startswith("ours") and not args.worker.endswith("_system_malloc"):
         from t5x_like import host_memory
 
         kept = host_memory.keep_freed_memory()
@@ -363,21 +398,26 @@ def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.N
 
 
 def run_all(script: Path, names: Sequence[str], worker_args: list[str], *, prefix: str,
-            quiet_wait: float, timeout: float) -> dict:
-    """Runs each implementation in its own process, one after another, each after waiting (up
-    to ``quiet_wait`` s) for a quiet machine; prints a line per implementation."""
-    results = {}
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        waited = wait_for_quiet(quiet_wait)
-        results[name] = r = run_worker(script, name, worker_args, prefix=prefix, timeout=timeout)
-        r["waited_for_quiet_s"] = waited
-        if r.get("ok"):
-            print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other processes "
-                  f"took {100 * r['other_processes_cpu_share']:.0f}% of the cores", flush=True)
-        else:
-            print(f"  FAILED: {r['error']}", flush=True)
+            quiet_wait: float, timeout: float, repeats: int = 1) -> dict[str, list[dict]]:
+    """Runs each implementation in its own process, each after waiting (up to ``quiet_wait``
+    s) for a quiet machine, in ``repeats`` interleaved rounds (A B C, A B C, ...), so that a
+    slow spell of a shared machine lands on every implementation rather than on one; prints a
+    line per run. Returns each implementation's runs in round order."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in names:
+            print(f"running {name} (repetition {round_index + 1} of {repeats}) ...", flush=True)
+            waited = wait_for_quiet(quiet_wait)
+            r = run_worker(script, name, worker_args, prefix=prefix, timeout=timeout)
+            r["waited_for_quiet_s"] = waited
+            results[name].append(r)
+            if r.get("ok"):
+                print(f"  {r['step_ms_median']:.0f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+                      f"loss {r['final_loss']:.3f}, {r['wall_s']:.0f} s in all, other "
+                      f"processes took {100 * r['other_processes_cpu_share']:.0f}% of the "
+                      "cores", flush=True)
+            else:
+                print(f"  FAILED: {r['error']}", flush=True)
     return results
 
 
@@ -386,8 +426,9 @@ def print_summary(results: dict, titles: dict[str, str], ours: tuple[str, ...]) 
     print()
     print(format_table(results, titles))
     summary = ratios(results, ours)
-    for label, value in summary.items():
-        print(f"{label}: {value:.2f}x")
+    for label, v in summary.items():
+        print(f"{label}: {v['median']:.2f}x median, {v['min']:.2f}-{v['max']:.2f}x over "
+              f"{len(v['per_repetition'])} interleaved repetitions")
     return summary
 
 

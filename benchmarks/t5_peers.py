@@ -11,8 +11,12 @@ computes eagerly on CPU anyway). The JAX steps are timed through the executable 
 ``jitted.lower(...).compile()`` returns (the same one a call would build; calling the jitted
 function after ``compile()`` would compile it a second time).
 
-Rows: ``ours`` (the ``small`` preset's layout: layers unrolled), ``flax``, ``torch``, and
-``ours_scanned``, a diagnostic: ours with ``model.scan_layers=True``. Before each one the
+Rows: ``ours`` (the ``small`` preset's layout: layers unrolled), ``ours_system_malloc`` (the
+same with glibc's default allocator instead of the keep-freed-memory one the ``t5x-like``
+command sets: the allocator's A/B), ``flax``, ``torch``, and ``ours_scanned``, a diagnostic:
+ours with ``model.scan_layers=True``. ``--repeats`` rounds (default 3) run every row in turn
+(A B C, A B C, ...); each ratio is taken within a round and reported as the median with its
+min and max, so one lucky or unlucky run cannot set the number. Before each run the
 driver waits (``--quiet-wait`` seconds at most) for other processes to leave the CPUs, and each
 row reports the share of the cores other processes took during its timed steps (``others'
 CPU``): other engineers' test suites share this machine.
@@ -45,9 +49,11 @@ from common import (
     environment,
     memory_growth,
     our_rss_baseline,
+    paired_ratio,
     peer_args,
     print_summary,
     report_worker,
+    representative,
     run_all,
     time_flax_peer,
     time_our_step,
@@ -57,10 +63,12 @@ from common import (
 )
 
 RESULT_PREFIX = "T5_PEERS_RESULT "
-# ours_scanned is a diagnostic row: our model with its layers scanned instead of unrolled.
-IMPLEMENTATIONS = ("ours", "flax", "torch", "ours_scanned")
+# ours_scanned is a diagnostic row: our model with its layers scanned instead of unrolled;
+# ours_system_malloc is ours with glibc's default allocator (the keep-freed-memory A/B).
+IMPLEMENTATIONS = ("ours", "ours_system_malloc", "flax", "torch", "ours_scanned")
 TITLES = {
     "ours": "t5x_like (NNX, span corruption in step)",
+    "ours_system_malloc": "t5x_like, glibc's default allocator (T5X_LIKE_SYSTEM_MALLOC=1)",
     "ours_scanned": "t5x_like, model.scan_layers=True (diagnostic)",
     "flax": "transformers FlaxT5 + optax adamw (jit)",
     "torch": "transformers PyTorch T5 + torch AdamW",
@@ -260,6 +268,7 @@ RUNNERS = {
     "flax": run_flax,
     "torch": run_torch,
     "ours_scanned": lambda args: run_ours(args, ("model.scan_layers=True",)),
+    "ours_system_malloc": run_ours,  # report_worker leaves the allocator as glibc sets it
 }
 
 
@@ -283,10 +292,16 @@ def main(argv=None) -> None:
     results = run_all(Path(__file__).resolve(), args.only or IMPLEMENTATIONS,
                       ["--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--corruption-calls", str(args.corruption_calls)],
-                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout)
-    summary = print_summary(results, TITLES, ("ours", "ours_scanned"))
+                      prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout,
+                      repeats=args.repeats)
+    summary = print_summary(results, TITLES, ("ours", "ours_system_malloc", "ours_scanned"))
+    allocator = paired_ratio(results, "ours", "ours_system_malloc")
+    if allocator:
+        summary["ours / ours_system_malloc (allocator A/B)"] = allocator
+        print(f"keep-freed allocator speed-up: {allocator['median']:.3f}x median, "
+              f"{allocator['min']:.3f}-{allocator['max']:.3f}x")
     for name in ("ours", "ours_scanned"):
-        r = results.get(name, {})
+        r = representative(results[name]) if results.get(name) else {}
         if r.get("ok"):
             print(f"span corruption alone: {r['span_corruption_ms_median']:.2f} ms = "
                   f"{100 * r['span_corruption_share']:.2f}% of the {name} step")
@@ -294,7 +309,8 @@ def main(argv=None) -> None:
               "targets_length": TARGETS_LENGTH, "raw_length_ours": RAW_LENGTH,
               "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
               "optimizer": f"AdamW lr {LEARNING_RATE}", "dropout": 0.0,
-              "warmup_steps": args.warmup, "timed_steps": args.steps}
+              "warmup_steps": args.warmup, "timed_steps": args.steps,
+              "interleaved_repetitions": args.repeats}
     write_report(args.out, env=env, config=config, results=results, summary=summary)
 
 
