@@ -84,6 +84,8 @@ def _compile(lowered, dump: str, exp):
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise
+        if exp is None:
+            raise
         raise UserError(_out_of_memory_sentence(text, exp)) from e
 
 
@@ -119,6 +121,12 @@ def _optimized_hlo(dump: str, name: str) -> str:
     if not paths:
         raise RuntimeError(f"the compiler wrote no optimized HLO for {name} to {dump}")
     return open(paths[-1]).read()  # noqa: SIM115
+
+
+def compile_lowered(lowered, name: str, exp=None) -> tuple:
+    """(the compiled program, its optimized HLO text) for a lowered jitted function ``name``."""
+    with tempfile.TemporaryDirectory() as dump:
+        return _compile(lowered, dump, exp), _optimized_hlo(dump, name)
 
 
 def compile_experiment(exp, *, eval_step: bool = True) -> dict:
@@ -168,9 +176,47 @@ def _split_top(text: str) -> list[str]:
     return parts
 
 
+def _mesh_groups(attrs: str) -> list[list[int]] | None:
+    """Groups of the mesh-axes form ``replica_groups=mesh['a'=2,'b'=4] {'b'}`` (XLA's
+    MeshAxesReplicaGroupList; ``, device_ids=(...)`` when not iota; sub-axes ``'a':(pre)size``):
+    the devices laid out on the mesh, one group per combination of the other axes' positions."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^)]*)\))? \{([^}]*)\}",
+                  attrs)
+    if not m:
+        return None
+    axes = re.findall(r"'?([\w.\-]+)'?=(\d+)", m.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    ids = np.arange(math.prod(sizes))
+    if m.group(2):
+        ids = np.array([int(x) for x in re.findall(r"\d+", m.group(2))])
+    refs: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # dim -> (pre, size, order)
+    for order, (name, pre, size) in enumerate(
+            re.findall(r"'?([\w.\-]+)'?(?::\((\d+)\)(\d+))?", m.group(3))):
+        dim = names.index(name)
+        refs[dim].append((int(pre or 1), int(size or sizes[dim]), order))
+    shape, grouped = [], []  # each mesh dim split into its sub-axes (XLA's reindexing)
+    for dim, full in enumerate(sizes):
+        prefix = 1
+        for pre, size, order in sorted(refs.get(dim, [])):
+            if pre != prefix:
+                shape.append(pre // prefix)
+            grouped.append((order, len(shape)))
+            shape.append(size)
+            prefix = pre * size
+        if prefix != full or dim not in refs:
+            shape.append(full // prefix)
+    grouped_dims = [d for _, d in sorted(grouped)]
+    rest = [d for d in range(len(shape)) if d not in grouped_dims]
+    size = math.prod(shape[d] for d in grouped_dims)
+    return ids.reshape(shape).transpose(rest + grouped_dims).reshape(-1, size).tolist()
+
+
 def _groups(attrs: str, num_devices: int) -> list[list[int]]:
-    """Device groups of a collective from ``replica_groups`` (list or iota form) or
+    """Device groups of a collective from ``replica_groups`` (list, iota or mesh-axes form) or
     ``source_target_pairs``; positions index the mesh's flat device order."""
+    groups = _mesh_groups(attrs)
+    if groups is not None:
+        return groups
     m = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,{} ]*\})?\}", attrs)
     if m:
         groups = [[int(x) for x in g.split(",") if x.strip()]
@@ -196,6 +242,13 @@ def _wire_bytes(kind: str, result_bytes: int, n: int) -> float:
             "all-reduce": 2 * result_bytes * (n - 1) / n,
             "all-to-all": result_bytes * (n - 1) / n,
             "collective-permute": float(result_bytes)}[kind]
+
+
+def _network(groups: list[list[int]], slice_of: np.ndarray) -> str:
+    """DCN when a group spans slices, else ICI. (A multislice program is compiled per slice:
+    its in-slice groups index that slice's chips; cross-slice traffic is ``send``/``recv``.)"""
+    num = len(slice_of)
+    return "DCN" if any(len({slice_of[i] for i in g if i < num}) > 1 for g in groups) else "ICI"
 
 
 _MEGASCALE_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather",
@@ -253,6 +306,32 @@ def _trip_count(attrs: str, computations: dict[str, list[str]]) -> int:
     return constants[0] if len(constants) == 1 and len(compares) == 1 else 1
 
 
+def _fused_reduce_scatter(name: str, lines: list[str]) -> str | None:
+    """The all-reduce's attributes when computation ``name`` is a reduce-scatter in disguise:
+    libtpu fuses a reduce-scatter as ``fusion(...), kind=kCustom, calls=%all-reduce-scatter``
+    whose body all-reduces the whole array and keeps this chip's slice (a dynamic-slice). It
+    moves reduce-scatter's bytes (its result x (n - 1)), not an all-reduce's of the whole array
+    (2 x the whole x (n - 1) / n, twice as many); counted as the body reads, gradients under
+    fsdp would look all-reduced."""
+    reduces, root = {}, None
+    for line in lines:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        _, opcode, after = _opcode(m.group(1))
+        target = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) =", line).group(1)
+        if opcode in ("all-reduce", "all-reduce-start"):
+            reduces[target] = after
+        if line.lstrip().startswith("ROOT"):
+            root = (opcode, after)
+    if len(reduces) != 1:
+        return None
+    (reduce_name, attrs), = reduces.items()
+    sliced = root is not None and root[0] == "dynamic-slice" and re.match(
+        rf"\s*%?{re.escape(reduce_name)}\b", root[1])
+    return attrs if sliced or name.startswith("all-reduce-scatter") else None
+
+
 def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
     """The collectives one step runs, per chip: kind, network (ICI within a slice, DCN across
     slices), count per step (ops inside a scanned loop count once per iteration) and bytes:
@@ -291,13 +370,21 @@ def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
                     result = parts[1] if len(parts) > 1 else type_text
                 nbytes = _array_bytes(result)
                 groups = _groups(after, num)
-                network = "DCN" if any(len({slice_of[i] for i in g if i < num}) > 1
-                                       for g in groups) else "ICI"
                 n = 2 if base == "collective-permute" else len(groups[0])
-                sums[(base, network)] += (1, nbytes, _wire_bytes(base, nbytes, n))
+                sums[(base, _network(groups, slice_of))] += (1, nbytes,
+                                                             _wire_bytes(base, nbytes, n))
             elif opcode == "send" and "_xla_megascale_transfer_type" in after:
                 kind, nbytes, n = _megascale(type_text, after)
                 sums[(kind, "DCN")] += (1, nbytes, _wire_bytes(kind, nbytes, n))
+            elif opcode == "fusion" and (called := _CALLS.search(after)):
+                callee = called.group(1).lstrip("%")
+                attrs = _fused_reduce_scatter(callee, computations.get(callee, []))
+                if attrs is not None:
+                    nbytes = _array_bytes(type_text)
+                    groups = _groups(attrs, num)
+                    sums[("reduce-scatter", _network(groups, slice_of))] += (
+                        1, nbytes, _wire_bytes("reduce-scatter", nbytes, len(groups[0])))
+                    continue
             trips = 1
             if opcode == "while":
                 trips = _trip_count(after, computations)

@@ -131,6 +131,44 @@ def test_collectives_are_counted_per_step_with_their_bytes_and_network():
     assert dcn["count"] == 1 and dcn["bytes"] == 256 * 4 and dcn["wire_bytes"] == 256 * 4
 
 
+def test_collectives_of_one_sharded_matmul_are_counted_as_by_hand():
+    """The gradient of sum(tanh(x @ w)) on v5p:2x2x2 as data 2 x fsdp 4, compiled by libtpu:
+    w [256, 512] bf16 sharded over fsdp on its rows, x [64, 256] over data and fsdp. By hand:
+    w is gathered over fsdp once (all of w arrives, 3/4 of it from others); its gradient is
+    reduce-scattered over fsdp (each chip sends 3 shards of [64, 512]) and the shard summed
+    over data (an all-reduce of [64, 512] in pairs: 1/2 x 2 x its bytes). libtpu fuses the
+    reduce-scatter as an all-reduce of the whole gradient plus a slice; counted as the HLO
+    reads, it would be an all-reduce of 4 x the bytes."""
+    import jax.numpy as jnp
+    import ml_collections
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from t5x_like import aot, partitioning
+
+    mesh = partitioning.make_mesh(ml_collections.ConfigDict(
+        dict(data=2, fsdp=4, tensor=1, dcn_data=1, dcn_fsdp=1)), aot.topology_devices("v5p:2x2x2"))
+
+    def grad_of_matmul(w, x):
+        return jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
+
+    w_sharding = NamedSharding(mesh, P("fsdp", None))
+    x_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    lowered = jax.jit(grad_of_matmul, in_shardings=(w_sharding, x_sharding),
+                      out_shardings=w_sharding).lower(
+        jax.ShapeDtypeStruct((256, 512), jnp.bfloat16),
+        jax.ShapeDtypeStruct((64, 256), jnp.bfloat16))
+    _, hlo = aot.compile_lowered(lowered, "grad_of_matmul")
+    rows = {r["kind"]: r for r in aot.collectives(hlo, partitioning.slice_of_devices(mesh))}
+    shard, whole = 64 * 512 * 2, 256 * 512 * 2
+    found = {k: (r["network"], r["count"], r["bytes"], r["wire_bytes"]) for k, r in rows.items()}
+    assert found == {
+        "all-gather": ("ICI", 1, whole, whole * 3 / 4),
+        "reduce-scatter": ("ICI", 1, shard, shard * 3),
+        "all-reduce": ("ICI", 1, shard, shard),
+    }
+
+
 def test_an_unknown_topology_is_one_sentence():
     result = run_cli("compile", "--config", TINY_CONFIG, "--topology", "v5x:9x9")
     assert result.returncode == 2
