@@ -241,6 +241,33 @@ def test_rank_classification_is_the_argmax_of_score_batch(loaded, one_by_one, mo
         100 * accuracy_score(truth, guesses), abs=1e-9)
 
 
+# --------------------------------------------------------------------------- packed scoring
+
+
+def test_packed_scoring_equals_one_pair_per_row(workdir, mock40):
+    """The fixture's run fine-tuned packed (the tiny preset's data.pack=True), so eval packs its
+    (prompt, label) pairs too; the same checkpoint with data.pack=false scores one pair a row.
+    Every pair's log-likelihood, every chosen label and the task metrics must agree. Rows of
+    128 inputs (the prompts are at most 22 tokens, so none is cut either way) hold several
+    pairs; rows of the run's 32 would hold about one."""
+    wider = ["data.inputs_length=128"]
+    exp, params, _ = load_checkpoint(workdir, wider)
+    exp_u, params_u, _ = load_checkpoint(workdir, [*wider, "data.pack=false"])
+    assert exp.config.data.pack and not exp_u.config.data.pack
+    options = task_eval.Options(split="validation", rank_classification=True)
+    task = task_eval.member_tasks("glue_sst2")[0][0]
+    packed, alone = task_eval.Runner(exp, params), task_eval.Runner(exp_u, params_u)
+    result_p = task_eval.evaluate_task(packed, task, options)
+    result_u = task_eval.evaluate_task(alone, task, options)
+    assert result_p.scores.shape == result_u.scores.shape == (40, 2)
+    np.testing.assert_allclose(result_p.scores, result_u.scores, rtol=1e-5, atol=1e-5)
+    assert np.min(np.abs(np.diff(result_u.scores, axis=1))) > 1e-4  # no tie decides a label
+    assert result_p.outputs == result_u.outputs
+    assert result_p.metrics == result_u.metrics
+    # packed for real: 80 pairs in 2 batches of 8 rows, against 10 batches one pair a row
+    assert alone.rows_scored == 80 and packed.rows_scored <= 16, packed.rows_scored
+
+
 # --------------------------------------------------------------------------- mixtures
 
 

@@ -15,6 +15,13 @@ This is seqio's ``Evaluator`` contract, run on one of our checkpoints:
 4. call every ``predict_metric_fns(targets, predictions)``; ``score_metric_fns(targets,
    scores)`` get the log-likelihood of each target from ``score_batch``.
 
+Scoring (``score_metric_fns`` and rank classification below) packs several (inputs, targets)
+pairs per row when the checkpoint's ``data.pack`` is on, as its fine-tuning did
+(``finetune.packing``: first-fit-decreasing, ``*_segment_ids``/``*_positions``; rows of
+``data.inputs_length`` inputs and targets in the same proportion as the pairs'); each pair's
+score is read from its own slot, the same number as one pair per row. Decoding stays one
+example per row.
+
 Rank classification (zero/few-shot) replaces step 2 for tasks with label words: every label
 string is scored after the input with ``score_batch`` and the best is the prediction
 (``metrics.rank_classification``); K demonstrations ``"input label"`` drawn from the first
@@ -44,6 +51,7 @@ import seqio
 from t5x_like import partitioning
 from t5x_like.errors import UserError
 from t5x_like.evaluation import metrics as metrics_lib
+from t5x_like.finetune import packing
 
 SHOT_POOL = 1000  # train examples read to draw in-context demonstrations from
 
@@ -183,6 +191,8 @@ class Runner:
                                 "--beam-size")
             self.predict_kwargs["options"] = decoding.Options(beam_size=beam_size, alpha=alpha)
         self._replicated = partitioning.replicated(exp.mesh)
+        self.packs = bool(exp.config.data.get("pack", False))  # score several pairs a row
+        self.rows_scored = 0  # rows sent to score_batch (padding rows of a last batch too)
 
     def encode(self, text: str, *, keep_end: bool = False) -> list[int]:
         """Ids of ``text`` + EOS, at most ``inputs_length`` of them: the front kept (seqio's
@@ -237,17 +247,53 @@ class Runner:
             raise UserError(f"scoring label strings needs an encoder-decoder's score_batch "
                             f"(inputs -> targets); a {self.exp.config.family} checkpoint scores "
                             "token streams")
+        if len(inputs) != len(targets) or not inputs:
+            raise UserError(f"scoring needs as many targets as inputs (at least one), got "
+                            f"{len(inputs)} inputs and {len(targets)} targets")
+        if self.packs:
+            return self._score_packed(inputs, targets)
         width = max(len(t) for t in targets)
         in_width = max(len(x) for x in inputs)
         scores = []
         for x, y in zip(self._batches(inputs, in_width), self._batches(targets, width),
                         strict=True):
-            try:
-                scores.append(np.asarray(self._score(self.params, {"inputs": x, "targets": y})))
-            except (NotImplementedError, KeyError) as e:
-                raise UserError(f"a {self.exp.config.family} checkpoint cannot score "
-                                f"(inputs, targets) pairs: {e!r}") from None
+            scores.append(self._call_score({"inputs": x, "targets": y}))
         return np.concatenate(scores)[:len(inputs)].astype(np.float64)
+
+    def _call_score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        self.rows_scored += len(batch["inputs"])
+        try:
+            return np.asarray(self._score(self.params, batch))
+        except (NotImplementedError, KeyError) as e:
+            raise UserError(f"a {self.exp.config.family} checkpoint cannot score "
+                            f"(inputs, targets) pairs: {e!r}") from None
+
+    def packed_lengths(self, inputs: Sequence[Sequence[int]],
+                       targets: Sequence[Sequence[int]]) -> dict[str, int]:
+        """Row lengths for packed scoring: ``data.inputs_length`` inputs (or the longest input),
+        and targets in the pairs' own proportion (at least the longest target), so both
+        features fill up together."""
+        row = max(self.inputs_length, max(len(x) for x in inputs))
+        share = sum(len(t) for t in targets) / max(1, sum(len(x) for x in inputs))
+        return {"inputs": row,
+                "targets": max(max(len(t) for t in targets), int(np.ceil(row * share)))}
+
+    def _score_packed(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                      ) -> np.ndarray:
+        """``score`` with the pairs packed first-fit-decreasing (``packing.pack_examples``);
+        ``score_batch`` gives one score per example slot, read back in the pairs' order."""
+        lengths = self.packed_lengths(inputs, targets)
+        pairs = [{"inputs": x, "targets": y} for x, y in zip(inputs, targets, strict=True)]
+        rows, where = packing.pack_examples(pairs, lengths)
+        filler = packing.pack_row([], lengths)  # weight 0 everywhere, its slots unread
+        slots = []
+        for start in range(0, len(rows), self.batch_size):
+            block = rows[start:start + self.batch_size]
+            block += [filler] * (self.batch_size - len(block))
+            slots.append(self._call_score({k: np.stack([r[k] for r in block])
+                                           for k in block[0]}))
+        slots = np.concatenate(slots)
+        return np.array([slots[r, s] for r, s in where], np.float64)
 
 
 # --------------------------------------------------------------------------- one task

@@ -321,10 +321,12 @@ class T5FinetuneFamily(_FinetuneFamily):
         return self.logits(params, batch["inputs"], decoder_inputs, train=train, key=key,
                            packed=batch), segments
 
-    def _per_example(self, values: jax.Array, segments: jax.Array) -> jax.Array:
-        """Sums of [B, T] ``values`` per example slot [B, M] of packed rows (M = targets
-        length: every example holds at least one target token)."""
-        slots = jax.nn.one_hot(segments - 1, self.ft.targets_length, dtype=jnp.float32)
+    @staticmethod
+    def _per_example(values: jax.Array, segments: jax.Array) -> jax.Array:
+        """Sums of [B, T] ``values`` per example slot [B, M] of packed rows (M = T, the row's
+        target length: every example holds at least one target token, so no row holds more
+        examples; scoring packs wider target rows than training's ``targets_length``)."""
+        slots = jax.nn.one_hot(segments - 1, segments.shape[-1], dtype=jnp.float32)
         return jnp.einsum("bt,btm->bm", values.astype(jnp.float32), slots)
 
     def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
@@ -350,7 +352,7 @@ class T5FinetuneFamily(_FinetuneFamily):
 
     def score_batch(self, params: dict, features: dict) -> jax.Array:
         """log p(targets | inputs): [B] per row, or [B, M] per example slot of packed rows
-        (M = targets length; empty slots score 0)."""
+        (M = the rows' target length; empty slots score 0)."""
         targets = features["targets"]
         logits, segments = self._teacher_forced(params, features)
         log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
