@@ -25,6 +25,7 @@ FAMILIES = {
     "roberta": "t5x_like.families.bert:RobertaFamily",
     "albert": "t5x_like.families.bert:AlbertFamily",
     "spanbert": "t5x_like.families.bert:SpanBertFamily",
+    "structbert": "t5x_like.families.bert:StructBertFamily",
     "electra": "t5x_like.families.electra:ElectraFamily",
     "longformer": "t5x_like.families.longformer:LongformerFamily",
     "t5_finetune": "t5x_like.families.finetune:T5FinetuneFamily",

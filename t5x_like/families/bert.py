@@ -38,18 +38,22 @@ import numpy as np
 from flax import nnx
 
 from t5x_like import losses
-from t5x_like.data import sentence_pairs
+from t5x_like.data import sentence_pairs, structure_pairs
 from t5x_like.data.documents import task_documents
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.encoder import EncoderConfig, EncoderModel
+from t5x_like.models.structbert import StructBertModel
 from t5x_like.objectives.masking import MaskingConfig, mask, word_start_table
 from t5x_like.objectives.spans import SPAN_KINDS, SpanLengths
+from t5x_like.objectives.structural import WordStructure, shuffle_ngrams
 
-LAYOUTS = ("nsp", "sop", "full_sentences")
-_LABELS = {"nsp": "next_sentence_label", "sop": "sentence_order_label"}
+LAYOUTS = ("nsp", "sop", "full_sentences", "sentence_structure")
+_LABELS = {"nsp": "next_sentence_label", "sop": "sentence_order_label",
+           "sentence_structure": structure_pairs.LABEL}
 STATIC_MASKING_SALT = 0x57A71C  # folded into the seed key for static masks
+WORD_SHUFFLE_SALT = 0x5B0FF1E  # folded into each row's masking key for StructBERT's shuffles
 
 
 # --------------------------------------------------------------------------- host data
@@ -84,6 +88,7 @@ class EncoderFamily(Family):
     module_class: ClassVar[type] = EncoderModel
     config_class: ClassVar[type] = EncoderConfig
     objective_name: ClassVar[str] = "mlm"
+    sentence_classes: ClassVar[int] = 2  # the pair head's classes (StructBERT: 3)
 
     def __init__(self, config: ml_collections.ConfigDict, vocabulary):
         super().__init__(config, vocabulary)
@@ -151,6 +156,11 @@ class EncoderFamily(Family):
         m, o = c.model, c.objective
         check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
         pairs = o.layout in _LABELS
+        three_way = o.layout == "sentence_structure"
+        check(three_way == (cls.sentence_classes == 3),
+               f"objective.layout={o.layout!r} does not fit family {c.family!r}: the three-way "
+               "sentence_structure layout is StructBERT's (family 'structbert'), whose sentence "
+               "head has 3 classes; the others have 2")
         check(m.nsp_head == pairs,
                f"objective.layout={o.layout!r} needs model.nsp_head={pairs} (the sentence-pair "
                f"head is trained by nsp/sop layouts only); set model.nsp_head={pairs}"
@@ -210,6 +220,16 @@ class EncoderFamily(Family):
         """
         del shuffle
         o = self.config.objective
+        if o.layout == "sentence_structure":
+            if self.config.data.store:
+                raise UserError("objective.layout='sentence_structure' builds its rows from a "
+                                "task's documents; it does not read a prepared store: set "
+                                "data.store=''")
+            return structure_pairs.structure_pair_batches(
+                self.documents(split), length=self.config.data.inputs_length,
+                batch_size=batch_size, seed=self.config.seed, special=self._special(),
+                shard_index=shard_index, num_shards=num_shards, skip_batches=skip_batches,
+                short_seq_prob=o.short_seq_prob, repeat=repeat)
         if self.config.data.store:  # by index from the prepared store (data/store_pairs.py)
             from t5x_like.data.store_pairs import store_pair_batches
 
@@ -252,7 +272,10 @@ class EncoderFamily(Family):
     def features(self, batch: dict, key: jax.Array) -> dict:
         """Host rows -> masked ``input_ids``, the selected slots (``positions``, ``targets``,
         ``target_weights`` [B, P]), the pair label and ``pair_scale`` (module docstring)."""
-        out = self.masked(batch, key, self.masking)
+        return self._features_from(self.masked(batch, key, self.masking), batch)
+
+    def _features_from(self, out: dict, batch: dict) -> dict:
+        """``features`` from the rows' ``mask`` outputs."""
         rows = batch["input_ids"].shape[0]
         f = {
             "input_ids": out["inputs"],
@@ -282,6 +305,11 @@ class EncoderFamily(Family):
             batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
             masked_positions=batch["positions"], span_boundaries=batch.get("span_boundaries"),
             enable_dropout=self._dropout(train), rngs=nnx.Rngs(dropout=key))
+        sums = self._head_sums(out, batch)
+        return sums["loss"], sums
+
+    def _head_sums(self, out: dict, batch: dict) -> dict:
+        """Metric sums of the MLM logits at the slots, + the pair CE, + the SBO CE."""
         loss = self.config.loss
         sums = losses.cross_entropy_with_z_loss(
             out["mlm_logits"], batch["targets"], batch["target_weights"], z_loss=loss.z_loss,
@@ -301,7 +329,7 @@ class EncoderFamily(Family):
             sums["loss"] = sums["loss"] + sbo["loss"]
             for metric in ("cross_entropy", "correct", "weight"):
                 sums[f"sbo/{metric}"] = sbo[metric]
-        return sums["loss"], sums
+        return sums
 
     def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
         raise UserError(f"a {self.config.family} checkpoint fills masked positions, it does not "
@@ -351,3 +379,75 @@ class SpanBertFamily(EncoderFamily):
         return {**super().objective_defaults(), "layout": "full_sentences", "spans": "geometric",
                 "max_span_length": 10, "whole_word": True, "replace_per_span": True,
                 "span_boundary_objective": True}
+
+
+class StructBertFamily(EncoderFamily):
+    """StructBERT (Wang et al., 2020): BERT's MLM + the word structural objective (K = 3
+    unmasked tokens shuffled at 5% of positions, each shuffled position predicts its original
+    token through the MLM head; ``objectives/structural.py``) + the sentence structural
+    objective (3-way: next / previous / other-document segment; ``data/structure_pairs.py``).
+
+    Loss = MLM mean + word-structure mean + sentence CE mean: the word slots' weights carry
+    (MLM weight) / (word weight) of the whole batch, made in ``features`` before any
+    micro-batching, as ``pair_scale`` does for the sentence term. Metrics add
+    ``word_structure/...`` and ``sentence_structure/...``.
+    """
+
+    module_class: ClassVar[type] = StructBertModel
+    sentence_classes: ClassVar[int] = 3
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        o = config.objective
+        self.word_structure = WordStructure(config.data.inputs_length, o.word_shuffle_rate,
+                                            o.word_shuffle_k)
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "layout": "sentence_structure",
+                "word_shuffle_rate": 0.05, "word_shuffle_k": 3}
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        super().validate_config(c)
+        o = c.objective
+        WordStructure(c.data.inputs_length, o.word_shuffle_rate, o.word_shuffle_k)
+
+    def features(self, batch: dict, key: jax.Array) -> dict:
+        """MLM masking, then the shuffles among the tokens it left alone; ``word_positions``,
+        ``word_targets``, ``word_weights`` [B, K x max_ngrams] beside BERT's features."""
+        out = self.masked(batch, key, self.masking)
+        tokens = batch["input_ids"]
+        eligible = ~jnp.isin(tokens, jnp.asarray(self.masking.special_ids))
+        available = eligible & (out["weights"] == 0)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, WORD_SHUFFLE_SALT))(
+            self._row_keys(tokens, key))
+        row = functools.partial(shuffle_ngrams, config=self.word_structure)
+        shuffled = jax.vmap(row)(keys, out["inputs"], tokens, available, eligible)
+        f = self._features_from({**out, "inputs": shuffled["inputs"]}, batch)
+        word = shuffled["position_weights"]
+        scale = jnp.sum(out["position_weights"]) / jnp.maximum(jnp.sum(word), 1.0)
+        f.update(word_positions=shuffled["positions"], word_targets=shuffled["position_targets"],
+                 word_weights=word, word_scale=jnp.full((tokens.shape[0],), scale))
+        return f
+
+    def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
+        """(summed loss, summed metrics): one pass of the MLM head over the MLM slots and the
+        shuffled positions, then MLM + word-structure + sentence-structure terms."""
+        slots = batch["positions"].shape[1]
+        out = self.model(params)(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+            masked_positions=jnp.concatenate([batch["positions"], batch["word_positions"]], 1),
+            enable_dropout=self._dropout(train), rngs=nnx.Rngs(dropout=key))
+        logits = out["mlm_logits"]
+        sums = self._head_sums({**out, "mlm_logits": logits[:, :slots]}, batch)
+        word_logits, targets = logits[:, slots:], batch["word_targets"]
+        weights = batch["word_weights"]
+        scaled = losses.cross_entropy_with_z_loss(
+            word_logits, targets, weights * batch["word_scale"][:, None],
+            z_loss=self.config.loss.z_loss, label_smoothing=self.config.loss.label_smoothing)
+        plain = losses.cross_entropy_with_z_loss(word_logits, targets, weights)
+        sums["loss"] = sums["loss"] + scaled["loss"]
+        for metric in ("cross_entropy", "correct", "weight"):
+            sums[f"word_structure/{metric}"] = plain[metric]
+        return sums["loss"], sums
