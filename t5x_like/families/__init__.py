@@ -31,6 +31,8 @@ FAMILIES = {
     "t5_finetune": "t5x_like.families.finetune:T5FinetuneFamily",
     "bart_finetune": "t5x_like.families.finetune:BartFinetuneFamily",
     "bert_finetune": "t5x_like.families.finetune:EncoderFinetuneFamily",
+    "elmo": "t5x_like.families.elmo:ElmoFamily",
+    "elmo_finetune": "t5x_like.families.elmo:ElmoFinetuneFamily",
 }
 
 
