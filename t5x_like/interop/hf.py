@@ -22,7 +22,9 @@ ARCHITECTURES = (
     "t5x_like.interop.hf_bart",
     "t5x_like.interop.hf_xlnet",
     "t5x_like.interop.hf_longformer",
+    "t5x_like.interop.hf_transfo_xl",
     "t5x_like.interop.hf_encoder",
+    "t5x_like.interop.hf_mobilebert",
 )
 
 
