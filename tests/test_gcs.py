@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -352,6 +353,33 @@ def test_a_gcs_store_gives_the_local_copys_batches_and_is_checked_without_a_down
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
             assert (x > 0).any()
+
+
+@pytest.mark.slow  # two CLI prepares with 2 worker processes each (~1 min on 2 quiet cores)
+def test_prepare_to_gcs_sigkilled_then_rerun_keeps_the_uploaded_shards(gcs, gcs_store):
+    task, _, _ = gcs_store
+    prefix = f"stores/killed/{task}/validation/"
+    argv = ["prepare", "--task", task, "--split", "validation", "--out", f"{STORE}/killed",
+            "--shards", "2", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "t5x_like.cli", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(n.endswith(".done") for n in gcs.objects(prefix)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "prepare ended before a shard was uploaded"
+    names = gcs.objects(prefix)
+    assert f"{prefix}manifest.json" not in names
+    done = [n.removesuffix(".done") for n in names if n.endswith(".done")]
+    kept = {n: gcs.metadata(n)["generation"] for d in done
+            for n in (f"{d}.array_record", f"{d}.index.npy")}
+    rerun = run_cli(*argv)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    clean = f"stores/main/{task}/validation/"
+    assert _objects(gcs, prefix) == _objects(gcs, clean)
+    assert {n: gcs.metadata(n)["generation"] for n in kept} == kept
 
 
 # --------------------------------------------------------------------------- training from gs://
