@@ -410,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="a registered task or mixture (a mixture "
                    "prepares each of its tasks)")
     p.add_argument("--split", required=True, help="e.g. train, then validation, into one DIR")
-    p.add_argument("--out", required=True, help="the store folder (DIR/<task>/<split>/)")
+    p.add_argument("--out", required=True,
+                   help="the store folder, local or gs:// (DIR/<task>/<split>/)")
     p.add_argument("--workers", type=int, default=1, help="local processes")
     p.add_argument("--shards", type=int, default=0, help="record files (0 = 4 per worker)")
     p.add_argument("--seed", type=int, default=0, help="the one-time document shuffle's seed")
