@@ -328,6 +328,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
     """A copy with derived fields filled in; the copy is what a run writes to its workdir."""
     resolved = ml_collections.ConfigDict(c.to_dict())
+    if "vocab_size" not in resolved.model:  # a model without a vocabulary (Audio BERT's)
+        resolved.lock()
+        return resolved
     if resolved.model.vocab_size == 0:
         resolved.model.vocab_size = int(math.ceil(vocab_size / 128) * 128)
     check(

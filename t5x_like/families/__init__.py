@@ -34,6 +34,7 @@ FAMILIES = {
     "bert_finetune": "t5x_like.families.finetune:EncoderFinetuneFamily",
     "elmo": "t5x_like.families.elmo:ElmoFamily",
     "elmo_finetune": "t5x_like.families.elmo:ElmoFinetuneFamily",
+    "audio_bert": "t5x_like.families.audio_bert:AudioBertFamily",
 }
 
 
