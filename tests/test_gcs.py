@@ -355,6 +355,18 @@ def test_a_gcs_store_gives_the_local_copys_batches_and_is_checked_without_a_down
             assert (x > 0).any()
 
 
+def test_stores_on_s3_are_refused_in_one_sentence(tmp_path):
+    from t5x_like import tasks
+    from t5x_like.data.store import StoreSplit
+    from t5x_like.prepare import prepare
+
+    with pytest.raises(UserError, match=r"^data.store=s3://b/stores: ArrayRecord reads local "
+                       r"files and gs:// objects, not s3://"):
+        StoreSplit("s3://b/stores", tasks.DEFAULT_TASK, "train")
+    with pytest.raises(UserError, match=r"^--out s3://b/stores: .* not s3://"):
+        prepare(tasks.DEFAULT_TASK, "validation", "s3://b/stores", progress=False)
+
+
 @pytest.mark.slow  # two CLI prepares with 2 worker processes each (~1 min on 2 quiet cores)
 def test_prepare_to_gcs_sigkilled_then_rerun_keeps_the_uploaded_shards(gcs, gcs_store):
     task, _, _ = gcs_store
