@@ -12,13 +12,16 @@ import os
 os.environ.setdefault("USE_TF", "0")
 
 import json
+import textwrap
 
+import family_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import ROOT
 from flax import nnx
 
 import t5x_like  # noqa: F401  (modules carry logical names only)
@@ -54,9 +57,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _batch():
+def _batch(vocab: int = VOCAB):
     rng = np.random.default_rng(1)
-    ids = rng.integers(1, VOCAB, (3, LENGTH))
+    ids = rng.integers(1, vocab, (3, LENGTH))
     mask = np.ones((3, LENGTH), np.int64)
     mask[1, 7:] = 0
     mask[2, 3:] = 0
@@ -171,3 +174,156 @@ def test_bad_configs_are_one_sentence():
     with pytest.raises(UserError, match="cannot override"):
         hf_mobilebert.config_from_hf({"model_type": "mobilebert"}, mlm=True, nsp=True,
                                      hidden_size=8)
+
+
+# --------------------------------------------------------------------------- the real loop
+
+RUN = [f"--config.{o}" for o in [*family_runs.RUN, "model.scan_layers=True"]]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    yield from family_runs.compilation_cache_env(tmp_path_factory)
+
+
+def _cli(*argv: str) -> str:
+    """``t5x-like ARGV`` through the CLI's own entry point (in this process); its stdout."""
+    import contextlib
+    import io
+
+    from t5x_like import cli
+
+    os.chdir(ROOT)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(list(argv)) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache):
+    """``configs/mobilebert.py:tiny``: 20 steps, the same run resumed after step 10, eval."""
+    base = tmp_path_factory.mktemp("mobilebert")
+    straight, resumed = base / "straight", base / "resumed"
+    command = ["train", "--config", "configs/mobilebert.py:tiny"]
+    _cli(*command, "--workdir", str(straight), *RUN)
+    family_runs.restart_from_step_10(straight, resumed)
+    log = _cli(*command, "--workdir", str(resumed), *RUN)
+    report = base / "eval.json"
+    _cli("eval", "--checkpoint", str(straight), "--batches", "2", "--json", str(report))
+    return straight, resumed, log, json.loads(report.read_text())
+
+
+def test_tiny_trains_resumes_bit_exact_and_evaluates(tiny_run):
+    straight, resumed, log, report = tiny_run
+    assert "resumed from step 10" in log
+    family_runs.check_run(straight, resumed, min_drop=0.3)
+    assert report["step"] == 20 and report["tokens"] > 0
+    for name in ("accuracy", "nsp/accuracy"):
+        assert 0.0 <= report[name] <= 1.0
+    _, params, _ = family_runs.checkpoint_params(straight)
+    layers = params["layers"]
+    assert layers["bottleneck"]["kernel"].shape == (2, 64, 32)  # H -> B, stacked over 2 layers
+    assert len(layers["ffns"]) == 1  # 2 stacked FFNs: 1 extra + the last
+    assert set(params["embeddings"]["norm"]) == {"scale", "bias"}  # NoNorm's
+
+
+@pytest.mark.slow
+def test_export_hf_of_a_trained_run_loads_in_transformers(tiny_run, tmp_path):
+    straight = tiny_run[0]
+    _cli("export-hf", str(straight), str(tmp_path / "hf"))
+    torch_model = transformers.MobileBertForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    from t5x_like.evaluation.driver import load_checkpoint
+
+    exp, params, _ = load_checkpoint(straight)
+    _compare(torch_model, exp.family.model(jax.device_get(params)), *_batch(vocab=1000))
+
+
+@pytest.mark.slow
+def test_progressive_knowledge_transfer_moves_one_layer_at_a_time(tmp_path, cache):
+    """An IB-BERT teacher (10 steps), then PKT stages 1 and 2 of the student: each lowers its
+    layer's transfer loss and leaves every other parameter as it was."""
+    teacher = tmp_path / "teacher"
+    short = [*RUN, "--config.train.num_steps=10", "--config.train.checkpoint_every=10",
+             "--config.train.eval_batches=0"]
+    _cli("train", "--config", "configs/mobilebert.py:tiny_teacher", "--workdir", str(teacher),
+         *short)
+    previous = None
+    for layer in (1, 2):
+        workdir = tmp_path / f"pkt{layer}"
+        extra = [f"--config.objective.teacher={teacher}", f"--config.objective.pkt_layer={layer}"]
+        if previous:
+            extra.append(f"--config.objective.init_student={previous}")
+        _cli("train", "--config", "configs/mobilebert.py:tiny_pkt", "--workdir", str(workdir),
+             *RUN, "--config.train.eval_batches=0", *extra)
+        losses = family_runs.logged_losses(workdir)
+        assert np.mean([losses[s] for s in range(16, 21)]) < np.mean(
+            [losses[s] for s in range(1, 6)])
+        _, after, _ = family_runs.checkpoint_params(workdir)
+        if previous is None:  # stage 1 starts from the teacher's embeddings and heads
+            _, t, _ = family_runs.checkpoint_params(teacher)
+            np.testing.assert_array_equal(after["student"]["embeddings"]["word_embeddings"],
+                                          t["embeddings"]["word_embeddings"])
+        else:
+            _, before, _ = family_runs.checkpoint_params(previous)
+            a, b = after["student"]["layers"], before["student"]["layers"]
+            np.testing.assert_array_equal(a["query"][0], b["query"][0])  # layer 1 frozen
+            assert not np.array_equal(a["query"][1], b["query"][1])  # layer 2 moved
+            np.testing.assert_array_equal(after["student"]["embeddings"]["word_embeddings"],
+                                          before["student"]["embeddings"]["word_embeddings"])
+        previous = workdir
+    # Pretraining continues from the transferred student.
+    _cli("train", "--config", "configs/mobilebert.py:tiny", "--workdir", str(tmp_path / "pre"),
+         *short, f"--config.objective.init_student={previous}")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, numpy as np
+    from t5x_like import config as config_lib
+    from t5x_like.experiment import build
+    from t5x_like.train import make_train_step
+
+    out, reference, host, initial = {}, None, None, None
+    for name, (rules, fsdp, tensor) in [("one", ("dp", 1, 1)), ("fsdp8", ("fsdp", 8, 1)),
+                                        ("tensor8", ("tensor", 1, 8))]:
+        config = config_lib.load_config("configs/mobilebert.py:tiny", OVERRIDES + [
+            f"mesh.rules={rules}", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+        exp = build(config, jax.devices()[: fsdp * tensor])
+        if host is None:
+            host = next(exp.family.batches(split="train", batch_size=8, shuffle=True,
+                                           repeat=True, skip_batches=0, shard_index=0,
+                                           num_shards=1))
+            initial = jax.device_get(exp.init_state())
+        state = jax.device_put(initial, exp.state_shardings)
+        step = make_train_step(exp)
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, jax.device_put(host, exp.batch_sharding))
+            losses.append(float(metrics["loss"]))
+        params = jax.device_get(state["params"])
+        reference = params if reference is None else reference
+        diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
+        sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
+        out[name] = {"losses": losses, "diff": diff, "sharded": sharded}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_steps_on_8_devices_match_one_device():
+    # Widths every mesh axis of 8 divides: H 64, B 32, 8 heads of 4, FFN 64, E 16.
+    overrides = [*family_runs.RUN, "model.scan_layers=True", "model.num_heads=8",
+                 "objective.static_masking=True", "optimizer.warmup_steps=0"]
+    runs = family_runs.on_8_devices(f"OVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
+    one = runs["one"]
+    for mesh in ("fsdp8", "tensor8"):
+        run = runs[mesh]
+        np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+        assert run["losses"][1] < run["losses"][0]
+        assert run["diff"] <= 2e-5, (mesh, run["diff"])
+        assert run["sharded"] >= 6, run
+    assert one["sharded"] == 0

@@ -104,6 +104,11 @@ class MobileBertConfig:
     def head_dim(self) -> int:
         return self.true_hidden_size // self.num_heads
 
+    @property
+    def model_type(self) -> str:
+        """The transformers layout (BERT's special tokens: [CLS] A [SEP] B [SEP])."""
+        return "mobilebert"
+
 
 class Linear(nnx.Module):
     """``x @ kernel + bias``; kernel [in, out] with logical names."""
@@ -339,6 +344,7 @@ class MobileBertModel(nnx.Module):
         token_type_ids: jax.Array | None = None,
         *,
         masked_positions: jax.Array | None = None,
+        span_boundaries: None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         enable_dropout: bool = False,
@@ -349,6 +355,9 @@ class MobileBertModel(nnx.Module):
         [B, 2] and ``mlm_logits`` [B, L | P, V] (at ``masked_positions`` [B, P] if given), as
         configured; logits are float32. Mask: 1 = real token, 0 = padding."""
         c = self.config
+        if span_boundaries is not None:
+            raise UserError("MobileBERT has no span-boundary head; set "
+                            "objective.span_boundary_objective=False")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
