@@ -230,8 +230,39 @@ def encoder_batches(name: str, rows: EncoderRows, *, split: str, targets_length:
     stream = examples(name, split=split, lengths=lengths, seed=seed, shuffle=shuffle,
                       repeat=repeat, shard_index=shard_index, num_shards=num_shards)
     if pack:
-        parts = (p for p in map(rows.example, stream) if p is not None)
+        parts = _labelled(rows.example, stream, name, rows)
         return _batched(rows.packed_rows(parts), batch_size, skip_batches, repeat,
                         rows.packed([]))
-    return _batched((r for r in map(rows, stream) if r is not None), batch_size, skip_batches,
-                    repeat, rows.filler())
+    return _batched(_labelled(rows, stream, name, rows), batch_size, skip_batches, repeat,
+                    rows.filler())
+
+
+MAX_UNLABELLED_IN_A_ROW = 1000
+_NO_LABEL = {
+    "span_qa": "the answer's tokens do not occur in the first {length} input tokens",
+    "classification": "the target is none of finetune.label_names",
+    "regression": "the target is not a number",
+}
+
+
+def _labelled(convert, stream: Iterator[dict], name: str, rows: EncoderRows) -> Iterator[dict]:
+    """``convert``'s rows, skipping examples without a label; many in a row stop the run.
+
+    A repeated stream in which no example has a label would otherwise be read forever
+    without yielding a batch (a hang, not an error).
+    """
+    in_a_row = 0
+    for ex in stream:
+        row = convert(ex)
+        if row is not None:
+            in_a_row = 0
+            yield row
+            continue
+        in_a_row += 1
+        if in_a_row >= MAX_UNLABELLED_IN_A_ROW:
+            why = _NO_LABEL.get(rows.head, "there is no label").format(length=rows.length)
+            raise UserError(
+                f"{in_a_row} examples in a row of task {name!r} were skipped for "
+                f"finetune.head={rows.head!r}: {why}; check the task, the head and "
+                f"data.inputs_length"
+            )
