@@ -29,6 +29,7 @@ FAMILIES = {
     "albert": "t5x_like.families.bert:AlbertFamily",
     "spanbert": "t5x_like.families.bert:SpanBertFamily",
     "structbert": "t5x_like.families.bert:StructBertFamily",
+    "ernie": "t5x_like.families.bert:ErnieFamily",
     "electra": "t5x_like.families.electra:ElectraFamily",
     "longformer": "t5x_like.families.longformer:LongformerFamily",
     "transformer_xl": "t5x_like.families.transformer_xl:TransformerXLFamily",

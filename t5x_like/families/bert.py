@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from t5x_like import losses
-from t5x_like.data import sentence_pairs, structure_pairs
+from t5x_like.data import lexicon, sentence_pairs, structure_pairs
 from t5x_like.data.documents import task_documents
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
@@ -451,3 +451,73 @@ class StructBertFamily(EncoderFamily):
         for metric in ("cross_entropy", "correct", "weight"):
             sums[f"word_structure/{metric}"] = plain[metric]
         return sums["loss"], sums
+
+
+class ErnieFamily(EncoderFamily):
+    """ERNIE 1.0 (Sun et al., 2019): BERT (MLM + NSP) whose masking units grow with training:
+    basic (whole words), then phrases, then entities of a lexicon (``data/lexicon.py``; the
+    default is derived from the corpus), each unit masked whole or not at all.
+
+    Host: ``batches`` adds ``unit_starts`` [B, L]: the vocabulary's word starts with every
+    position inside a matched unit of the stage's kinds cleared (longest match, left to
+    right), so ``masking.mask`` sees the unit as one "word": it selects whole words only,
+    within BERT's 15% budget, and decides 80/10/10 per token. Training batch k (step k + 1) is
+    at stage basic before ``objective.phrase_stage_start`` x ``train.num_steps``, phrase
+    before ``objective.entity_stage_start`` x ``train.num_steps``, entity after (each stage
+    keeps the earlier units); evaluation always masks at the last stage.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        o = config.objective
+        units = lexicon.read_lexicon(o.lexicon or lexicon.DEFAULT_LEXICON)
+        self.matcher = lexicon.LexiconMatcher(units, vocabulary.encode, self.word_starts)
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "whole_word": True,
+                "lexicon": "",  # "" = the default corpus's (data/ernie_shakespeare.tsv)
+                "phrase_stage_start": 1 / 3, "entity_stage_start": 2 / 3}
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        super().validate_config(c)
+        o = c.objective
+        check(o.whole_word, "ERNIE masks whole words, phrases and entities: set "
+               "objective.whole_word=True")
+        check(o.spans == "single", "ERNIE's units are words, phrases and entities: set "
+               "objective.spans='single'")
+        check(0.0 <= o.phrase_stage_start <= o.entity_stage_start <= 1.0,
+               "objective.phrase_stage_start and entity_stage_start are fractions of "
+               f"train.num_steps with 0 <= phrase <= entity <= 1, got {o.phrase_stage_start} "
+               f"and {o.entity_stage_start}")
+
+    def stage(self, batch_index: int) -> int:
+        """0 basic, 1 phrase, 2 entity: the stage of training batch ``batch_index``."""
+        o, steps = self.config.objective, self.config.train.num_steps
+        if batch_index < o.phrase_stage_start * steps:
+            return 0
+        return 1 if batch_index < o.entity_stage_start * steps else 2
+
+    def unit_starts(self, input_ids: np.ndarray, level: int) -> np.ndarray:
+        """bool [B, L]: where masking units open at stage ``level`` (``lexicon.unit_starts``)."""
+        kinds = np.stack([self.matcher.kinds(row) for row in input_ids])
+        return lexicon.unit_starts(self.word_starts[input_ids], kinds, level)
+
+    def batches(self, *, split: str, batch_size: int, shuffle: bool, repeat: bool,
+                skip_batches: int, shard_index: int, num_shards: int
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """BERT's rows plus ``unit_starts`` (class docstring)."""
+        stream = super().batches(split=split, batch_size=batch_size, shuffle=shuffle,
+                                 repeat=repeat, skip_batches=skip_batches,
+                                 shard_index=shard_index, num_shards=num_shards)
+        for k, batch in enumerate(stream, start=skip_batches):
+            level = self.stage(k) if repeat else 2
+            yield {**batch, "unit_starts": self.unit_starts(batch["input_ids"], level)}
+
+    def masked(self, batch: dict, key: jax.Array, masking: MaskingConfig) -> dict:
+        tokens = batch["input_ids"]
+        keys = self._row_keys(tokens, key)
+        row = functools.partial(mask, config=masking)
+        return jax.vmap(lambda k, t, w: row(k, t, word_starts=w))(keys, tokens,
+                                                                  batch["unit_starts"])
