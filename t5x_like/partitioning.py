@@ -21,9 +21,10 @@ factored statistics keep the sharding of the parameter dims they keep.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +34,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from t5x_like.errors import UserError
+from t5x_like.models import activation_sharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -332,6 +334,41 @@ def check_axes_used(mesh: Mesh, rules: Rules) -> None:
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Batches split their leading dim over the data axes; every other dim is whole."""
     return NamedSharding(mesh, logical_to_mesh(("batch",), rules, what="the batch"))
+
+
+def activation_resolver(mesh: Mesh, rules: Rules) -> activation_sharding.Resolver:
+    """Logical names -> NamedSharding on ``mesh`` for the activations models ``constrain``.
+
+    A mesh axis that does not divide its dim (a micro-batch smaller than the data axes, a
+    one-token decoder input) is dropped from that dim rather than refused.
+    """
+    sizes = dict(mesh.shape)
+
+    def resolve(names: Sequence[str | None], shape: tuple[int, ...]) -> NamedSharding:
+        spec = logical_to_mesh(names, rules, what="an activation")
+        entries = []
+        for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
+                              strict=True):
+            axes = tuple(a for a in _names(entry) if sizes[a] > 1)
+            while axes and dim % math.prod(sizes[a] for a in axes):
+                axes = axes[:-1]
+            entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return NamedSharding(mesh, PartitionSpec(*entries))
+
+    return resolve
+
+
+def with_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """``fn`` traced with its models' activations pinned by ``rules`` on ``mesh`` (the batch
+    over ``data`` and ``fsdp``): what keeps fsdp from leaving each chip the whole batch."""
+    resolver = activation_resolver(mesh, rules)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_sharding.resolving(resolver):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from clu import metric_writers
 
-from t5x_like import faults, preemption, storage
+from t5x_like import faults, partitioning, preemption, storage
 from t5x_like.checkpoints import Checkpoints, check_free_space, check_writable
 from t5x_like.data.corpus import data_report_lines
 from t5x_like.evaluation.loop import (  # noqa: F401  re-exported: train.evaluate etc.
@@ -123,8 +123,9 @@ def make_train_step(exp: Experiment):
         return new_state, metrics
 
     repl = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+    rules = partitioning.rules_from_config(exp.config.mesh)  # activations' layout too
     return jax.jit(
-        train_step,
+        partitioning.with_activation_sharding(train_step, exp.mesh, rules),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, repl),
         donate_argnums=0,

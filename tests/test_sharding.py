@@ -110,6 +110,26 @@ def test_an_unknown_logical_axis_in_a_module_is_an_error():
         partitioning.param_specs(params, _abstract_mesh(1, 1, 1))
 
 
+def test_activations_are_pinned_by_the_rules_only_inside_a_step():
+    """Hidden states [B, L, d] go batch-first over data and fsdp (T5X/MaxText's activation
+    rule); logits add vocab over tensor; an axis that does not divide its dim is dropped
+    (a micro-batch of 2 on data 2 x fsdp 2 keeps data only). Outside a step: untouched."""
+    from t5x_like.models.activation_sharding import constrain
+
+    mesh = _abstract_mesh(2, 2, 2)
+    resolve = partitioning.activation_resolver(mesh, partitioning.PRESETS["fsdp_tensor"])
+    assert resolve(("batch", "length", None), (8, 16, 32)).spec == P(("data", "fsdp"), None, None)
+    assert resolve(("batch", "length", "vocab"), (8, 16, 64)).spec == P(("data", "fsdp"), None,
+                                                                        "tensor")
+    assert resolve(("batch", "length", None), (2, 16, 32)).spec == P("data", None, None)
+    assert resolve(("batch", "length", "vocab"), (8, 16, 7)).spec == P(("data", "fsdp"), None,
+                                                                       None)
+    tensor = partitioning.activation_resolver(_abstract_mesh(1, 1, 8), partitioning.PRESETS["dp"])
+    assert tensor(("batch", "length", "vocab"), (8, 16, 64)).spec == P(None, None, None)
+    x = np.ones((8, 16, 32), np.float32)
+    assert constrain(x, ("batch", "length", None)) is x  # no step, no mesh: a no-op
+
+
 # Every T5 parameter kind of the test model on the 2x2x2 mesh under fsdp_tensor, written out:
 # (path suffix, logical names as the module declares them, expected mesh spec).
 EXPECTED_2X2X2 = {
@@ -325,7 +345,7 @@ def eight_devices():
               + SCRIPT)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT", 1)[1])
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from t5x_like import distributed
+from t5x_like import distributed, partitioning
 from t5x_like.errors import UserError
 from t5x_like.experiment import Experiment
 
@@ -33,8 +33,9 @@ def make_eval_step(exp: Experiment):
         return sums
 
     carry_sharding = exp.state_shardings.get("carry")
+    rules = partitioning.rules_from_config(exp.config.mesh)  # activations' layout too
     return jax.jit(
-        eval_step,
+        partitioning.with_activation_sharding(eval_step, exp.mesh, rules),
         in_shardings=(exp.state_shardings["params"], exp.batch_sharding, None, carry_sharding),
     )
 

@@ -17,9 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_like.models import layers as L
+from t5x_like.models.activation_sharding import constrain
 from t5x_like.models.config_checks import check_choices, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
+# Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
+HIDDEN = ("batch", "length", None)
+LOGITS = ("batch", "length", "vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +181,9 @@ class T5(nnx.Module):
     def _logits(self, y: jax.Array) -> jax.Array:
         c = self.config
         if c.tie_word_embeddings:
-            return self.token_embedder.attend(y * c.d_model**-0.5)
+            return constrain(self.token_embedder.attend(y * c.d_model**-0.5), LOGITS)
         kernel = self.lm_head[...].astype(L.dtype_of(c.dtype))
-        return L.dense(y, kernel, preferred_element_type=jnp.float32)
+        return constrain(L.dense(y, kernel, preferred_element_type=jnp.float32), LOGITS)
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
@@ -201,12 +205,13 @@ class T5(nnx.Module):
         else:
             mask = L.segment_mask(encoder_segment_ids, encoder_segment_ids)
         x = L.dropout(self.token_embedder(encoder_input_tokens), c.dropout_rate, k_embed)
+        x = constrain(x, HIDDEN)
 
         def body(layer, x, key):
-            return layer(x, bias=bias, mask=mask, dropout_key=key), None
+            return constrain(layer(x, bias=bias, mask=mask, dropout_key=key), HIDDEN), None
 
         x, _ = self._run(self.encoder.layers, x, L.layer_keys(k_layers, c.num_encoder_layers), body)
-        return L.dropout(self.encoder.final_norm(x), c.dropout_rate, k_final)
+        return constrain(L.dropout(self.encoder.final_norm(x), c.dropout_rate, k_final), HIDDEN)
 
     def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, enable_dropout: bool = False,
@@ -226,12 +231,13 @@ class T5(nnx.Module):
         else:
             causal = L.segment_mask(decoder_segment_ids, decoder_segment_ids, causal=True)
             cross_mask = L.segment_mask(decoder_segment_ids, encoder_segment_ids)
-        y = L.dropout(self.token_embedder(decoder_input_tokens), c.dropout_rate, k_embed)
+        y = constrain(L.dropout(self.token_embedder(decoder_input_tokens), c.dropout_rate,
+                                k_embed), HIDDEN)
 
         def body(layer, y, key):
             y, _ = layer(y, encoded, self_bias=self_bias, self_mask=causal, cross_mask=cross_mask,
                          dropout_key=key)
-            return y, None
+            return constrain(y, HIDDEN), None
 
         y, _ = self._run(self.decoder.layers, y, L.layer_keys(k_layers, c.num_decoder_layers), body)
         return self._logits(L.dropout(self.decoder.final_norm(y), c.dropout_rate, k_final))

@@ -1,0 +1,45 @@
+"""Sharding constraints on activations, named by logical axes, as T5X and MaxText pin them.
+
+Weights carry their placement (``partitioning.py``); activations do not, and XLA's propagation
+then picks their layout from the weights around them. Under pure fsdp (every weight's ``embed``
+dim split over ``fsdp``) it may keep the hidden states split along ``embed`` and whole along
+the batch, so every chip holds the whole batch's activations: terabytes per chip at pod scale.
+Models call ``constrain(x, ("batch", "length", None))`` at the embedding output, layer
+boundaries and logits; the step that traces them (``partitioning.with_activation_sharding``)
+says how logical names map onto its mesh. Outside such a step (one device, decoding, tests of a
+module) ``constrain`` returns its input unchanged, so the models need no mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+
+# names, shape -> a Sharding for an array of that shape, or None to leave it to XLA
+Resolver = Callable[[Sequence[str | None], tuple[int, ...]], jax.sharding.Sharding | None]
+
+_RESOLVER: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def resolving(resolver: Resolver | None) -> Iterator[None]:
+    """While tracing a step, ``constrain`` asks ``resolver`` for each activation's sharding."""
+    token = _RESOLVER.set(resolver)
+    try:
+        yield
+    finally:
+        _RESOLVER.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` pinned to the layout its logical axis ``names`` (one per dim) have in the step
+    being traced; unchanged when no step set the rules."""
+    resolver = _RESOLVER.get()
+    if resolver is None:
+        return x
+    sharding = resolver(tuple(names), tuple(x.shape))
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
