@@ -324,8 +324,38 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_eight_fake_devices_fsdp_and_tensor_equal_one_device():
-    overrides = RUN + ["data.batch_size=8"]
+    overrides = RUN + ["data.batch_size=8", "optimizer.warmup_steps=0"]
     out = family_runs.on_8_devices(f"OVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
     for name in ("fsdp8", "tensor8"):
         np.testing.assert_allclose(out[name], out["one"], rtol=2e-5)
     assert out["one"][1] < out["one"][0]
+
+
+def test_char_cnn_reads_each_pieces_utf8_bytes_between_bow_and_eow():
+    """The char table the char CNN reads: SentencePiece pieces as spelt (with their
+    word-start mark), specials as <id_N>, cut to max_chars; bytes and characters decode."""
+    from t5x_like.data.vocab import get_vocabulary
+    from t5x_like.families.elmo import char_table, token_texts
+
+    vocab = get_vocabulary(None)
+    texts = token_texts(vocab)
+    assert len(texts) == vocab.vocab_size
+    piece = vocab.encode("the")[-1]
+    assert texts[piece] == vocab.tokenizer.id_to_piece(piece)
+    table = char_table(texts, vocab.vocab_size + 92, 8)
+    word = [b + 1 for b in texts[piece].encode("utf-8")]
+    assert table[piece].tolist() == [CHAR_BOW, *word, CHAR_EOW] + [0] * (6 - len(word))
+    long_piece = max(range(vocab.vocab_size), key=lambda i: len(texts[i].encode("utf-8")))
+    assert table[long_piece, -1] == CHAR_EOW and not table[vocab.vocab_size:].any()
+    byte_texts = token_texts(get_vocabulary(None, kind="byte"))
+    assert byte_texts[3 + ord("a")] == "a" and byte_texts[0] == "<id_0>"
+
+
+@pytest.mark.slow
+def test_char_cnn_elmo_trains(tmp_path):
+    from t5x_like.train import train
+
+    train(tiny("model.token_encoder='char_cnn'"), tmp_path / "run")
+    losses = family_runs.logged_losses(tmp_path / "run")
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean([losses[s] for s in
+                                                                   range(1, 6)]) - 0.3

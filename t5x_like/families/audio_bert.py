@@ -78,7 +78,8 @@ class AudioBertFamily(Family):
         mel, length = self.model_config.num_mel_bins, self.raw_length
         shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
         ds = provider.get_dataset(None, split=split, shuffle=shuffle, seed=self.config.seed,
-                                  shard_info=shard, num_epochs=None if repeat else 1)
+                                  shard_info=shard, num_epochs=None if repeat else 1,
+                                  try_in_mem_cache=False)
 
         def fit(ex):
             frames = ex["frames"][:length]
