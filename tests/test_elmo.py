@@ -84,7 +84,8 @@ def test_lstm_layer_equals_torch_lstm_with_projection():
     assert np.allclose(p["bias"][8:16], 1.0) and not p["bias"][:8].any()  # forget bias 1
 
 
-@pytest.mark.parametrize("encoder", ["embedding", "char_cnn"])
+@pytest.mark.parametrize("encoder", ["embedding",
+                                     pytest.param("char_cnn", marks=pytest.mark.slow)])
 def test_bilm_hidden_states_equal_a_numpy_reference(encoder):
     """Two layers per direction with clipping (small clips, so they bite), the residual
     around layer 2, trailing padding, the shared token encoder; char CNN by hand."""
