@@ -1,0 +1,262 @@
+"""TinyBERT: its losses against a NumPy reference written from the paper's equations, the layer
+mappings, and a 4-layer student distilled from a 12-layer BERT teacher through the real loop
+(loss falls, bit-exact resume, ``t5x-like eval``), then on 8 fake devices (slow)."""
+
+import json
+import os
+import textwrap
+
+import family_runs
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+from t5x_like import config as config_lib
+from t5x_like.errors import UserError
+from t5x_like.families import tinybert as T
+
+# Teacher and student share 8 heads (attention maps compare one to one); widths differ.
+WIDTH = ["model.hidden_size=32", "model.num_heads=8", "model.intermediate_size=64"]
+TEACHER = ["configs/bert_mlm_nsp.py:tiny", "objective.layout=full_sentences",
+           "model.nsp_head=False", "model.pooler=False", "model.num_layers=12",
+           "model.hidden_size=64", "model.num_heads=8", "model.intermediate_size=128",
+           "model.scan_layers=True", "train.num_steps=4", "train.eval_batches=0",
+           "train.checkpoint_every=4",
+           "train.progress_bar=False", "data.inputs_length=32", "data.batch_size=8"]
+# Scanned stacks: one compiled layer each, whatever the depth (the CPU's compile time rules).
+STUDENT = [*family_runs.RUN, *WIDTH, "model.num_layers=4", "model.scan_layers=True",
+           "objective.stage=both"]
+
+
+# --------------------------------------------------------------------------- NumPy reference
+
+
+def _np_mse(a, b, mask):
+    """The paper's MSE over real tokens: mean over tokens and features of (a - b)^2."""
+    d2 = ((a - b) ** 2).mean(-1)  # [B, L]
+    return float((d2 * mask).sum() / mask.sum())
+
+
+def _np_att_mse(a, b, mask):
+    """Attention maps [B, heads, L, L]: (1/h) sum_heads MSE, over real queries."""
+    d2 = ((a - b) ** 2).mean(axis=(1, 3))  # [B, L]
+    return float((d2 * mask).sum() / mask.sum())
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_losses_match_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    b, length, p, v, hs, ht, heads, m_layers, n_layers = 2, 6, 3, 11, 4, 8, 2, 2, 6
+    mask = np.ones((b, length), np.float32)
+    mask[1, 4:] = 0  # a padded row
+    weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    targets = rng.integers(0, v, (b, p))
+    student = {"mlm_logits": rng.normal(size=(b, p, v)),
+               "hidden_states": rng.normal(size=(m_layers + 1, b, length, hs)),
+               "attentions": _np_softmax(rng.normal(size=(m_layers, b, heads, length, length)))}
+    teacher = {"mlm_logits": rng.normal(size=(b, p, v)),
+               "hidden_states": rng.normal(size=(n_layers + 1, b, length, ht)),
+               "attentions": _np_softmax(rng.normal(size=(n_layers, b, heads, length, length)))}
+    w_e, w_h = rng.normal(size=(hs, ht)), rng.normal(size=(hs, ht))
+    mapping = T.layer_mapping(m_layers, n_layers)
+    np.testing.assert_array_equal(mapping, [3, 6])  # g(m) = m * 6 / 2
+    weights_obj = T.TinyBertWeights(alpha_embedding=0.5, alpha_hidden=2.0, alpha_attention=3.0,
+                                    alpha_prediction=1.5, temperature=2.0)
+    sums = T.tinybert_distillation(
+        jax.tree.map(jnp.asarray, student), jax.tree.map(jnp.asarray, teacher),
+        {"targets": jnp.asarray(targets), "weights": jnp.asarray(weights),
+         "attention_mask": jnp.asarray(mask)},
+        weights_obj, mapping, lambda x: x @ jnp.asarray(w_e), lambda x: x @ jnp.asarray(w_h))
+    scored = weights.sum()
+    emb = _np_mse(student["hidden_states"][0] @ w_e, teacher["hidden_states"][0], mask)
+    hid = sum(_np_mse(student["hidden_states"][m] @ w_h, teacher["hidden_states"][g], mask)
+              for m, g in ((1, 3), (2, 6)))
+    att = sum(_np_att_mse(student["attentions"][m - 1], teacher["attentions"][g - 1], mask)
+              for m, g in ((1, 3), (2, 6)))
+    t = 2.0
+    soft_rows = -(_np_softmax(teacher["mlm_logits"] / t)
+                  * np.log(_np_softmax(student["mlm_logits"] / t))).sum(-1)
+    soft = t**2 * (soft_rows * weights).sum()
+    got = {k: float(v) for k, v in sums.items()}
+    np.testing.assert_allclose(got["tinybert/embedding_mse"] / scored, emb, rtol=1e-5)
+    np.testing.assert_allclose(got["tinybert/hidden_mse"] / scored, hid, rtol=1e-5)
+    np.testing.assert_allclose(got["tinybert/attention_mse"] / scored, att, rtol=1e-5)
+    np.testing.assert_allclose(got["tinybert/soft_cross_entropy"], soft, rtol=1e-5)
+    expected = scored * (0.5 * emb + 2.0 * hid + 3.0 * att) + 1.5 * soft
+    np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)
+    # The stages keep only their terms.
+    inter = weights_obj.for_stage("intermediate")
+    assert inter.alpha_prediction == 0 and inter.alpha_hidden == 2.0
+    pred = weights_obj.for_stage("prediction")
+    assert (pred.alpha_embedding, pred.alpha_hidden, pred.alpha_attention) == (0, 0, 0)
+
+
+def test_layer_mappings_are_the_papers_three():
+    np.testing.assert_array_equal(T.layer_mapping(4, 12), [3, 6, 9, 12])
+    np.testing.assert_array_equal(T.layer_mapping(4, 12, "top"), [9, 10, 11, 12])
+    np.testing.assert_array_equal(T.layer_mapping(4, 12, "bottom"), [1, 2, 3, 4])
+    with pytest.raises(UserError, match="at least as deep"):
+        T.layer_mapping(6, 4)
+    with pytest.raises(UserError, match="divide evenly"):
+        T.layer_mapping(5, 12)
+
+
+# --------------------------------------------------------------------------- the real loop
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    yield from family_runs.compilation_cache_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, cache):
+    """A 12-layer BERT (64 wide, scanned: one compiled layer), trained 4 steps."""
+    from t5x_like.train import train
+
+    os.chdir(ROOT)
+    workdir = tmp_path_factory.mktemp("tinybert") / "teacher12"
+    train(config_lib.load_config(TEACHER[0], TEACHER[1:]), workdir)
+    return workdir
+
+
+def _student(teacher, *extra):
+    os.chdir(ROOT)
+    return config_lib.load_config("configs/tinybert.py:tiny",
+                                  [*STUDENT, f"objective.teacher={teacher}", *extra])
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher, tmp_path_factory, cache):
+    """20 steps of a 4-layer student from the 12-layer teacher, and the same run resumed from
+    its step-10 checkpoint."""
+    import contextlib
+    import io
+
+    from t5x_like.train import train
+
+    config = _student(teacher)
+    base = tmp_path_factory.mktemp("student")
+    straight, resumed = base / "straight", base / "resumed"
+    result = train(config, straight)
+    family_runs.restart_from_step_10(straight, resumed)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train(config, resumed)
+    return straight, resumed, result, out.getvalue()
+
+
+def test_a_4_layer_student_distils_from_a_12_layer_teacher(teacher, distilled):
+    straight, resumed, result, log = distilled
+    for name in ("embedding_mse", "hidden_mse", "attention_mse", "soft_cross_entropy"):
+        assert np.isfinite(result[f"eval/tinybert/{name}"]), name
+    assert "resumed from step 10" in log
+    family_runs.check_run(straight, resumed, min_drop=0.5)
+    _, params, _ = family_runs.checkpoint_params(straight)
+    assert set(params) == {"student", "teacher", "embedding_projection", "projection"}
+    assert params["student"]["encoder"]["layers"]["ffn"]["wi"]["kernel"].shape[0] == 4
+    assert params["teacher"]["encoder"]["layers"]["ffn"]["wi"]["kernel"].shape[0] == 12
+    assert params["projection"]["kernel"].shape == (32, 64)
+    # The teacher is frozen: equal to the checkpoint it came from.
+    _, original, _ = family_runs.checkpoint_params(teacher)
+    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(params["teacher"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_eval_reports_the_distillation_terms(distilled, tmp_path, cache):
+    straight = distilled[0]
+    report = tmp_path / "eval.json"
+    out = run_cli("eval", "--checkpoint", str(straight), "--batches", "1", "--json",
+                  str(report), env=cache)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads(report.read_text())
+    assert metrics["step"] == 20 and np.isfinite(metrics["tinybert/hidden_mse"])
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_prediction_stage_continues_the_intermediate_student(teacher, tmp_path, cache):
+    from t5x_like.experiment import build
+    from t5x_like.train import train
+
+    first = tmp_path / "intermediate"
+    short = ["train.num_steps=10", "train.eval_batches=0"]
+    train(_student(teacher, "objective.stage=intermediate", *short), first)
+    config = _student(teacher, "objective.stage=prediction", f"objective.init_student={first}",
+                      *short)
+    start = jax.device_get(build(config).init_state()["params"])
+    _, trained, _ = family_runs.checkpoint_params(first)
+    for x, y in zip(jax.tree.leaves(trained["student"]), jax.tree.leaves(start["student"]),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)  # the student starts where stage 1 ended
+    train(config, tmp_path / "prediction")
+    rows = [json.loads(line) for line in
+            (tmp_path / "prediction" / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for row in rows for k in row}
+    assert "train/tinybert/soft_cross_entropy" in logged
+    assert "train/tinybert/hidden_mse" not in logged  # the prediction stage has no MSE terms
+
+
+def test_bad_settings_are_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="objective.stage"):
+        _student(tmp_path, "objective.stage=general")
+    with pytest.raises(UserError, match="objective.teacher is empty"):
+        _student("", "objective.teacher=")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, numpy as np
+    from t5x_like import config as config_lib
+    from t5x_like.experiment import build
+    from t5x_like.train import make_train_step
+
+    out, reference, host, initial = {}, None, None, None
+    for name, (rules, fsdp, tensor) in [("one", ("dp", 1, 1)), ("fsdp8", ("fsdp", 8, 1)),
+                                        ("tensor8", ("tensor", 1, 8))]:
+        config = config_lib.load_config("configs/tinybert.py:tiny", OVERRIDES + [
+            f"mesh.rules={rules}", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+        exp = build(config, jax.devices()[: fsdp * tensor])
+        if host is None:
+            host = next(exp.family.batches(split="train", batch_size=8, shuffle=True,
+                                           repeat=True, skip_batches=0, shard_index=0,
+                                           num_shards=1))
+            initial = jax.device_get(exp.init_state())
+        state = jax.device_put(initial, exp.state_shardings)
+        step = make_train_step(exp)
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, jax.device_put(host, exp.batch_sharding))
+            losses.append(float(metrics["loss"]))
+        params = jax.device_get(state["params"])
+        reference = params if reference is None else reference
+        diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
+        sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
+        out[name] = {"losses": losses, "diff": diff, "sharded": sharded}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_steps_on_8_devices_match_one_device(teacher):
+    overrides = [*STUDENT, f"objective.teacher={teacher}", "objective.static_masking=True",
+                 "optimizer.warmup_steps=0"]
+    runs = family_runs.on_8_devices(f"OVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
+    one = runs["one"]
+    for mesh in ("fsdp8", "tensor8"):
+        run = runs[mesh]
+        np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+        assert run["losses"][1] < run["losses"][0]
+        assert run["diff"] <= 2e-5, (mesh, run["diff"])
+        assert run["sharded"] >= 6, run
+    assert one["sharded"] == 0
