@@ -355,6 +355,27 @@ def test_a_gcs_store_gives_the_local_copys_batches_and_is_checked_without_a_down
             assert (x > 0).any()
 
 
+def test_a_gcs_client_that_cannot_authenticate_is_named_instead_of_a_hang(gcs_store):
+    """Without CLOUD_STORAGE_EMULATOR_ENDPOINT, ArrayRecord's GCS client looks for real
+    credentials and retries silently; opening the store says so within FIRST_READ_SECONDS
+    (3 here), and the process still exits (the stuck read is on a daemon thread)."""
+    task, root, _ = gcs_store
+    script = (
+        "import sys\n"
+        "from t5x_like.data import store\n"
+        "from t5x_like.errors import UserError\n"
+        "store.FIRST_READ_SECONDS = 3\n"
+        f"try:\n    store.StoreSplit({root!r}, {task!r}, 'train')\n"
+        "except UserError as e:\n    print('error:', e)\n    sys.exit(2)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CLOUD_STORAGE_EMULATOR_ENDPOINT"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"^error: store gs://.*/train: ArrayRecord's GCS client read nothing of "
+                     r"shard-0000\d-of-00002.array_record in 3 s; .*Application Default "
+                     r"Credentials", result.stdout), result.stdout
+
+
 def test_stores_on_s3_are_refused_in_one_sentence(tmp_path):
     from t5x_like import tasks
     from t5x_like.data.store import StoreSplit

@@ -38,6 +38,9 @@ MANIFEST = "manifest.json"
 # One record per ArrayRecord chunk: random access reads exactly one document.
 RECORD_OPTIONS = "group_size:1,uncompressed"
 _MASK64 = (1 << 64) - 1
+# How long the first read of a gs:// store may take before it is called stuck: ArrayRecord's
+# GCS client (google-cloud-cpp) retries without end where it finds no credentials.
+FIRST_READ_SECONDS = 60.0
 
 
 def shard_name(index: int, count: int) -> str:
@@ -165,6 +168,47 @@ class StoreSplit:
                                         f"{server_crc}, expected {crc}); restore it or "
                                         "prepare the split again")
                     self._content_checked.add(name)
+        if storage.is_remote(self.path):
+            self._first_read()
+
+    def _first_read(self) -> None:
+        """Reads one record through ArrayRecord's GCS client, so that a client that cannot
+        authenticate (it then retries silently for a long time) or is refused stops the run
+        in one sentence instead of a hang at the first batch. The read runs on a daemon
+        thread of its own (not Grain's pool, whose threads the interpreter joins at exit)."""
+        import threading
+
+        shard = next((s for s in self.shards if s.documents), None)
+        if shard is None:
+            return
+        name = shard.name + ".array_record"
+        outcome: list = []
+
+        def read() -> None:
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            try:
+                reader = ArrayRecordReader(str(self.path / name), "readahead_buffer_size:0")
+                outcome.append(reader.read([0]))
+                reader.close()
+            except Exception as e:  # noqa: BLE001  (reported below in one sentence)
+                outcome.append(e)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        thread.join(FIRST_READ_SECONDS)
+        if not outcome:
+            raise UserError(
+                f"store {self.path}: ArrayRecord's GCS client read nothing of {name} in "
+                f"{FIRST_READ_SECONDS:.0f} s; it uses Application Default Credentials (a GCP "
+                "VM's service account, or `gcloud auth application-default login`, or "
+                "GOOGLE_APPLICATION_CREDENTIALS) and, for an emulator, "
+                "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+        if isinstance(outcome[0], Exception):
+            lines = str(outcome[0]).strip().splitlines() or [type(outcome[0]).__name__]
+            raise UserError(f"store {self.path}: ArrayRecord's GCS client cannot read {name} "
+                            f"({lines[0]}); check the bucket's permissions and this "
+                            "machine's credentials")
 
     def verify(self, threads: int = 4) -> None:
         """UserError naming the first file whose bytes differ from the manifest's sha256
