@@ -2,12 +2,15 @@
 
 A tiny T5 is fine-tuned for 40 steps on ``glue_sst2`` with TFDS mock data (20 examples; mock
 validation == mock train, so it is evaluated on 40 mock examples, half of them unseen, to
-make its predictions imperfect). Every number the evaluation reports is recomputed here
+make its predictions imperfect), packed as the preset packs (``data.pack``), so its scoring
+and rank classification are packed too. Every number the evaluation reports is recomputed here
 outside ``task_eval``: the examples straight from ``tfds.load``, the input text from T5's
 template, the decoding or scoring with the family's ``predict_batch`` / ``score_batch`` one
 example at a time, and the metric with scikit-learn.
 """
 
+import contextlib
+import io
 import json
 
 import jax
@@ -32,8 +35,9 @@ OVERRIDES = [
     "model.d_model=32", "model.d_kv=8", "model.num_heads=4", "model.d_ff=64",
     "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.dropout_rate=0.0",
     "data.task=glue_sst2", "data.inputs_length=32", "data.batch_size=8",
+    "finetune.targets_length=16",  # packed rows hold 3 label words ("negative" is 4 pieces + EOS)
     f"train.num_steps={STEPS}", "train.log_every=10", "train.eval_every=1000",
-    f"train.checkpoint_every={STEPS}", "train.progress_bar=False",
+    f"train.checkpoint_every={STEPS}", "train.progress_bar=True",
     "optimizer.learning_rate=0.01",
 ]
 
@@ -41,8 +45,10 @@ OVERRIDES = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5_sst2")
-    with tfds.testing.mock_data(num_examples=20, **MOCK):
+    bar = io.StringIO()  # the progress bar (tqdm writes to stderr)
+    with tfds.testing.mock_data(num_examples=20, **MOCK), contextlib.redirect_stderr(bar):
         train(config_lib.load_config(str(ROOT / "configs/t5_finetune.py:tiny"), OVERRIDES), out)
+    (out.parent / "progress_bar.txt").write_text(bar.getvalue())
     return out
 
 
@@ -242,6 +248,24 @@ def test_rank_classification_is_the_argmax_of_score_batch(loaded, one_by_one, mo
 
 
 # --------------------------------------------------------------------------- packed scoring
+
+
+def test_packed_run_reports_its_packing_efficiency(workdir, loaded):
+    """The fixture's run packed its rows (the tiny preset's data.pack=True): the log and the
+    progress bar report real tokens / row tokens, recomputed here from its first 10 batches."""
+    exp, _, _ = loaded
+    assert exp.config.data.pack
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    reported = next(m for m in logged if m["step"] == 10)["train/packing/efficiency"]
+    with tfds.testing.mock_data(num_examples=20, **MOCK):
+        stream = exp.family.batches(split="train", batch_size=8, shuffle=True, repeat=True,
+                                    skip_batches=0, shard_index=0, num_shards=1)
+        first = [next(stream) for _ in range(10)]
+    real = sum(int(np.sum(b["inputs"] != 0) + np.sum(b["targets"] != 0)) for b in first)
+    assert max(int(b["inputs_segment_ids"].max()) for b in first) >= 2  # packed rows
+    assert reported == pytest.approx(real / (10 * 8 * (32 + 16)), rel=1e-5)
+    bar = (workdir.parent / "progress_bar.txt").read_text()
+    assert f"pack={reported:.2f}" in bar
 
 
 def test_packed_scoring_equals_one_pair_per_row(workdir, mock40):

@@ -24,7 +24,9 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: Sequence[int], *,
 
     Examples are taken longest first (by their largest fraction of a row; ties in stream
     order) and each goes into the first open bin where all F features fit and which holds
-    fewer than ``max_segments`` examples; bins list their examples in stream order.
+    fewer than ``max_segments`` examples; bins list their examples in stream order, and come
+    in the order of their first example, so rows follow the (shuffled) stream instead of
+    opening every window with its longest examples.
     """
     lengths = np.asarray(lengths, np.int64).reshape(len(lengths), -1)
     cap = np.asarray(capacity, np.int64)
@@ -51,7 +53,7 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: Sequence[int], *,
         bins[b].append(i)
         free[b] -= lengths[i]
         count[b] += 1
-    return [sorted(b) for b in bins]
+    return sorted(sorted(b) for b in bins)
 
 
 def pack_row(examples: Sequence[dict[str, np.ndarray]], lengths: dict[str, int]
