@@ -33,6 +33,7 @@ FAMILIES = {
     "electra": "t5x_like.families.electra:ElectraFamily",
     "longformer": "t5x_like.families.longformer:LongformerFamily",
     "transformer_xl": "t5x_like.families.transformer_xl:TransformerXLFamily",
+    "reformer": "t5x_like.families.reformer:ReformerFamily",
     "t5_finetune": "t5x_like.families.finetune:T5FinetuneFamily",
     "bart_finetune": "t5x_like.families.finetune:BartFinetuneFamily",
     "bert_finetune": "t5x_like.families.finetune:EncoderFinetuneFamily",

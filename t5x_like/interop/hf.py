@@ -23,6 +23,7 @@ ARCHITECTURES = (
     "t5x_like.interop.hf_xlnet",
     "t5x_like.interop.hf_longformer",
     "t5x_like.interop.hf_transfo_xl",
+    "t5x_like.interop.hf_reformer",
     "t5x_like.interop.hf_encoder",
     "t5x_like.interop.hf_mobilebert",
 )
