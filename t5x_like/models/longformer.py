@@ -16,7 +16,7 @@ so any length runs.
 
 Global tokens are gathered into ``G`` slots, a static number: eagerly (``interop.hf.load``'s
 model) G is the largest count in the batch; under ``jax.jit`` it is ``max_global_tokens``, and
-a row with more global tokens than that is refused when the mask is concrete. Embeddings,
+a row's global tokens past the first G stay local (they keep their window attention). Embeddings,
 feed-forward, MLM head and the post-LN layer are the encoder's (``models/encoder.py``).
 Numerically equal to transformers' ``LongformerModel`` (tests/test_longformer.py).
 """
