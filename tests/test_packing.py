@@ -154,6 +154,11 @@ def test_rows_match_seqio_trim_and_pack():
 
 
 def test_exact_fill_and_overflow_rows():
+    # By hand, longest first: (16, 3) and (9, 8) fill a row's inputs / targets; (12, 2) fits
+    # neither and opens row 3, (7, 4) fits no open row (4 inputs left in row 3) and opens row 4,
+    # (5, 2) and (3, 1) join (7, 4), (2, 2) joins (12, 2); rows in order of their first example.
+    assert packing.first_fit_decreasing(T2T_LENGTHS, [INPUTS, TARGETS]) == [
+        [0], [1, 2, 3], [4], [5, 6]]
     rows = list(packing.packed_text_to_text(iter(t2t_examples()), {"inputs": INPUTS,
                                                                   "targets": TARGETS}))
     full = [r for r in rows if np.all(r["inputs_segment_ids"] == 1)]
@@ -307,6 +312,24 @@ def test_encoder_attention_never_crosses_an_example():
     mask = np.asarray(layers.segment_mask(seg, seg, causal=True))[:, 0]
     i, j = np.indices(seg.shape[1:] * 2)
     np.testing.assert_array_equal(mask, ~other & (j <= i)[None])
+    # new tokens in one example of a row change its own head output only
+    run = compiled("bert_finetune", **{"finetune.head": "classification"})
+    r = int(np.argmax(packed["valid"].sum(1)))  # the row with the most examples
+    changed = {k: v.copy() for k, v in packed.items()}
+    first = (seg[r] == 1) & (np.arange(seg.shape[1]) > 0)  # example 1 but its [CLS]
+    changed["input_ids"][r, first] = 5 + changed["input_ids"][r, first] % 300
+    base, after = np.asarray(run(params, packed)[0]), np.asarray(run(params, changed)[0])
+    others = np.flatnonzero(packed["valid"][r] > 0)[1:]
+    assert others.size >= 1
+    np.testing.assert_array_equal(after[r, others], base[r, others])
+    assert np.abs(after[r, 0] - base[r, 0]).max() > 1e-6  # random weights: logits ~0.01
+
+
+@pytest.mark.parametrize("preset", ["t5_finetune.py:tiny", "t5_finetune.py:base",
+                                    "bert_classify.py:base", "bert_squad.py:base"])
+def test_finetuning_presets_pack_by_default(preset):
+    assert config_lib.load_config(str(ROOT / "configs" / preset)).data.pack is True
+    assert config_lib.base_config("t5_finetune").data.pack is False  # the schema's default
 
 
 def test_prompt_tuning_refuses_packing():
@@ -343,7 +366,7 @@ def test_packed_stream_resumes_at_any_batch(family):
 
         def stream(skip):
             return ft_data.encoder_batches("play_lines", rows, skip_batches=skip, **kw)
-    skip = 24  # past the window's first rows, where its longest examples sit alone
+    skip = 24  # any batch
     fresh = stream(0)
     first = [next(fresh) for _ in range(skip + 1)]
     resumed = next(stream(skip))
