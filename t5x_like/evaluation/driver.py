@@ -121,7 +121,8 @@ def evaluate_checkpoint(
     stride: int | None = None,
 ) -> dict:
     """Validation metrics of the newest checkpoint, beside the unigram baseline; families that
-    score token streams (``perplexity_window``) add sliding-window perplexity."""
+    score token streams (``perplexity_window``) add sliding-window perplexity, token
+    classification heads span-level precision / recall / F1 (``tagging``)."""
     exp, params, step = load_checkpoint(workdir, overrides)
     streams = getattr(exp.family, "perplexity_window", None)
     if (window or stride) and not streams:
@@ -140,6 +141,10 @@ def evaluate_checkpoint(
     if streams:
         report.update(perplexity(exp, params, window=window, stride=stride,
                                  num_batches=num_batches))
+    if "finetune" in exp.config and exp.config.finetune.head == "token_classification":
+        from t5x_like.evaluation.tagging import evaluate_spans  # NER: seqeval's span F1
+
+        report.update(evaluate_spans(exp, params, num_batches=num_batches))
     return report
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import seqio
 
 from t5x_like.data import tf_runtime
-from t5x_like.tasks import glue, speech, squad, summarization, superglue, translation
+from t5x_like.tasks import glue, ner, speech, squad, summarization, superglue, translation
 from t5x_like.tasks.mixtures import get_provider, mixing_rates, register_mixture
 from t5x_like.tasks.pretraining import (
     DEFAULT_TASK,
@@ -97,3 +97,4 @@ squad.register()
 summarization.register()
 translation.register()
 speech.register()
+ner.register()
