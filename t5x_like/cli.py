@@ -99,7 +99,8 @@ def _cmd_eval(args, overrides):
         f"checkpoint {args.checkpoint} step {report['step']} on {report['task']}/{report['split']}"
         f" ({report['tokens']} target tokens)"
     )
-    print(f"  validation loss     {report['loss']:.4f}   token accuracy {report['accuracy']:.4f}")
+    accuracy = f"   token accuracy {report['accuracy']:.4f}" if "accuracy" in report else ""
+    print(f"  validation loss     {report['loss']:.4f}{accuracy}")  # Audio BERT: no tokens
     if "unigram_loss" in report:
         print(f"  unigram baseline    {report['unigram_loss']:.4f}")
     # Every other metric the family reports (per-head accuracies, perplexity, ...), as is.

@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from t5x_like.data.audio_features import MelSettings, log_mel
 from t5x_like.errors import UserError
+from t5x_like.tasks.pretraining import SOURCES  # what `t5x-like tasks` shows as the source
 
 SPEECH_COMMANDS = "speech_commands"
-SOURCES: dict[str, str] = {}
 MEL_SETTINGS: dict[str, MelSettings] = {}  # each speech task's frame settings
 
 
