@@ -69,6 +69,13 @@ class MobileBertFamily(EncoderFamily):
     module_class: ClassVar[type] = MobileBertModel
     config_class: ClassVar[type] = MobileBertConfig
 
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        # Read here, not in ``init``: that runs under jax.jit, where no checkpoint can be read.
+        o = config.objective
+        self.student_init = (load_mobilebert(o.init_student, "init_student")[1]
+                             if o.init_student else None)
+
     @classmethod
     def objective_defaults(cls) -> dict:
         return {**super().objective_defaults(), "init_student": ""}
@@ -89,10 +96,8 @@ class MobileBertFamily(EncoderFamily):
 
     def init(self, key: jax.Array) -> dict:
         params = super().init(key)
-        o = self.config.objective
-        if o.init_student:
-            params = _same_tree(params, load_mobilebert(o.init_student, "init_student")[1],
-                                "init_student")
+        if self.student_init is not None:
+            params = _same_tree(params, self.student_init, "init_student")
         return params
 
 
