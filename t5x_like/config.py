@@ -64,7 +64,9 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             # it with Grain (random access, O(1) resume on any number of hosts); "" streams
             # the task through seqio/tf.data instead (resume replays the stream)
             store="",
-            store_verify=True,  # check every shard's sha256 before the first step
+            # shard contents checked before step 1: sha256 of local files; on gs:// the
+            # server's CRC32C from one listing (no download)
+            store_verify=True,
             read_threads=4,  # Grain reader threads per host (store only)
             prefetch_batches=4,  # batches read ahead per host (store only)
         )
