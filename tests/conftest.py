@@ -1,8 +1,11 @@
 """Shared test settings: a persistent vocabulary cache, quiet TensorFlow, a tiny T5 recipe."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,15 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # libtpu is installed (the pod rehearsal compiles for TPU topologies), so JAX would try, and
 # log a failure to open, a TPU on this CPU host: tests run on CPU unless told otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session: the xdist workers and every process a
+# test starts (CLI runs, 8-device scripts) inherit it, so a program one of them compiled is read
+# back by the next, as a user's resumed run reads its own. The executables are the same either
+# way; only compile time goes. Module fixtures may point JAX at a cache of their own.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="t5x_like_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _xla_cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 TINY_CONFIG = "configs/t5_span_corruption.py:tiny"
 # A model small enough that a training step takes milliseconds on one CPU core.
