@@ -12,8 +12,10 @@ window of 512 (256 each side)::
     t5x-like import-hf longformer-from-roberta/ runs/longformer_base
     t5x-like train --config configs/longformer.py:base --workdir runs/longformer_base
 
-``import-hf`` writes the run at step 0 and ``train`` continues it (its config.json is the
-imported model's). Presets: ``tiny`` (2 x 128, 512 tokens, window 32; CPU minutes), ``small``
+``import-hf`` writes an ordinary run at step 0 that ``train`` continues; the model fields
+(vocabulary size, widths) must be the imported model's and ``data.vocab_path`` its tokenizer
+(RoBERTa's BPE); the conversion itself is tested against transformers, the continued run at
+base size is not. Presets: ``tiny`` (2 x 128, 512 tokens, window 32; CPU minutes), ``small``
 (4 x 512, 2,048 tokens, window 256) and ``base`` (12 x 768, 4,096 tokens, window 512, peak lr
 3e-5, warmup 500, 65k steps, batch 64 as the paper's continued pretraining).
 ``--config.model.attention_dilation=2`` dilates the window; ``model.max_global_tokens`` sets
