@@ -84,6 +84,7 @@ def test_matches_transformers_with_padding_and_global_tokens(hf_longformer):
                   - ref.last_hidden_state.numpy()[real]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_jitted_call_with_global_slots_matches_eager(hf_longformer):
     _, path = hf_longformer
     ids, mask, glob, types = _inputs()
@@ -204,6 +205,7 @@ MODEL = ["model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=6
 OVERRIDES = MODEL + family_runs.RUN
 
 
+@pytest.mark.slow
 def test_config_presets_load_and_bad_window_is_one_sentence():
     os.chdir(ROOT)
     for preset in ("tiny", "small", "base"):

@@ -54,8 +54,9 @@ def _rotations(config: ReformerConfig) -> jnp.ndarray:
 
 @pytest.mark.parametrize("changes", [
     dict(is_decoder=True, num_hashes=2, lsh_num_chunks_before=1, lsh_num_chunks_after=0),
-    dict(is_decoder=False, num_hashes=1, lsh_num_chunks_before=1, lsh_num_chunks_after=1,
-         chunk_size_feed_forward=8),
+    pytest.param(dict(is_decoder=False, num_hashes=1, lsh_num_chunks_before=1,
+                      lsh_num_chunks_after=1, chunk_size_feed_forward=8),
+                 marks=pytest.mark.slow),
 ], ids=["causal_2_hashes", "bidirectional_chunked_ffn"])
 def test_matches_transformers_with_its_seeded_rotations(tmp_path, changes):
     model = _hf_model(tmp_path, **changes)
@@ -131,6 +132,7 @@ MODEL = ["model.hidden_size=32", "model.num_heads=2", "model.head_dim=16",
 OVERRIDES = MODEL + family_runs.RUN
 
 
+@pytest.mark.slow
 def test_presets_load_and_document_mask_is_refused():
     os.chdir(ROOT)
     for preset in ("tiny", "small", "base"):

@@ -130,6 +130,7 @@ MODEL = ["model.d_model=32", "model.num_heads=4", "model.d_head=8", "model.d_ff=
 OVERRIDES = MODEL + family_runs.RUN
 
 
+@pytest.mark.slow
 def test_presets_load_and_bad_memory_is_one_sentence():
     os.chdir(ROOT)
     for preset in ("tiny", "small", "base"):
