@@ -34,7 +34,7 @@ from flax import nnx
 
 from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
-from t5x_like.errors import UserError, check
+from t5x_like.errors import check
 from t5x_like.families.base import Family
 from t5x_like.families.t5 import shift_right
 from t5x_like.models.bart import Bart, BartConfig
@@ -202,6 +202,13 @@ class MassFamily(BartFamily):
         out = jax.vmap(row)(keys, tokens)
         return {k: out[k] for k in ("inputs", "decoder_inputs", "targets", "target_weights")}
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        raise UserError("a MASS checkpoint predicts masked fragments in place, not free text; "
-                        "use t5x-like eval (or export its weights as BART)")
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Decoding of ``features['inputs']`` as BART's, but from <mask>: in training the
+        decoder reads <mask> before every fragment (never id 0), so a generated text is read
+        as a fragment starting at position 0."""
+        return decoding.generate(self.model(params), features["inputs"], max_length=max_length,
+                                 eos_id=self.token_ids.eos, pad_id=self.token_ids.pad,
+                                 start_id=self.token_ids.mask,
+                                 options=options or decoding.Options(), key=key)

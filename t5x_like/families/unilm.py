@@ -27,13 +27,19 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from t5x_like import losses
+from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
 from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
 from t5x_like.objectives.denoising import below
-from t5x_like.objectives.unilm import MODE_NAMES, MODE_PROBS, unilm_example, unilm_masking
+from t5x_like.objectives.unilm import (
+    MODE_NAMES,
+    MODE_PROBS,
+    seq2seq_mask,
+    unilm_example,
+    unilm_masking,
+)
 
 
 def source_segments(key: jax.Array, tokens: jax.Array, pad_id: int, low: float,
@@ -57,7 +63,7 @@ class UniLMFamily(Family):
     def __init__(self, config: ml_collections.ConfigDict, vocabulary):
         super().__init__(config, vocabulary)
         ids = special_tokens(vocabulary)
-        self.pad_id = ids.pad
+        self.pad_id, self.eos_id, self.mask_id = ids.pad, ids.eos, ids.mask
         rate = config.objective.mlm_rate
         self.masking = unilm_masking(
             self.vocab_size, ids.mask, ids.all,
@@ -128,6 +134,89 @@ class UniLMFamily(Family):
                 sums[f"{name}/{metric}"] = part[metric]
         return sums["loss"], sums
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        raise UserError("a UniLM checkpoint is scored with t5x-like eval; generation is not "
-                        "implemented for it")
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Seq2seq-mode continuations [B * num_return_sequences, max_length] of the sources
+        ``features['inputs']`` (padded with 0): greedy by default, beam search or sampling
+        (needs ``key``) by ``options``; a row stops at its EOS (kept), zeros after.
+
+        As UniLM decodes: each step appends <mask> behind the source (bidirectional) and the
+        target so far (causal) and predicts it, as masked tokens are in training; the whole
+        sequence is recomputed each step (no KV cache: source keys see the whole source). A
+        source's trailing EOS (``infer`` ends every input with one) is dropped and one EOS is
+        put in front, as a document starts after an EOS in the training stream.
+        """
+        options = options or decoding.Options()
+        if options.sampling and key is None:
+            raise UserError("sampling (temperature > 0) needs a random key (--seed)")
+        sources = jnp.asarray(features["inputs"], jnp.int32)
+        valid = sources != self.pad_id
+        last = jnp.sum(valid, axis=1) - 1
+        final_eos = (jnp.arange(sources.shape[1])[None] == last[:, None]) & (
+            sources == self.eos_id)
+        sources = jnp.where(final_eos, self.pad_id, sources)
+        sources = jnp.pad(sources, ((0, 0), (1, 0)), constant_values=self.eos_id)
+        c = self.model_config
+        if c.position_embedding == "learned" and sources.shape[1] + max_length > c.max_length:
+            raise UserError(f"a source of {sources.shape[1]} tokens plus {max_length} new ones "
+                            f"exceeds model.max_length={c.max_length}; shorten the input or "
+                            "--max-length")
+        graphdef, state = nnx.split(self.model(params))
+        return _generate(graphdef, state, sources, sources != self.pad_id,
+                         jax.random.key(0) if key is None else key, options=options,
+                         max_length=max_length, ids=(self.eos_id, self.pad_id, self.mask_id))
+
+
+def seq2seq_stepper(model: DecoderLM, sources: jax.Array, valid: jax.Array, *, max_length: int,
+                    mask_id: int, repeat: int = 1) -> decoding.Stepper:
+    """UniLM's seq2seq decoding as a ``decoding.Stepper`` that recomputes the full forward.
+
+    Slots are ``[sources [B, S] | max_length generated]``; positions count a row's real source
+    tokens, so padding inside the source changes nothing. Step at slot p writes the previous
+    token at p - 1 (from the second step on) and <mask> at p, and returns the logits there.
+    The cache is the token buffer (beam search permutes its rows).
+    """
+    sources = jnp.repeat(sources, repeat, axis=0)
+    valid = jnp.repeat(valid, repeat, axis=0)
+    rows, width = sources.shape
+    slots = jnp.arange(width + max_length)
+    counts = jnp.sum(valid, axis=1, keepdims=True)
+    source_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    positions = jnp.concatenate(
+        [source_positions, counts + jnp.arange(max_length)[None]], axis=1).astype(jnp.int32)
+    is_source = jnp.concatenate([valid, jnp.zeros((rows, max_length), bool)], axis=1)
+    tokens = jnp.concatenate([sources, jnp.full((rows, max_length), mask_id, jnp.int32)], axis=1)
+
+    def step(previous, cache, position):
+        t = cache["tokens"]
+        before = jnp.maximum(position - 1, width)  # = position on the first step: <mask> stays
+        kept = jax.lax.dynamic_slice_in_dim(t, before, 1, axis=1)[:, 0]
+        written = jnp.where(position > width, previous, kept)
+        t = jax.lax.dynamic_update_slice(t, written[:, None].astype(jnp.int32), (0, before))
+        seen = is_source | ((slots[None] >= width) & (slots[None] <= position))
+        mask = jax.vmap(seq2seq_mask)(seen, is_source)
+        logits = model(t, positions=positions, attention_mask=mask)
+        return jax.lax.dynamic_slice_in_dim(logits, position, 1, axis=1)[:, 0], {"tokens": t}
+
+    return decoding.Stepper(step, {"tokens": tokens}, {"tokens": 0},
+                            jnp.full((rows,), mask_id, jnp.int32), width)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("options", "max_length", "ids"))
+def _generate(graphdef, state, sources, valid, key, *, options: decoding.Options,
+              max_length: int, ids: tuple[int, int, int]) -> jax.Array:
+    eos_id, pad_id, mask_id = ids
+    model = nnx.merge(graphdef, state)
+    repeat = options.beam_size if options.beam_size > 1 else options.num_return_sequences
+    s = seq2seq_stepper(model, sources, valid, max_length=max_length, mask_id=mask_id,
+                        repeat=repeat)
+    if options.beam_size > 1:
+        tokens, _ = decoding.beam.beam_search(s, options, batch_size=sources.shape[0],
+                                              max_length=max_length, eos_id=eos_id,
+                                              pad_id=pad_id)
+        return tokens.reshape(-1, max_length)
+    if options.sampling:
+        return decoding.sample(s, key, options, max_length=max_length, eos_id=eos_id,
+                               pad_id=pad_id)
+    return decoding.greedy(s, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
