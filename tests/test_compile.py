@@ -89,6 +89,38 @@ def test_parameter_bytes_per_chip_fall_as_fsdp_grows(fsdp):
     assert whole / fsdp <= per_chip <= whole / fsdp + undivided
 
 
+# Activations outweigh the weights here (64 x 128 tokens through a 32-wide model), so a step
+# that left every chip the whole batch's activations shows in its temporaries.
+ACTIVATION_HEAVY = [*MICRO[:-2], "data.inputs_length=128", "data.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_reports():
+    """The same step compiled for v5p:2x2x2 as 8-way data parallelism and as 8-way ZeRO-3
+    (rules fsdp: data 8 x fsdp 1, data 1 x fsdp 8); each chip holds 8 of the 64 sequences."""
+    return {fsdp: _rehearse(TINY_CONFIG, [*ACTIVATION_HEAVY, "mesh.rules=fsdp", "mesh.data=-1",
+                                          f"mesh.fsdp={fsdp}"], "v5p:2x2x2")
+            for fsdp in (1, 8)}
+
+
+def test_fsdp_shards_the_state_and_gathers_the_weights(fsdp_reports):
+    dp, zero3 = (fsdp_reports[k]["steps"]["train"] for k in (1, 8))
+    # the compiler's own per-chip arguments: parameters and Adafactor state / 8, batch fixed
+    assert 5 < dp["memory"]["arguments"] / zero3["memory"]["arguments"] <= 8  # 6.0 here
+    kinds = {k: {r["kind"] for r in s["collectives"]} for k, s in ((1, dp), (8, zero3))}
+    assert "all-gather" not in kinds[1]  # replicated weights: only gradients are summed
+    assert "all-gather" in kinds[8]  # ZeRO-3: each weight gathered where it is used
+
+
+def test_pure_fsdp_keeps_each_chip_to_its_own_examples(fsdp_reports):
+    """The models pin activations batch-first over data and fsdp (activation_sharding). Without
+    that, XLA kept this step's hidden states whole along the batch under fsdp 8 (TBs per chip
+    for T5 XL on v5p-1024): its temporaries then grow with fsdp instead of falling."""
+    temporaries = {k: r["steps"]["train"]["memory"]["temporaries"] for k, r in
+                   fsdp_reports.items()}
+    assert temporaries[8] < temporaries[1]
+
+
 # The shapes of libtpu's optimized HLO, as its dumps print them (jax 0.10.2, libtpu 0.0.52):
 # a scan is a while loop whose condition compares the counter with a constant; cross-slice
 # collectives are host-transfer sends tagged for the megascale runtime.
