@@ -1,10 +1,11 @@
 """Pod rehearsal: ``t5x-like compile`` runs the TPU compiler (libtpu) for TPU topologies here.
 
-The default run compiles one micro T5 for two v5p:2x2x2 slices through the command line (one
-TPU compile costs ~20-40 s on 2 busy cores); per-preset, per-size and per-family compiles are
-``slow``. What the compiler reports is checked against what the rules and the model say:
-parameter bytes per chip against ``fsdp``, model FLOPs against XLA's count, which
-collectives run on which network.
+The default run compiles a micro T5 three times (two v5p:2x2x2 slices through the command
+line; one slice as data 8 and as fsdp 8, shared by a module fixture) and one sharded matmul:
+a TPU compile costs ~20-40 s on 2 busy cores, 5-8 min when ~9 engineers load them.
+Per-preset, per-size and per-family compiles are ``slow``. What the compiler reports is
+checked against what the rules and the model say: parameter bytes per chip against ``fsdp``,
+model FLOPs against XLA's count, which collectives run on which network.
 """
 
 from __future__ import annotations
