@@ -310,9 +310,10 @@ class _Watchdog:
         self.timeout = cluster.heartbeat_s
         self.interval = _interval_s(cluster.heartbeat_s)
         self.clock = clock
-        # Set at interpreter exit: the others are still judged (this process waits for them
-        # in JAX's shutdown barrier), but a service that is gone is no longer an error.
+        # Set at interpreter exit: the thread stops (``_at_exit``), and a service that is
+        # gone is no longer an error.
         self.exiting = threading.Event()
+        self._thread: threading.Thread | None = None
         self.count = 0
         now = clock()
         others = set(range(cluster.num_processes)) - {cluster.process_id}
@@ -334,21 +335,29 @@ class _Watchdog:
             previous(kind, exc, tb)
 
         sys.excepthook = hook
-        threading.Thread(target=self._run, name="t5x_like-watchdog", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="t5x_like-watchdog", daemon=True)
+        self._thread.start()
 
     def _at_exit(self) -> None:
-        """A process that is exiting waits in JAX's shutdown barrier: not a dead one."""
+        """A process that is exiting waits in JAX's shutdown barrier: not a dead one.
+
+        The thread is stopped and joined here, before JAX shuts its client down: a daemon
+        thread still inside a key-value call when the interpreter finalises is unwound
+        through C++ frames, and the process aborts ("FATAL: exception not rethrown", seen on
+        a finished run's process 1). JAX's own heartbeat judges the shutdown barrier.
+        """
+        self.exiting.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 10)
         try:
             self.client.key_value_set(
                 f"{ALIVE_DIR}{self.cluster.process_id}", "exit", allow_overwrite=True
             )
         except Exception:
             pass
-        self.exiting.set()
 
     def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self.exiting.wait(self.interval):
             verdict = self.tick()
             if verdict == "exit":
                 return
