@@ -117,12 +117,19 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, cache):
-    """A 12-layer BERT (64 wide, scanned: one compiled layer), trained 4 steps."""
-    from t5x_like.train import train
+    """A 12-layer BERT (64 wide, scanned) saved as a run at step 0, as ``import-hf`` writes
+    one: the students only need its outputs, and no train step has to compile for it."""
+    from t5x_like.checkpoints import Checkpoints
+    from t5x_like.experiment import build
 
     os.chdir(ROOT)
     workdir = tmp_path_factory.mktemp("tinybert") / "teacher12"
-    train(config_lib.load_config(TEACHER[0], TEACHER[1:]), workdir)
+    exp = build(config_lib.load_config(TEACHER[0], TEACHER[1:]))
+    workdir.mkdir()
+    exp.write_config(workdir)
+    checkpoints = Checkpoints(workdir)
+    checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
+    checkpoints.close()
     return workdir
 
 
