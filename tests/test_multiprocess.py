@@ -5,26 +5,37 @@ shard i of the stream (``train.device_batches``), so the reference concatenates 
 shard 1's local batches in process order. Matching it to 1e-5, step by step, shows that the
 per-host batches land in the right rows of the global array, that gradients are reduced
 across processes and that the update is the same; the checkpoint the two processes wrote must
-restore in one process to the reference parameters.
+restore in one process to the reference parameters. The same reference evaluates the final
+parameters on the eval split's first global batch (shard 0's and shard 1's eval batches,
+concatenated) and recomputes the unigram baseline in NumPy from the same targets: the two
+processes' evaluation, in the training loop and through ``t5x-like eval``, must give those
+numbers.
+
+A SIGTERM to one process (or to all) stops both at the step JAX's preemption sync point
+picks, each saving that step and exiting 0; rerunning both resumes there and ends with
+parameters bit-identical to the uninterrupted run.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT, TINY_CONFIG, TINY_OVERRIDES, run_cli
+from family_runs import checkpoint_params
 
 from t5x_like import distributed
 from t5x_like.errors import UserError
 from t5x_like.launch import local
 
-STEPS = 3
+STEPS = 6  # long enough that a SIGTERM after step 1 stops the run before the end
 RUN_OVERRIDES = [
     *TINY_OVERRIDES,
     f"--config.train.num_steps={STEPS}",
@@ -61,7 +72,33 @@ REFERENCE = textwrap.dedent(
                          for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
     np.savez(OUT + "/reference.npz", **flat(state["params"]))
     np.savez(OUT + "/restored.npz", **flat(restored))
-    print("RESULT" + json.dumps({"losses": losses, "restored_step": restored_step}))
+
+    # Evaluation of the final parameters on the first global eval batch, as two processes
+    # assemble it, with the eval loop's key for batch 0.
+    from t5x_like.evaluation.loop import EVAL_KEY_SALT, make_eval_step
+    def global_batch(split, repeat, k):  # unshuffled, as evaluation reads
+        streams = [exp.family.batches(split=split, batch_size=half, shuffle=False,
+                                      repeat=repeat, skip_batches=0, shard_index=i,
+                                      num_shards=2) for i in range(2)]
+        for _ in range(k):
+            yield jax.tree.map(lambda *xs: np.concatenate(xs), *[next(s) for s in streams])
+    eval_key = jax.random.fold_in(exp.root_key, EVAL_KEY_SALT)
+    (batch,) = global_batch(config.data.eval_split, False, 1)
+    sums = make_eval_step(exp)(state["params"], jax.device_put(batch, exp.batch_sharding),
+                               jax.random.fold_in(eval_key, 0), exp.initial_carry())
+    scores = {k: float(v) for k, v in exp.family.summarize(jax.device_get(sums)).items()}
+    # The unigram baseline in NumPy: add-one counts of 32 corrupted training batches (read
+    # unshuffled, keys 0..31), scored on the same eval batch's targets.
+    features = jax.jit(exp.family.features)
+    vocab = exp.config.model.vocab_size  # resolved from the vocabulary
+    counts = np.ones(vocab)
+    scored = lambda f: np.asarray(f["targets"])[np.asarray(f["targets"]) > 0]
+    for i, b in enumerate(global_batch("train", True, 32)):
+        counts += np.bincount(scored(features(b, jax.random.key(i))), minlength=vocab)[:vocab]
+    targets = scored(features(batch, jax.random.fold_in(eval_key, 0)))
+    unigram = float(-np.log(counts / counts.sum())[targets].mean())
+    print("RESULT" + json.dumps({"losses": losses, "restored_step": restored_step,
+                                 "eval": scores, "unigram": unigram}))
     """
 )
 
@@ -83,14 +120,17 @@ def two_process_run(tmp_path_factory):
     result = run_cli(
         "launch", "local", "--processes=2", "--devices-per-process=2", "--",
         "train", "--config", TINY_CONFIG, "--workdir", str(workdir), *RUN_OVERRIDES,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return workdir, result
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process_and_their_checkpoint_restores(two_process_run, tmp_path):
+def test_two_processes_match_one_process_and_their_checkpoint_restores(two_process_run,
+                                                                       reference_numbers):
     workdir, result = two_process_run
+    out, out_dir = reference_numbers
     for i in (0, 1):  # both processes ran and finished the run
         assert f"[{i}] step {STEPS}: eval loss" in result.stdout
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -98,33 +138,49 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores(two_proce
     # process 0 alone writes metrics: one row per step, not two
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
 
-    overrides = [o.removeprefix("--") for o in RUN_OVERRIDES]
-    script = (
-        f"CONFIG, OVERRIDES, STEPS = {TINY_CONFIG!r}, {overrides!r}, {STEPS}\n"
-        f"WORKDIR, OUT = {str(workdir)!r}, {str(tmp_path)!r}\n" + REFERENCE
-    )
-    ref = _python(script, {"XLA_FLAGS": f"{local.DEVICE_COUNT_FLAG}=4", "JAX_PLATFORMS": "cpu"})
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    out = json.loads(ref.stdout.split("RESULT", 1)[1])
-
     np.testing.assert_allclose(
         [r["train/loss"] for r in train_rows], out["losses"], rtol=0, atol=1e-5
     )
     assert out["losses"][-1] < out["losses"][0]  # the parameters moved: not a vacuous match
     assert out["restored_step"] == STEPS
-    reference, restored = np.load(tmp_path / "reference.npz"), np.load(tmp_path / "restored.npz")
+    reference, restored = np.load(out_dir / "reference.npz"), np.load(out_dir / "restored.npz")
     assert sorted(reference.files) == sorted(restored.files) and len(reference.files) > 10
     for name in reference.files:
         np.testing.assert_allclose(restored[name], reference[name], rtol=0, atol=1e-5,
                                    err_msg=name)
+    # The training loop's evaluation at the last step, on two processes, against one.
+    (evaluated,) = [r for r in rows if "eval/loss" in r]
+    assert evaluated["step"] == STEPS
+    np.testing.assert_allclose(evaluated["eval/loss"], out["eval"]["cross_entropy"], rtol=1e-5)
+    np.testing.assert_allclose(evaluated["eval/accuracy"], out["eval"]["accuracy"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference_numbers(two_process_run, tmp_path_factory):
+    """One process's numbers for the two-process run (see the module docstring)."""
+    workdir, _ = two_process_run
+    out_dir = tmp_path_factory.mktemp("reference")
+    overrides = [o.removeprefix("--") for o in RUN_OVERRIDES]
+    script = (
+        f"CONFIG, OVERRIDES, STEPS = {TINY_CONFIG!r}, {overrides!r}, {STEPS}\n"
+        f"WORKDIR, OUT = {str(workdir)!r}, {str(out_dir)!r}\n" + REFERENCE
+    )
+    ref = _python(script, {"XLA_FLAGS": f"{local.DEVICE_COUNT_FLAG}=4", "JAX_PLATFORMS": "cpu"})
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    return json.loads(ref.stdout.split("RESULT", 1)[1]), out_dir
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_process_eval_gathers_its_baseline_and_samples(two_process_run, tmp_path):
-    """The unigram baseline and the span-filling samples read arrays sharded over both
-    processes: each process gathers the whole of them and prints the same report."""
+def test_two_process_eval_matches_one_process_and_gathers_its_samples(two_process_run,
+                                                                      reference_numbers,
+                                                                      tmp_path):
+    """``t5x-like eval`` on two processes gives one process's loss, accuracy and unigram
+    baseline for the same checkpoint and global batch; the baseline and the span-filling
+    samples read arrays sharded over both processes: each process gathers the whole of them
+    and prints the same report."""
     workdir, _ = two_process_run
+    out, _ = reference_numbers
     report = tmp_path / "eval.json"
     result = run_cli(
         "launch", "local", "--processes=2", "--devices-per-process=2", "--",
@@ -133,7 +189,10 @@ def test_two_process_eval_gathers_its_baseline_and_samples(two_process_run, tmp_
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     scores = json.loads(report.read_text())
-    assert 0 < scores["loss"] < 12 and 0 < scores["unigram_loss"] < 12
+    assert scores["step"] == STEPS
+    np.testing.assert_allclose(scores["loss"], out["eval"]["cross_entropy"], rtol=1e-5)
+    np.testing.assert_allclose(scores["accuracy"], out["eval"]["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(scores["unigram_loss"], out["unigram"], rtol=1e-6)
     lines = {i: [x.split("] ", 1)[1] for x in result.stdout.splitlines()
                  if x.startswith(f"[{i}] ") and ("loss" in x or "model" in x)] for i in (0, 1)}
     assert lines[0] and lines[0] == lines[1]
@@ -208,15 +267,18 @@ def _logged_steps(workdir):
     return steps
 
 
-def _start_pair(workdir, num_steps, logs):
+def _start_pair(workdir, num_steps, logs, overrides=None):
     """Starts processes 0 and 1 of one training run; their output goes to files named
-    LOGS + out0, err0, ... (files, not pipes: nobody has to drain them)."""
+    LOGS + out0, err0, ... (files, not pipes: nobody has to drain them). ``overrides``
+    replace the default settings (a checkpoint every 2 steps, no evaluation)."""
     port = local.free_port()
+    overrides = overrides or [
+        *TINY_OVERRIDES, f"--config.train.num_steps={num_steps}",
+        "--config.train.checkpoint_every=2", "--config.train.eval_batches=0",
+    ]
     argv = [
         sys.executable, "-m", "t5x_like.cli", "train", "--config", TINY_CONFIG,
-        "--workdir", str(workdir), f"--heartbeat-timeout={HEARTBEAT_S}", *TINY_OVERRIDES,
-        f"--config.train.num_steps={num_steps}", "--config.train.checkpoint_every=2",
-        "--config.train.eval_batches=0",
+        "--workdir", str(workdir), f"--heartbeat-timeout={HEARTBEAT_S}", *overrides,
     ]
     procs = []
     for i in range(2):
@@ -344,3 +406,77 @@ def test_watchdog_names_the_silent_process_not_a_finished_one_nor_itself_when_st
     assert tick(13, [1]) is None and tick(43) is None
     assert [tick(t) for t in (47, 51, 52.9)] == [None] * 3
     assert tick(53).startswith("process 1 of 3 stopped responding")
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def _sigterm(workdir, signalled: tuple[int, ...]) -> int:
+    """Trains RUN_OVERRIDES' run on two processes and sends SIGTERM to ``signalled`` once
+    step 1 is logged; checks that both stopped at one step, saved it and exited 0."""
+    procs = _start_pair(workdir, STEPS, f"{workdir.parent}/term-", RUN_OVERRIDES)
+    try:
+        deadline = time.monotonic() + 900  # startup alone took 5 min on 2 busy cores
+        while not _logged_steps(workdir):
+            assert all(p.poll() is None for p, _, _ in procs), _read(procs[0][2])[-3000:]
+            assert time.monotonic() < deadline, "the two processes never logged step 1"
+            time.sleep(0.02)
+        for i in signalled:
+            procs[i][0].send_signal(signal.SIGTERM)
+        for p, _, err in procs:
+            p.wait(timeout=600)
+            assert p.returncode == 0, _read(err)[-3000:]
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    printed = [_read(out) for _, out, _ in procs]
+    stops = [re.findall(r"stopped at step (\d+) on (.+?): checkpoint (\d+) is saved", text)
+             for text in printed]
+    # Each process names the same step, and the checkpoint of that step.
+    assert all(len(found) == 1 for found in stops), printed
+    (stopped,) = {int(found[0][0]) for found in stops}
+    assert all(found[0][2] == str(stopped) and "SIGTERM" in found[0][1] for found in stops)
+    assert 1 <= stopped < STEPS, stopped  # it stopped early: there is something to resume
+    assert _complete_steps(workdir) == [stopped]  # the preemption save, and no other
+    assert max(_logged_steps(workdir)) == stopped  # no step ran past the checkpoint
+    return stopped
+
+
+def _resume(workdir, stopped: int) -> None:
+    procs = _start_pair(workdir, STEPS, f"{workdir.parent}/resume-", RUN_OVERRIDES)
+    for p, _, err in procs:
+        p.wait(timeout=1200)
+        assert p.returncode == 0, _read(err)[-3000:]
+    assert f"resumed from step {stopped} in {workdir}" in _read(procs[0][1])
+
+
+def _assert_same_final_params(workdir, reference_workdir):
+    _, params, step = checkpoint_params(workdir)
+    _, reference, reference_step = checkpoint_params(reference_workdir)
+    assert step == reference_step == STEPS
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(reference)]
+    for name, a, b in zip(names, jax.tree.leaves(params), jax.tree.leaves(reference),
+                          strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
+    """A preemption notice usually reaches one host first. JAX's preemption sync point makes
+    both processes save the same step and exit 0 (measured here: both stopped at step 2)."""
+    stopped = _sigterm(tmp_path / "run", signalled=(1,))
+    print(f"SIGTERM to process 1 after step 1: both stopped at step {stopped}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("signalled", [(1,), (0, 1)], ids=["one", "every"])
+def test_after_sigterm_a_rerun_of_both_ends_bit_identical(two_process_run, tmp_path, signalled):
+    """SIGTERM to one process, or to every one (``docker stop``, SLURM's time limit); the
+    rerun of both ends bit-identical to the run that was never stopped (``two_process_run``:
+    the same settings)."""
+    stopped = _sigterm(tmp_path / "run", signalled)
+    _resume(tmp_path / "run", stopped)
+    _assert_same_final_params(tmp_path / "run", two_process_run[0])
