@@ -145,31 +145,36 @@ def test_l1_is_the_mean_absolute_error_of_selected_values():
     assert float(sums["mask/selected"] / sums["mask/weight"]) == pytest.approx(3 / 9)
 
 
-def cli(*args: str) -> int:
-    from t5x_like.cli import main
-
-    os.chdir(ROOT)
-    return main(list(args))
-
-
 @pytest.fixture(scope="module")
 def audio_run(tmp_path_factory):
-    """configs/audio_bert.py:tiny on mocked speech_commands: 20 steps, a restart after step
-    10, ``eval`` with --json: the CLI's own main, in this process (the mock lives here)."""
+    """configs/audio_bert.py:tiny on mocked speech_commands through ``t5x-like train`` (20
+    steps, a restart after step 10) and ``eval --json``, each in its own process: the mock is
+    a task module (``data.task_modules``) that enters ``tfds.testing.mock_data`` on import."""
+    from conftest import run_cli
+
     cache = family_runs.compilation_cache_env(tmp_path_factory)
-    next(cache)
+    env = next(cache)
     base = tmp_path_factory.mktemp("audio")
+    module = base / "mock_speech_commands.py"
+    module.write_text(MOCK + textwrap.dedent("""
+        import atexit
+        _MOCK = mocked()
+        _MOCK.__enter__()  # for the life of the process; atexit holds the reference
+        atexit.register(_MOCK.__exit__, None, None, None)
+        """))
     straight, resumed = base / "straight", base / "resumed"
-    args = [f"--config.{o}" for o in RUN]
-    with mocked():
-        assert cli("train", "--config", "configs/audio_bert.py:tiny", "--workdir",
-                   str(straight), *args) == 0
-        family_runs.restart_from_step_10(straight, resumed)
-        assert cli("train", "--config", "configs/audio_bert.py:tiny", "--workdir",
-                   str(resumed), *args) == 0
-        report = base / "eval.json"
-        assert cli("eval", "--checkpoint", str(straight), "--batches", "2", "--no-baseline",
-                   "--json", str(report)) == 0
+    args = [f"--config.{o}" for o in RUN] + [f"--config.data.task_modules={module}"]
+    for workdir in (straight, resumed):
+        if workdir == resumed:
+            family_runs.restart_from_step_10(straight, resumed)
+        result = run_cli("train", "--config", "configs/audio_bert.py:tiny", "--workdir",
+                         str(workdir), *args, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 10" in result.stdout
+    report = base / "eval.json"
+    result = run_cli("eval", "--checkpoint", str(straight), "--batches", "2", "--no-baseline",
+                     "--json", str(report), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
     yield straight, resumed, json.loads(report.read_text())
     next(cache, None)
 
