@@ -225,3 +225,97 @@ def test_unilm_predict_batch_beam_search_and_sampling(unilm):
         key=jax.random.key(seed)))
     assert draw(1).tolist() == draw(1).tolist()
     assert draw(1).tolist() != draw(2).tolist()
+
+
+# --------------------------------------------------------------------------- XLNet
+
+XLNET = ("configs/xlnet_plm.py:tiny", "model.d_model=64", "model.num_heads=2", "model.d_ff=128",
+         "model.num_layers=2", "data.inputs_length=32")
+
+
+@pytest.fixture(scope="module")
+def xlnet():
+    family = _family(*XLNET)
+    return family, _params(family), _sources(np.random.default_rng(2), [4, 7, 2])
+
+
+def _xlnet_oracle(family, params, inputs: np.ndarray, eos: int) -> list[list[int]]:
+    """Per row: [EOS] + prompt (its final EOS dropped) + generated + a dummy, contiguous from
+    slot 0, padding after (attention_mask 0); perm mask "j > i is hidden"; the query stream's
+    argmax at the dummy is the next token (transformers' XLNet generation, natural order)."""
+    prefixes = []
+    for row in inputs:
+        ids = [t for t in row.tolist() if t != 0]
+        prefixes.append([1] + (ids[:-1] if ids[-1] == 1 else ids))
+    width = max(map(len, prefixes)) + MAX_LENGTH
+    perm = np.triu(np.ones((width, width), np.float32), k=1)
+
+    @jax.jit
+    def forward(seq, valid, target):
+        rows = seq.shape[0]
+        return family.model(params)(
+            seq, attention_mask=valid, perm_mask=jnp.broadcast_to(perm, (rows, width, width)),
+            target_mapping=target).logits[:, 0]
+
+    generated: list[list[int]] = [[] for _ in prefixes]
+    for _ in range(MAX_LENGTH):
+        seq = np.zeros((len(prefixes), width), np.int32)
+        valid = np.zeros((len(prefixes), width), np.float32)
+        target = np.zeros((len(prefixes), 1, width), np.float32)
+        for r, (p, g) in enumerate(zip(prefixes, generated, strict=True)):
+            n = len(p) + len(g)
+            seq[r, :n] = p + g
+            valid[r, : n + 1] = 1
+            target[r, 0, n] = 1
+        logits = forward(seq, valid, target)
+        for r, g in enumerate(generated):
+            if not g or g[-1] != eos:
+                g.append(int(jnp.argmax(logits[r])))
+    return [_padded(g, MAX_LENGTH) for g in generated]
+
+
+def test_xlnet_greedy_equals_the_full_forward_argmax(xlnet):
+    family, params, inputs = xlnet
+    got = np.asarray(family.predict_batch(params, {"inputs": inputs}, max_length=MAX_LENGTH))
+    assert got.shape == (3, MAX_LENGTH)
+    assert got.tolist() == _xlnet_oracle(family, params, inputs, family.eos_id)
+    assert len({tuple(r) for r in got.tolist()}) > 1
+
+
+def test_xlnet_greedy_equals_beam_size_one_and_stops_at_eos(xlnet):
+    from t5x_like.families.xlnet import left_to_right_stepper
+
+    family, params, inputs = xlnet
+    graphdef, state = nnx.split(family.model(params))
+    prompts = np.pad(np.where(inputs == 1, 0, inputs), ((0, 0), (1, 0)), constant_values=1)
+
+    @jax.jit
+    def both(eos, model_state):
+        stepper = lambda: left_to_right_stepper(  # noqa: E731
+            nnx.merge(graphdef, model_state), jnp.asarray(prompts), jnp.asarray(prompts != 0),
+            max_length=MAX_LENGTH, pad_id=0)
+        greedy = decoding.greedy(stepper(), max_length=MAX_LENGTH, eos_id=eos)
+        beam, _ = beam_search(stepper(), decoding.Options(beam_size=1, alpha=0.0),
+                              batch_size=3, max_length=MAX_LENGTH, eos_id=eos)
+        return greedy, beam[:, 0]
+
+    greedy, beam = map(np.asarray, both(family.eos_id, state))
+    assert greedy.tolist() == beam.tolist()
+    eos = int(greedy[2, 2])
+    greedy, beam = map(np.asarray, both(eos, state))
+    assert greedy.tolist() == beam.tolist()
+    assert greedy[2, 2] == eos and (greedy[2, 3:] == 0).all()
+
+
+@pytest.mark.slow
+def test_xlnet_predict_batch_beam_search_and_sampling(xlnet):
+    family, params, inputs = xlnet
+    beams = np.asarray(family.predict_batch(params, {"inputs": inputs}, max_length=MAX_LENGTH,
+                                            options=decoding.Options(beam_size=2)))
+    assert beams.shape == (3, MAX_LENGTH)
+    options = decoding.Options(temperature=1.0)
+    draw = lambda seed: np.asarray(family.predict_batch(  # noqa: E731
+        params, {"inputs": inputs}, max_length=MAX_LENGTH, options=options,
+        key=jax.random.key(seed)))
+    assert draw(1).tolist() == draw(1).tolist()
+    assert draw(1).tolist() != draw(2).tolist()

@@ -23,12 +23,14 @@ untrained). ``model.reuse_len`` must be 0: the memory is the last M states.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from t5x_like import losses
+from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
@@ -121,6 +123,84 @@ class XLNetFamily(Family):
             sums["carry"] = {"mems": jnp.swapaxes(out.mems, 0, 1)}
         return sums["loss"], sums
 
-    def predict_batch(self, params: dict, features: dict, *, max_length: int) -> jax.Array:
-        raise UserError("an XLNet checkpoint is scored with t5x-like eval; generation is not "
-                        "implemented for it")
+    def predict_batch(self, params: dict, features: dict, *, max_length: int,
+                      options: decoding.Options | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
+        """Left-to-right continuations [B * num_return_sequences, max_length] of prompts
+        ``features['inputs']`` (padded with 0): greedy, beam search or sampling by ``options``.
+
+        As transformers' XLNet generates: a dummy token is appended, no position sees its
+        content, and the query stream predicts it. Here the factorisation order is the natural
+        one (every position sees only those before it), one of the orders XLNet trains on, and
+        the whole sequence is recomputed each step: no memory is used (the model's memory is
+        always visible and starts at zeros, so a memory decode would not equal the forward).
+        A prompt's trailing EOS is dropped and one EOS put in front, as for GPT.
+        """
+        options = options or decoding.Options()
+        if options.sampling and key is None:
+            raise UserError("sampling (temperature > 0) needs a random key (--seed)")
+        prompts = jnp.asarray(features["inputs"], jnp.int32)
+        valid = prompts != self.pad_id
+        last = jnp.sum(valid, axis=1) - 1
+        final_eos = (jnp.arange(prompts.shape[1])[None] == last[:, None]) & (
+            prompts == self.eos_id)
+        prompts = jnp.where(final_eos, self.pad_id, prompts)
+        prompts = jnp.pad(prompts, ((0, 0), (1, 0)), constant_values=self.eos_id)
+        graphdef, state = nnx.split(self.model(params))
+        return _generate(graphdef, state, prompts, prompts != self.pad_id,
+                         jax.random.key(0) if key is None else key, options=options,
+                         max_length=max_length, ids=(self.eos_id, self.pad_id))
+
+
+def left_to_right_stepper(model: XLNet, prompts: jax.Array, valid: jax.Array, *,
+                          max_length: int, pad_id: int, repeat: int = 1) -> decoding.Stepper:
+    """XLNet's natural-order decoding as a ``decoding.Stepper`` that recomputes the forward.
+
+    Prompt padding is moved to the left and never attended (relative positions between real
+    tokens are unchanged). Step at slot p writes the previous token at p - 1 (from the second
+    step on), puts a dummy at p that no position sees, and returns the query stream's logits
+    there. The cache is the token buffer (beam search permutes its rows).
+    """
+    order = jnp.argsort(valid, axis=1, stable=True)  # padding first, real tokens in order
+    prompts = jnp.repeat(jnp.take_along_axis(prompts, order, axis=1), repeat, axis=0)
+    valid = jnp.repeat(jnp.take_along_axis(valid, order, axis=1), repeat, axis=0)
+    rows, width = prompts.shape
+    slots = jnp.arange(width + max_length)
+    later = slots[None, :] > slots[:, None]  # perm mask: i cannot see j > i
+    tokens = jnp.concatenate([prompts, jnp.full((rows, max_length), pad_id, jnp.int32)], axis=1)
+    is_prompt = jnp.concatenate([valid, jnp.zeros((rows, max_length), bool)], axis=1)
+
+    def step(previous, cache, position):
+        t = cache["tokens"]
+        before = jnp.maximum(position - 1, width)  # = position on the first step: unchanged
+        kept = jax.lax.dynamic_slice_in_dim(t, before, 1, axis=1)[:, 0]
+        written = jnp.where(position > width, previous, kept)
+        t = jax.lax.dynamic_update_slice(t, written[:, None].astype(jnp.int32), (0, before))
+        seen = is_prompt | ((slots[None] >= width) & (slots[None] <= position))
+        target = (slots == position).astype(jnp.float32)
+        out = model(t, attention_mask=seen.astype(jnp.float32),
+                    perm_mask=jnp.broadcast_to(later, (rows, *later.shape)).astype(jnp.float32),
+                    target_mapping=jnp.broadcast_to(target, (rows, 1, slots.shape[0])))
+        return out.logits[:, 0], {"tokens": t}
+
+    return decoding.Stepper(step, {"tokens": tokens}, {"tokens": 0},
+                            jnp.full((rows,), pad_id, jnp.int32), width)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("options", "max_length", "ids"))
+def _generate(graphdef, state, prompts, valid, key, *, options: decoding.Options,
+              max_length: int, ids: tuple[int, int]) -> jax.Array:
+    eos_id, pad_id = ids
+    model = nnx.merge(graphdef, state)
+    repeat = options.beam_size if options.beam_size > 1 else options.num_return_sequences
+    s = left_to_right_stepper(model, prompts, valid, max_length=max_length, pad_id=pad_id,
+                              repeat=repeat)
+    if options.beam_size > 1:
+        tokens, _ = decoding.beam.beam_search(s, options, batch_size=prompts.shape[0],
+                                              max_length=max_length, eos_id=eos_id,
+                                              pad_id=pad_id)
+        return tokens.reshape(-1, max_length)
+    if options.sampling:
+        return decoding.sample(s, key, options, max_length=max_length, eos_id=eos_id,
+                               pad_id=pad_id)
+    return decoding.greedy(s, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
