@@ -320,8 +320,8 @@ def _cmd_report(args, overrides):
 
 # What import-hf / export-hf take: ``interop.hf.supported_model_types()``, written out so that
 # ``--help`` imports nothing heavy (tests/test_cli_interop.py checks the two agree).
-HF_MODEL_TYPES = ("t5, mt5, bart, bert, roberta, albert, electra, gpt2, xlnet, longformer or "
-                  "transfo-xl")
+HF_MODEL_TYPES = ("t5, mt5, bart, bert, roberta, albert, electra, gpt2, xlnet, longformer, "
+                  "transfo-xl or reformer")
 
 
 def build_parser() -> argparse.ArgumentParser:
