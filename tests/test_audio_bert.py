@@ -153,11 +153,22 @@ def audio_run(tmp_path_factory):
     from conftest import run_cli
 
     cache = family_runs.compilation_cache_env(tmp_path_factory)
-    env = next(cache)
     base = tmp_path_factory.mktemp("audio")
+    env = {**next(cache), "TFDS_DATA_DIR": str(base / "tfds")}
     module = base / "mock_speech_commands.py"
     module.write_text(MOCK + textwrap.dedent("""
-        import atexit
+        import atexit, contextlib, os
+        from tensorflow_datasets.testing import test_utils
+
+        class RealDataDir:
+            # mock_data fakes the dataset folder with a mock file system that redirects every
+            # write of the process while TFDS reads (orbax's async checkpoint writer's too);
+            # the folder is made for real instead, under $TFDS_DATA_DIR (a test folder).
+            def add_file(self, path, content=""):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "a").close()
+
+        test_utils.MockFs = lambda: contextlib.nullcontext(RealDataDir())
         _MOCK = mocked()
         _MOCK.__enter__()  # for the life of the process; atexit holds the reference
         atexit.register(_MOCK.__exit__, None, None, None)
