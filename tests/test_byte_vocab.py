@@ -113,6 +113,14 @@ def test_default_task_with_another_vocabulary_kind_is_one_sentence():
         config_lib.load_config("configs/gpt_lm.py:tiny", ["data.vocab_kind=byte"])
 
 
+@pytest.mark.parametrize("kind", ["byte", "char"])
+def test_whole_word_masking_on_bytes_or_characters_is_one_sentence(kind):
+    from t5x_like.families.bert import word_starts_of
+
+    with pytest.raises(UserError, match="objective.whole_word=False"):
+        word_starts_of(get_vocabulary(None, kind=kind))
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     yield from family_runs.compilation_cache_env(tmp_path_factory)

@@ -66,7 +66,11 @@ def word_starts_of(vocabulary) -> np.ndarray:
         pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
         pieces += [f"<extra_id_{i}>" for i in range(vocabulary.vocab_size - len(pieces))]
         return word_start_table(pieces, "sentencepiece")
-    pieces = [vocabulary.tokenizer.id_to_token(i) or "" for i in range(vocabulary.vocab_size)]
+    tokenizer = getattr(vocabulary, "tokenizer", None)
+    if not hasattr(tokenizer, "id_to_token"):  # bytes, characters: no word pieces to group
+        raise UserError(f"whole-word masking needs a SentencePiece or WordPiece vocabulary, not "
+                        f"{type(vocabulary).__name__}; set objective.whole_word=False")
+    pieces = [tokenizer.id_to_token(i) or "" for i in range(vocabulary.vocab_size)]
     if not any(p.startswith("##") for p in pieces):
         raise UserError("whole-word masking needs a SentencePiece or WordPiece vocabulary; set "
                         "objective.whole_word=False for this tokenizer")
