@@ -35,7 +35,7 @@ PYTEST_WORKERS ?= 2
 PYTEST = $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: $(VENV)/.installed-test
-	$(PYTEST) --durations=25 -m "not slow" tests
+	$(PYTEST) --durations=60 -m "not slow" tests
 
 test-all: $(VENV)/.installed-test
 	$(PYTEST) tests
