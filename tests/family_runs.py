@@ -38,6 +38,49 @@ def on_8_devices(script: str, root: Path, *, timeout: int = 1800) -> dict:
     return json.loads(result.stdout.split("RESULT", 1)[1])
 
 
+# Two AdamW steps of one config on 1 device, then as fsdp 8 and as tensor 8, from the same
+# initial state and batch: the losses, the largest parameter difference to the one-device run,
+# and how many parameter leaves are sharded. PATH and OVERRIDES are set in front of it.
+MESH_SCRIPT = """
+import json
+import jax, numpy as np
+from t5x_like import config as config_lib
+from t5x_like.experiment import build
+from t5x_like.train import make_train_step
+
+out, reference, host, initial = {}, None, None, None
+for name, (rules, fsdp, tensor) in [("one", ("dp", 1, 1)), ("fsdp8", ("fsdp", 8, 1)),
+                                    ("tensor8", ("tensor", 1, 8))]:
+    config = config_lib.load_config(PATH, OVERRIDES + [
+        f"mesh.rules={rules}", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+    exp = build(config, jax.devices()[: fsdp * tensor])
+    if host is None:
+        host = next(exp.family.batches(split="train", batch_size=8, shuffle=True, repeat=True,
+                                       skip_batches=0, shard_index=0, num_shards=1))
+        initial = jax.device_get(exp.init_state())
+    state = jax.device_put(initial, exp.state_shardings)
+    step = make_train_step(exp)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, jax.device_put(host, exp.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    params = jax.device_get(state["params"])
+    reference = params if reference is None else reference
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
+    sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
+    out[name] = {"losses": losses, "diff": diff, "sharded": sharded}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def two_steps_on_meshes(config_spec: str, overrides: list[str], root: Path) -> dict:
+    """``MESH_SCRIPT``'s result for one config: {"one"|"fsdp8"|"tensor8": {losses, diff,
+    sharded}}."""
+    return on_8_devices(f"PATH = {config_spec!r}\nOVERRIDES = {list(overrides)!r}\n"
+                        + MESH_SCRIPT, root)
+
+
 def compilation_cache_env(tmp_path_factory):
     """Generator for a module fixture: a persistent compilation cache for the module and the
     CLI runs it starts (a resumed run reads back what the run it resumes compiled, about 5x

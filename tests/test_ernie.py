@@ -193,13 +193,10 @@ def test_cli_train_and_eval(tmp_path, compilation_cache):
 
 @pytest.mark.slow
 def test_two_steps_on_8_devices_match_one_device():
-    from test_structbert import EIGHT
-
     overrides = SMALL + ["model.hidden_size=64", "model.num_heads=8",
                          "model.intermediate_size=128", "objective.static_masking=True",
                          "optimizer.warmup_steps=0"]
-    runs = family_runs.on_8_devices(f"PATH = {CONFIG + ':tiny'!r}\nOVERRIDES = {overrides!r}\n"
-                                    + EIGHT, ROOT)
+    runs = family_runs.two_steps_on_meshes(CONFIG + ":tiny", overrides, ROOT)
     for mesh in ("fsdp8", "tensor8"):
         np.testing.assert_allclose(runs[mesh]["losses"], runs["one"]["losses"], rtol=1e-6,
                                    atol=1e-5)

@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("USE_TF", "0")
 
 import json
-import textwrap
 
 import family_runs
 import jax
@@ -277,48 +276,12 @@ def test_progressive_knowledge_transfer_moves_one_layer_at_a_time(tmp_path, cach
          *short, f"--config.objective.init_student={previous}")
 
 
-SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax, numpy as np
-    from t5x_like import config as config_lib
-    from t5x_like.experiment import build
-    from t5x_like.train import make_train_step
-
-    out, reference, host, initial = {}, None, None, None
-    for name, (rules, fsdp, tensor) in [("one", ("dp", 1, 1)), ("fsdp8", ("fsdp", 8, 1)),
-                                        ("tensor8", ("tensor", 1, 8))]:
-        config = config_lib.load_config("configs/mobilebert.py:tiny", OVERRIDES + [
-            f"mesh.rules={rules}", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
-        exp = build(config, jax.devices()[: fsdp * tensor])
-        if host is None:
-            host = next(exp.family.batches(split="train", batch_size=8, shuffle=True,
-                                           repeat=True, skip_batches=0, shard_index=0,
-                                           num_shards=1))
-            initial = jax.device_get(exp.init_state())
-        state = jax.device_put(initial, exp.state_shardings)
-        step = make_train_step(exp)
-        losses = []
-        for _ in range(2):
-            state, metrics = step(state, jax.device_put(host, exp.batch_sharding))
-            losses.append(float(metrics["loss"]))
-        params = jax.device_get(state["params"])
-        reference = params if reference is None else reference
-        diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
-        sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
-        out[name] = {"losses": losses, "diff": diff, "sharded": sharded}
-    print("RESULT" + json.dumps(out))
-    """
-)
-
-
 @pytest.mark.slow
 def test_two_steps_on_8_devices_match_one_device():
     # Widths every mesh axis of 8 divides: H 64, B 32, 8 heads of 4, FFN 64, E 16.
     overrides = [*family_runs.RUN, "model.scan_layers=True", "model.num_heads=8",
                  "objective.static_masking=True", "optimizer.warmup_steps=0"]
-    runs = family_runs.on_8_devices(f"OVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
+    runs = family_runs.two_steps_on_meshes("configs/mobilebert.py:tiny", overrides, ROOT)
     one = runs["one"]
     for mesh in ("fsdp8", "tensor8"):
         run = runs[mesh]

@@ -4,7 +4,6 @@ mappings, and a 4-layer student distilled from a 12-layer BERT teacher through t
 
 import json
 import os
-import textwrap
 
 import family_runs
 import jax
@@ -218,47 +217,11 @@ def test_bad_settings_are_one_sentence(tmp_path):
         _student("", "objective.teacher=")
 
 
-SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax, numpy as np
-    from t5x_like import config as config_lib
-    from t5x_like.experiment import build
-    from t5x_like.train import make_train_step
-
-    out, reference, host, initial = {}, None, None, None
-    for name, (rules, fsdp, tensor) in [("one", ("dp", 1, 1)), ("fsdp8", ("fsdp", 8, 1)),
-                                        ("tensor8", ("tensor", 1, 8))]:
-        config = config_lib.load_config("configs/tinybert.py:tiny", OVERRIDES + [
-            f"mesh.rules={rules}", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
-        exp = build(config, jax.devices()[: fsdp * tensor])
-        if host is None:
-            host = next(exp.family.batches(split="train", batch_size=8, shuffle=True,
-                                           repeat=True, skip_batches=0, shard_index=0,
-                                           num_shards=1))
-            initial = jax.device_get(exp.init_state())
-        state = jax.device_put(initial, exp.state_shardings)
-        step = make_train_step(exp)
-        losses = []
-        for _ in range(2):
-            state, metrics = step(state, jax.device_put(host, exp.batch_sharding))
-            losses.append(float(metrics["loss"]))
-        params = jax.device_get(state["params"])
-        reference = params if reference is None else reference
-        diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
-        sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
-        out[name] = {"losses": losses, "diff": diff, "sharded": sharded}
-    print("RESULT" + json.dumps(out))
-    """
-)
-
-
 @pytest.mark.slow
 def test_two_steps_on_8_devices_match_one_device(teacher):
     overrides = [*STUDENT, f"objective.teacher={teacher}", "objective.static_masking=True",
                  "optimizer.warmup_steps=0"]
-    runs = family_runs.on_8_devices(f"OVERRIDES = {overrides!r}\n" + SCRIPT, ROOT)
+    runs = family_runs.two_steps_on_meshes("configs/tinybert.py:tiny", overrides, ROOT)
     one = runs["one"]
     for mesh in ("fsdp8", "tensor8"):
         run = runs[mesh]
