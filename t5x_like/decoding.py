@@ -157,9 +157,18 @@ def _generate(graphdef, state, inputs, valid, key, *, options: Options, max_leng
                             repeat=repeat)
     else:
         s = decoder_lm(model, inputs, valid, max_length=max_length, repeat=repeat)
+    return search(s, options, key, batch_size=inputs.shape[0], max_length=max_length,
+                  eos_id=eos_id, pad_id=pad_id)
+
+
+def search(s: Stepper, options: Options, key: jax.Array, *, batch_size: int, max_length: int,
+           eos_id: int, pad_id: int) -> jax.Array:
+    """Tokens [batch_size * R, max_length] from a stepper built with ``repeat`` = the beam
+    size (beam search) or ``num_return_sequences`` (sampling, greedy): what every family's
+    decoding shares once its stepper is built."""
     if options.beam_size > 1:
-        tokens, _ = beam.beam_search(s, options, batch_size=inputs.shape[0],
-                                     max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+        tokens, _ = beam.beam_search(s, options, batch_size=batch_size, max_length=max_length,
+                                     eos_id=eos_id, pad_id=pad_id)
         return tokens.reshape(-1, max_length)
     if options.sampling:
         return sample(s, key, options, max_length=max_length, eos_id=eos_id, pad_id=pad_id)

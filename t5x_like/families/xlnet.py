@@ -195,12 +195,5 @@ def _generate(graphdef, state, prompts, valid, key, *, options: decoding.Options
     repeat = options.beam_size if options.beam_size > 1 else options.num_return_sequences
     s = left_to_right_stepper(model, prompts, valid, max_length=max_length, pad_id=pad_id,
                               repeat=repeat)
-    if options.beam_size > 1:
-        tokens, _ = decoding.beam.beam_search(s, options, batch_size=prompts.shape[0],
-                                              max_length=max_length, eos_id=eos_id,
-                                              pad_id=pad_id)
-        return tokens.reshape(-1, max_length)
-    if options.sampling:
-        return decoding.sample(s, key, options, max_length=max_length, eos_id=eos_id,
-                               pad_id=pad_id)
-    return decoding.greedy(s, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+    return decoding.search(s, options, key, batch_size=prompts.shape[0], max_length=max_length,
+                           eos_id=eos_id, pad_id=pad_id)
