@@ -25,7 +25,7 @@ BAD_OVERRIDES = [
     ("train.num_steps", r"override 'train.num_steps' has no '='"),
     ("data.batch_size=0", r"data.batch_size must be positive, got 0"),
     ("data.inputs_length=4", r"data.inputs_length must be >= 8, got 4"),
-    ("optimizer.name='sgd'", r"optimizer.name must be one of \('adafactor', 'adamw'\)"),
+    ("optimizer.name='sgd'", r"optimizer.name must be one of \('adafactor', 'adamw', 'lamb'\)"),
     ("optimizer.schedule='step'", r"optimizer.schedule must be one of"),
     ("optimizer.learning_rate=0.0", r"optimizer.learning_rate must be positive, got 0.0"),
     ("optimizer.learning_rate=-1e-3", r"optimizer.learning_rate must be positive"),
@@ -183,7 +183,7 @@ def test_text_smaller_than_one_batch_is_one_sentence(tmp_path):
 
 @pytest.mark.parametrize("task,split,message", [
     ("shakespear", "train", r"no task or mixture named 'shakespear' is registered; did you mean "
-                            r"shakespeare\?"),
+                            r"shakespeare, shakespeare_chars, shakespeare_bytes\?"),
     ("shakespeare", "test", r"task 'shakespeare' has no split 'test'; it has train, validation"),
 ])
 def test_unknown_task_or_split_is_one_sentence(task, split, message):
