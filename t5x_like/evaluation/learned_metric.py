@@ -1,0 +1,189 @@
+"""Scoring (reference, prediction) pairs with a learned metric beside BLEU, ROUGE and BERTScore.
+
+A learned metric is a ``bert_finetune`` run with a regression head trained on
+``[CLS] reference [SEP] candidate [SEP]`` (``configs/learned_metric.py``); its prediction for a
+pair is its score. ``t5x-like eval --metric SPEC`` takes any of:
+
+- ``learned:WORKDIR``: that run's regression output per pair (the scale it was trained on:
+  0..1 for the shipped presets);
+- ``bleu``: sacrebleu's sentence BLEU per pair (0..100), and corpus BLEU over the file;
+- ``rouge``: rouge-score's ROUGE-L F-measure per pair (0..1, no stemmer);
+- ``bertscore:HF_FOLDER``: BERTScore F1 per pair with that encoder (``bertscore.py``).
+
+With ``--references/--predictions`` (one text a line) it prints a score per prediction and
+the means; with ``--ratings FILE.tsv`` (``data.metric_pairs.read_ratings``) it prints each
+metric's Pearson and Kendall correlation (scipy) with the human scores of one split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from t5x_like.data import metric_pairs
+from t5x_like.errors import UserError
+
+KINDS = ("learned", "bleu", "rouge", "bertscore")
+
+
+class LearnedMetric:
+    """A trained regression run that scores (reference, candidate) pairs."""
+
+    def __init__(self, workdir: str | Path):
+        from t5x_like.data.special_tokens import special_tokens
+        from t5x_like.evaluation.driver import load_checkpoint
+
+        self.exp, self.params, self.step = load_checkpoint(workdir)
+        c = self.exp.config
+        if c.family != "bert_finetune" or c.finetune.head != "regression":
+            raise UserError(f"--metric learned:{workdir} needs a run with a regression head "
+                            f"(configs/learned_metric.py); it is a {c.family!r} run"
+                            + (f" with finetune.head={c.finetune.head!r}"
+                               if "finetune" in c else ""))
+        ids = special_tokens(self.exp.vocabulary)
+        roberta = self.exp.family.model_config.model_type == "roberta"
+        self.cls, self.sep = (ids.bos, ids.eos) if roberta else (ids.cls, ids.sep)
+        self.length = c.data.inputs_length
+        self.batch_size = c.data.batch_size
+        self._predict = jax.jit(self.exp.family.predict_batch)
+
+    def row(self, reference: str, candidate: str) -> list[int]:
+        """``[CLS] reference [SEP] candidate [SEP]`` ids, cut as the training tasks cut them
+        (``tasks.ratings.pair_inputs``)."""
+        first, second = metric_pairs.pair_lengths(self.length)
+        vocab = self.exp.vocabulary
+        return [self.cls, *vocab.encode(reference)[:first], self.sep,
+                *vocab.encode(candidate)[:second], self.sep]
+
+    def score(self, references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """One score per pair, float64 [N]."""
+        _check_pairs(references, candidates)
+        rows = [self.row(r, c) for r, c in zip(references, candidates, strict=True)]
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            ids = np.zeros((self.batch_size, self.length), np.int32)
+            mask = np.zeros((self.batch_size, self.length), np.int32)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)], mask[i, :len(r)] = r, 1
+            ids[len(chunk):, :2], mask[len(chunk):, :2] = (self.cls, self.sep), 1  # filler rows
+            batch = {"input_ids": ids, "attention_mask": mask}
+            out.append(np.asarray(self._predict(self.params, batch))[:len(chunk)])
+        return np.concatenate(out).astype(np.float64)
+
+
+def _check_pairs(references: Sequence[str], candidates: Sequence[str]) -> None:
+    if len(references) != len(candidates) or not references:
+        raise UserError(f"metrics need one reference per prediction, got {len(references)} "
+                        f"references and {len(candidates)} predictions")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"learned:runs/m"`` -> ("learned", "runs/m"); ``"bleu"`` -> ("bleu", "")."""
+    kind, _, arg = spec.partition(":")
+    if kind not in KINDS:
+        raise UserError(f"--metric {spec!r}: the kind must be one of {', '.join(KINDS)} "
+                        "(learned:WORKDIR, bleu, rouge, bertscore:HF_FOLDER)")
+    if kind in ("learned", "bertscore") and not arg:
+        raise UserError(f"--metric {kind} needs a folder: {kind}:"
+                        f"{'WORKDIR' if kind == 'learned' else 'HF_FOLDER'}")
+    if kind in ("bleu", "rouge") and arg:
+        raise UserError(f"--metric {kind} takes no argument, got {spec!r}")
+    return kind, arg
+
+
+def per_pair(spec: str, references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+    """The metric ``spec``'s score of each (reference, candidate) pair."""
+    kind, arg = parse_spec(spec)
+    _check_pairs(references, candidates)
+    if kind == "learned":
+        return LearnedMetric(arg).score(references, candidates)
+    if kind == "bertscore":
+        from t5x_like.evaluation.bertscore import BertScorer
+
+        return BertScorer(arg).score(list(candidates), list(references))["f1"]
+    if kind == "bleu":
+        import sacrebleu
+
+        return np.array([sacrebleu.sentence_bleu(c, [r]).score
+                         for r, c in zip(references, candidates, strict=True)])
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return np.array([scorer.score(r, c)["rougeL"].fmeasure
+                     for r, c in zip(references, candidates, strict=True)])
+
+
+def score_texts(specs: Sequence[str], references: Sequence[str],
+                candidates: Sequence[str]) -> dict:
+    """{"per_pair": {spec: [N] scores}, "mean": {spec: mean}, "corpus_bleu": (with bleu)}."""
+    for spec in specs:
+        parse_spec(spec)  # every spelling checked before anything loads
+    scores = {spec: per_pair(spec, references, candidates) for spec in specs}
+    report = {"per_pair": {k: v.tolist() for k, v in scores.items()},
+              "mean": {k: float(np.mean(v)) for k, v in scores.items()}}
+    if any(parse_spec(s)[0] == "bleu" for s in specs):
+        from t5x_like.evaluation.metrics import bleu
+
+        report["corpus_bleu"] = bleu(list(references), list(candidates))["bleu"]
+    return report
+
+
+def correlations(human: Sequence[float], scores: Sequence[float]) -> dict[str, float]:
+    """Pearson's r and Kendall's tau (tau-b) of ``scores`` with ``human``, from scipy."""
+    from scipy import stats
+
+    human, scores = np.asarray(human, np.float64), np.asarray(scores, np.float64)
+    if len(human) != len(scores) or len(human) < 2:
+        raise UserError(f"correlations need at least 2 paired values, got {len(human)} human "
+                        f"scores and {len(scores)} metric scores")
+    return {"pearson": float(stats.pearsonr(human, scores)[0]),
+            "kendall": float(stats.kendalltau(human, scores)[0])}
+
+
+def score_ratings(specs: Sequence[str], path: str | Path, split: str) -> dict:
+    """Each metric's correlation with the human scores of ``split`` of a ratings TSV."""
+    for spec in specs:
+        parse_spec(spec)
+    rows = metric_pairs.read_ratings(path)
+    if split not in rows:
+        raise UserError(f"{path} has no split {split!r}; it has {', '.join(sorted(rows))}")
+    pairs = rows[split]
+    references = [p.reference for p in pairs]
+    candidates = [p.candidate for p in pairs]
+    human = [p.score for p in pairs]
+    return {"ratings": str(path), "split": split, "pairs": len(pairs),
+            "correlations": {spec: correlations(human, per_pair(spec, references, candidates))
+                             for spec in specs}}
+
+
+def format_texts(report: dict, specs: Sequence[str]) -> str:
+    """A score per prediction (one row each), then the means (and corpus BLEU)."""
+    lines = ["#     " + "  ".join(f"{s:>14.14}" for s in specs)]
+    columns = [report["per_pair"][s] for s in specs]
+    for i, values in enumerate(zip(*columns, strict=True)):
+        lines.append(f"{i:<5} " + "  ".join(f"{v:>14.4f}" for v in values))
+    lines.append("mean  " + "  ".join(f"{report['mean'][s]:>14.4f}" for s in specs))
+    if "corpus_bleu" in report:
+        lines.append(f"corpus BLEU {report['corpus_bleu']:.2f}")
+    return "\n".join(lines)
+
+
+def format_ratings(report: dict) -> str:
+    """One line per metric: Pearson and Kendall with the human scores."""
+    lines = [f"{report['pairs']} pairs of {report['ratings']} ({report['split']}): "
+             "correlation with the human scores"]
+    for spec, c in report["correlations"].items():
+        lines.append(f"  {spec:<40} pearson {c['pearson']:+.4f}   kendall {c['kendall']:+.4f}")
+    return "\n".join(lines)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a text file (one reference or prediction a line, trailing newline off)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a text file with one text a line")
+    return path.read_text(encoding="utf-8").rstrip("\n").split("\n")
