@@ -127,18 +127,10 @@ class XLNetFamily(Family):
                       options: decoding.Options | None = None,
                       key: jax.Array | None = None) -> jax.Array:
         """Left-to-right continuations [B * num_return_sequences, max_length] of prompts
-        ``features['inputs']`` (padded with 0): greedy, beam search or sampling by ``options``.
-
-        As transformers' XLNet generates: a dummy token is appended, no position sees its
-        content, and the query stream predicts it. Here the factorisation order is the natural
-        one (every position sees only those before it), one of the orders XLNet trains on, and
-        the whole sequence is recomputed each step: no memory is used (the model's memory is
-        always visible and starts at zeros, so a memory decode would not equal the forward).
+        ``features['inputs']`` (padded with 0): greedy, beam search or sampling by ``options``,
+        computed as transformers' XLNet generates, with its memory (``generate`` below).
         A prompt's trailing EOS is dropped and one EOS put in front, as for GPT.
         """
-        options = options or decoding.Options()
-        if options.sampling and key is None:
-            raise UserError("sampling (temperature > 0) needs a random key (--seed)")
         prompts = jnp.asarray(features["inputs"], jnp.int32)
         valid = prompts != self.pad_id
         last = jnp.sum(valid, axis=1) - 1
@@ -146,45 +138,104 @@ class XLNetFamily(Family):
             prompts == self.eos_id)
         prompts = jnp.where(final_eos, self.pad_id, prompts)
         prompts = jnp.pad(prompts, ((0, 0), (1, 0)), constant_values=self.eos_id)
-        graphdef, state = nnx.split(self.model(params))
-        return _generate(graphdef, state, prompts, prompts != self.pad_id,
-                         jax.random.key(0) if key is None else key, options=options,
-                         max_length=max_length, ids=(self.eos_id, self.pad_id))
+        return generate(self.model(params), prompts, max_length=max_length, eos_id=self.eos_id,
+                        options=options, key=key, pad_id=self.pad_id)
+
+
+def generate(model: XLNet, prompts: jax.Array, *, max_length: int, eos_id: int,
+             options: decoding.Options | None = None, key: jax.Array | None = None,
+             pad_id: int = 0, valid: jax.Array | None = None) -> jax.Array:
+    """Tokens [B * R, max_length] after prompts [B, T] (``valid``, default ``!= pad_id``, marks
+    real tokens; each row needs one): greedy, beam search or sampling, as ``decoding.generate``
+    returns them. Greedy equals ``transformers.XLNetLMHeadModel.generate`` on the same weights
+    token for token (``left_to_right_stepper`` says how); a padded row decodes as it would alone.
+    """
+    options = options or decoding.Options()
+    if options.sampling and key is None:
+        raise UserError("sampling (temperature > 0) needs a random key (--seed)")
+    if model.config.reuse_len:
+        raise UserError(f"XLNet generation caches every state; the model has reuse_len="
+                        f"{model.config.reuse_len}, set it to 0")
+    prompts = jnp.asarray(prompts, jnp.int32)
+    valid = prompts != pad_id if valid is None else jnp.asarray(valid, bool)
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompts, valid,
+                     jax.random.key(0) if key is None else key, options=options,
+                     max_length=max_length, ids=(eos_id, pad_id))
+
+
+def memory_slots(config: XLNetConfig, prompt_width: int, max_length: int) -> int:
+    """Memory slots a decode step attends to: all earlier tokens but the two it recomputes
+    (``prompt_width - 1 + max_length - 2`` at most), or ``mem_len - 2`` if that is fewer, as
+    transformers' ``mems[:-2]`` of a memory cut to ``mem_len``."""
+    slots = prompt_width - 1 + max(max_length - 2, 0)
+    if config.mem_len:
+        slots = min(slots, config.mem_len - 2)
+    return max(slots, 0)
 
 
 def left_to_right_stepper(model: XLNet, prompts: jax.Array, valid: jax.Array, *,
                           max_length: int, pad_id: int, repeat: int = 1) -> decoding.Stepper:
-    """XLNet's natural-order decoding as a ``decoding.Stepper`` that recomputes the forward.
+    """XLNet's left-to-right decoding with its memory, as transformers' ``generate`` computes
+    it, as a ``decoding.Stepper`` of fixed shapes (one compile, however long the output).
 
-    Prompt padding is moved to the left and never attended (relative positions between real
-    tokens are unchanged). Step at slot p writes the previous token at p - 1 (from the second
-    step on), puts a dummy at p that no position sees, and returns the query stream's logits
-    there. The cache is the token buffer (beam search permutes its rows).
+    transformers' ``prepare_inputs_for_generation`` appends a dummy token that no position
+    sees (``perm_mask[:, :, -1] = 1``) and predicts it with the query stream (the dummy is
+    the only target); every other pair of positions sees each other. The first pass runs on
+    [prompt; dummy], the prompt attending both ways. Each later pass runs on the last two
+    tokens and a dummy, with the memory (``use_mems``: each layer's input states) of all tokens
+    before those two: the last token is new, the one before it is recomputed now that it
+    can see the newest token, and its state joins the memory. That recomputation, not a
+    plain one-token step, is what equality with transformers needs, so it is reproduced.
+
+    Here the memory is a buffer of ``memory_slots`` per layer, right-aligned (its last slot
+    is the token just before the two a pass runs on, so relative distances are those of
+    transformers' contiguous memory) with a mask of filled slots; a pass shifts it one slot.
+    Prompt padding is moved to the left and masked, in the prompt pass and in the memory, so
+    a padded row decodes as it would alone (transformers' XLNet ignores ``attention_mask`` in
+    generation and would attend the padding). The prompt pass runs here, once; the stepper's
+    first step returns its logits, later steps run the three-token pass.
     """
     order = jnp.argsort(valid, axis=1, stable=True)  # padding first, real tokens in order
     prompts = jnp.repeat(jnp.take_along_axis(prompts, order, axis=1), repeat, axis=0)
     valid = jnp.repeat(jnp.take_along_axis(valid, order, axis=1), repeat, axis=0)
     rows, width = prompts.shape
-    slots = jnp.arange(width + max_length)
-    later = slots[None, :] > slots[:, None]  # perm mask: i cannot see j > i
-    tokens = jnp.concatenate([prompts, jnp.full((rows, max_length), pad_id, jnp.int32)], axis=1)
-    is_prompt = jnp.concatenate([valid, jnp.zeros((rows, max_length), bool)], axis=1)
+    slots = memory_slots(model.config, width, max_length)
+
+    def dummy_pass(tokens, attention_mask, **memory):
+        length = tokens.shape[1] + 1
+        hidden = jnp.zeros((rows, length, length), jnp.float32).at[:, :, -1].set(1.0)
+        target = jnp.zeros((rows, 1, length), jnp.float32).at[:, 0, -1].set(1.0)
+        out = model(jnp.pad(tokens, ((0, 0), (0, 1))), perm_mask=hidden, target_mapping=target,
+                    attention_mask=jnp.pad(attention_mask, ((0, 0), (0, 1)), constant_values=1),
+                    **memory)
+        return out.logits[:, 0], out.mems
+
+    first_logits, mems = dummy_pass(prompts, valid.astype(jnp.float32), mem_len=width + 1)
+    mems, mem_valid = mems[:, :, : width - 1], valid[:, : width - 1]  # all but the last token
+    fill = max(slots - (width - 1), 0)
+    mems = jnp.pad(mems, ((0, 0), (0, 0), (fill, 0), (0, 0)))[:, :, mems.shape[2] + fill - slots:]
+    mem_valid = jnp.pad(mem_valid, ((0, 0), (fill, 0)))[:, mem_valid.shape[1] + fill - slots:]
 
     def step(previous, cache, position):
-        t = cache["tokens"]
-        before = jnp.maximum(position - 1, width)  # = position on the first step: unchanged
-        kept = jax.lax.dynamic_slice_in_dim(t, before, 1, axis=1)[:, 0]
-        written = jnp.where(position > width, previous, kept)
-        t = jax.lax.dynamic_update_slice(t, written[:, None].astype(jnp.int32), (0, before))
-        seen = is_prompt | ((slots[None] >= width) & (slots[None] <= position))
-        target = (slots == position).astype(jnp.float32)
-        out = model(t, attention_mask=seen.astype(jnp.float32),
-                    perm_mask=jnp.broadcast_to(later, (rows, *later.shape)).astype(jnp.float32),
-                    target_mapping=jnp.broadcast_to(target, (rows, 1, slots.shape[0])))
-        return out.logits[:, 0], {"tokens": t}
+        def later(cache):
+            tokens = jnp.stack([cache["last"], previous], axis=1)
+            logits, new = dummy_pass(tokens, jnp.ones((rows, 2), jnp.float32),
+                                     mems=jnp.swapaxes(cache["mems"], 0, 1),
+                                     mem_mask=cache["mem_valid"], mem_len=slots + 3)
+            new = jnp.swapaxes(new[:, :, 1: slots + 1], 0, 1)  # [the oldest out; the first in]
+            mask = cache["mem_valid"]
+            if slots:
+                mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)), constant_values=True)
+            return logits, new.astype(cache["mems"].dtype), mask
 
-    return decoding.Stepper(step, {"tokens": tokens}, {"tokens": 0},
-                            jnp.full((rows,), pad_id, jnp.int32), width)
+        logits, new_mems, mask = jax.lax.cond(
+            position == 0, lambda c: (first_logits, c["mems"], c["mem_valid"]), later, cache)
+        return logits, {"mems": new_mems, "mem_valid": mask, "last": previous}
+
+    cache = {"mems": jnp.swapaxes(mems, 0, 1), "mem_valid": mem_valid,
+             "last": prompts[:, -1]}
+    return decoding.Stepper(step, cache, {"mems": 0, "last": 0}, prompts[:, -1], 0)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("options", "max_length", "ids"))

@@ -209,13 +209,12 @@ class XLNet(nnx.Module):
         self.lm_bias = L.make_param(rngs, jax.nn.initializers.zeros, (c.vocab_size,),
                                     ("vocab",), pdt)
 
-    def _cache(self, h: jax.Array, mem: jax.Array | None) -> jax.Array:
+    def _cache(self, h: jax.Array, mem: jax.Array | None, mem_len: int) -> jax.Array:
         """This layer's memory for the next segment: the last mem_len of [mem; h], no grad."""
-        c = self.config
-        if c.reuse_len:
-            h = h[:, :c.reuse_len]
+        if self.config.reuse_len:
+            h = h[:, :self.config.reuse_len]
         cat = h if mem is None else jnp.concatenate([mem.astype(h.dtype), h], axis=1)
-        return jax.lax.stop_gradient(cat[:, -c.mem_len:])
+        return jax.lax.stop_gradient(cat[:, -mem_len:])
 
     def __call__(
         self,
@@ -226,6 +225,8 @@ class XLNet(nnx.Module):
         perm_mask: jax.Array | None = None,
         target_mapping: jax.Array | None = None,
         mems: jax.Array | None = None,
+        mem_mask: jax.Array | None = None,
+        mem_len: int | None = None,
         enable_dropout: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> XLNetOutput:
@@ -233,8 +234,11 @@ class XLNet(nnx.Module):
 
         ``attention_mask`` [B, L] is 0 on padding; ``perm_mask`` [B, L, L] is non-zero where i
         cannot see j; ``target_mapping`` [B, P, L] one-hot picks the P predicted positions;
-        ``mems`` [layers, B, M, d_model] is the previous segment's memory (always visible).
-        Without perm_mask, attention_mask and target_mapping, attention is fully bidirectional.
+        ``mems`` [layers, B, M, d_model] is the previous segment's memory, visible to every
+        position, except slots where ``mem_mask`` [B, M] is 0 (a fixed-size memory that is not
+        full yet, as generation keeps). ``mem_len`` overrides the config's count of memory slots
+        returned per layer (generation asks for all of [mems; segment]). Without perm_mask,
+        attention_mask, mem_mask and target_mapping, attention is fully bidirectional.
         """
         c = self.config
         dt = L.dtype_of(c.dtype)
@@ -245,12 +249,20 @@ class XLNet(nnx.Module):
         k_h, k_g, k_pos, k_layers, k_out = L.dropout_keys(c.dropout_rate > 0, enable_dropout,
                                                           rngs, 5)
 
-        if perm_mask is None and attention_mask is None and target_mapping is None:
+        mem_len = c.mem_len if mem_len is None else mem_len
+        if mems is None and mem_mask is not None:
+            raise UserError("mem_mask needs mems (it marks which memory slots are filled)")
+        if (perm_mask is None and attention_mask is None and target_mapping is None
+                and mem_mask is None):
             content_mask = query_mask = None
         else:
             if perm_mask is None:
                 perm_mask = jnp.zeros((batch, length, length), bool)
             content_mask, query_mask = stream_masks(perm_mask, attention_mask, mem_length)
+            if mem_mask is not None:
+                visible = jnp.concatenate([mem_mask > 0, jnp.ones((batch, length), bool)], 1)
+                content_mask = content_mask & visible[:, None, :]
+                query_mask = query_mask & visible[:, None, :]
 
         segment_diff = None
         if token_type_ids is not None:  # memory slots count as segment 0, as in the reference
@@ -272,7 +284,7 @@ class XLNet(nnx.Module):
         def body(layer, carry, xs):
             h, g = carry
             mem, key = xs
-            new_mem = self._cache(h, mem) if c.mem_len else None
+            new_mem = self._cache(h, mem, mem_len) if mem_len else None
             h, g = layer(h, g, mem, pos_enc=pos_enc, segment_diff=segment_diff,
                          content_mask=content_mask, query_mask=query_mask,
                          target_mapping=target_mapping, dropout_key=key)
