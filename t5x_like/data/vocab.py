@@ -171,12 +171,28 @@ def lazy_default_char_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> CharVoca
     return _DefaultCharVocabulary(default_char_vocab_path(), extra_ids=extra_ids)
 
 
+# A Hugging Face tokenizer's files (an imported checkpoint's; data/hf_vocab.py), or their folder.
+HF_TOKENIZER_NAMES = ("tokenizer.json", "vocab.json", "vocab.txt")
+
+
+def is_hf_tokenizer(path: str | Path) -> bool:
+    """Whether ``path`` names a local Hugging Face tokenizer rather than a SentencePiece model:
+    one of ``HF_TOKENIZER_NAMES`` or a folder holding one."""
+    if storage.is_remote(path):
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return any((path / name).is_file() for name in HF_TOKENIZER_NAMES)
+    return path.name in HF_TOKENIZER_NAMES
+
+
 def get_vocabulary(path: str | Path | None = None,
                    extra_ids: int = DEFAULT_EXTRA_IDS,
                    kind: str = "sentencepiece") -> seqio.Vocabulary:
     """The vocabulary of ``kind`` (``VOCAB_KINDS``): for "sentencepiece" the .model file at
     ``path`` (local or gs://) or the default one when ``path`` is None, checked to follow T5's
-    pad=0 / eos=1 ids; for "byte" seqio's ``ByteVocabulary`` (ByT5: pad 0, eos 1, unk 2, byte
+    pad=0 / eos=1 ids, or a Hugging Face tokenizer (``is_hf_tokenizer``: its own ids, no
+    sentinels added); for "byte" seqio's ``ByteVocabulary`` (ByT5: pad 0, eos 1, unk 2, byte
     b at b + 3; ``path`` must be empty); for "char" the character list at ``path`` or the
     default corpus's. Every kind keeps ``extra_ids`` sentinels at the top."""
     if kind not in VOCAB_KINDS:
@@ -197,6 +213,10 @@ def get_vocabulary(path: str | Path | None = None,
         return vocabulary
     if path is None:
         path = ensure_default_vocab()
+    elif is_hf_tokenizer(path):
+        from t5x_like.data.hf_vocab import HFTokenizerVocabulary  # late: reads tokenizers
+
+        return HFTokenizerVocabulary(path)
     elif not storage.as_path(path).is_file():
         raise UserError(f"vocabulary file {path} does not exist; fix data.vocab_path or train "
                         "one with `t5x-like vocab train`")

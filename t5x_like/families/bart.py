@@ -16,11 +16,21 @@ vocabulary: every ordinary id whose text ends in one of ``objective.sentence_end
 (default ".!?") closes a sentence, and so does an EOS (a document end inside the chunk). The
 chunk's last sentence may be cut by the chunk boundary; it is permuted like the others.
 
-Special ids come from ``data.special_tokens``: <mask> is the vocabulary's mask (the top
-sentinel of our SentencePiece vocabularies), padding is 0 and the decoder starts from 0 (as
-T5, so ``decoding.greedy_decode`` serves both). Random replacement (``random_ratio``) draws
-from the whole vocabulary except pad / EOS / <mask>, sentinels included (1% of the default
-vocabulary).
+Special ids come from ``data.special_tokens``, in one of two layouts:
+
+- **our vocabularies** (SentencePiece, bytes, characters): <mask> is the top sentinel, padding
+  is 0 and the decoder starts from 0 (as T5, so ``decoding.greedy_decode`` serves both); a row
+  is the raw chunk as it is.
+- **a Hugging Face tokenizer** (``data.vocab_path`` at an imported ``facebook/bart``-layout
+  checkpoint's tokenizer, which ``import-hf`` sets): the tokenizer's <s>, </s>, <pad> and
+  <mask>, and the checkpoint's ``decoder_start_token_id`` (BART: pad 1, BOS 0, EOS 2, start
+  2). A row is ``<s> chunk </s>`` (the host chunk is ``inputs_length - 2`` tokens), as
+  fairseq's BART rows and Hugging Face's ``tokenizer(text)`` labels are; BOS and the closing
+  EOS are never noised; decoder inputs are transformers' ``shift_tokens_right(labels, pad,
+  decoder_start)``; the loss skips padding (Hugging Face's -100 labels).
+
+Random replacement (``random_ratio``) draws from the whole vocabulary except the special ids
+(pad / EOS / <mask>, and <s> in the Hugging Face layout), sentinels included.
 """
 
 from __future__ import annotations
@@ -36,7 +46,6 @@ from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import check
 from t5x_like.families.base import Family
-from t5x_like.families.t5 import shift_right
 from t5x_like.models.bart import Bart, BartConfig
 from t5x_like.objectives.denoising import BART_PAPER, BartNoise, TokenIds, bart_noise
 from t5x_like.objectives.mass import START_PROBS, mass_fragment
@@ -44,6 +53,19 @@ from t5x_like.objectives.mass import START_PROBS, mass_fragment
 _NOISE_FIELDS = ("mask_ratio", "delete_ratio", "infill_ratio", "poisson_lambda", "random_ratio",
                  "permute_sentences", "rotate_ratio")
 
+
+
+def uses_hf_tokenizer(vocabulary) -> bool:
+    """A Hugging Face tokenizer (``data.hf_vocab``) rather than one of our vocabularies."""
+    return hasattr(vocabulary, "cls_id")
+
+
+def shift_tokens_right(labels: jax.Array, pad_id: int, start_id: int) -> jax.Array:
+    """Decoder inputs from labels [..., L]: ``start_id`` then ``labels[..., :-1]``, with any -100
+    (Hugging Face's ignored label) read as ``pad_id``, as transformers' BART function."""
+    start = jnp.full((*labels.shape[:-1], 1), start_id, labels.dtype)
+    shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
+    return jnp.where(shifted == -100, pad_id, shifted)
 
 
 def sentence_end_ids(vocabulary, chars: str) -> tuple[int, ...]:
@@ -62,16 +84,39 @@ class BartFamily(Family):
 
     module_class = Bart
     config_class = BartConfig
+    # import-hf points data.vocab_path at the checkpoint's own tokenizer (the HF layout above).
+    trains_with_hf_tokenizer = True
 
     def __init__(self, config: ml_collections.ConfigDict, vocabulary):
         super().__init__(config, vocabulary)
         ids = special_tokens(vocabulary)
-        check(self.model_config.pad_token_id == ids.pad,
-               f"model.pad_token_id={self.model_config.pad_token_id} is not the vocabulary's "
-               f"padding id {ids.pad}; set it to {ids.pad}")
-        self.token_ids = TokenIds(mask=ids.mask, eos=ids.eos, pad=ids.pad,
+        c = self.model_config
+        self.hf_layout = uses_hf_tokenizer(vocabulary)
+        check(c.pad_token_id == ids.pad,
+               f"model.pad_token_id={c.pad_token_id} is not the vocabulary's padding id "
+               f"{ids.pad}; set it to {ids.pad}")
+        if self.hf_layout:
+            check(0 <= c.decoder_start_token_id < c.vocab_size,
+                   f"model.decoder_start_token_id={c.decoder_start_token_id} is not an id of "
+                   f"the {c.vocab_size}-row embedding table")
+            check(self.config.data.inputs_length >= 3,
+                   f"data.inputs_length={self.config.data.inputs_length}: a row holds <s>, "
+                   "at least one token and </s>; make it at least 3")
+        else:
+            check(c.decoder_start_token_id == 0,
+                   f"model.decoder_start_token_id={c.decoder_start_token_id}: with this "
+                   "vocabulary training shifts targets right behind 0 and decoding starts from "
+                   "0; set it to 0 (or set data.vocab_path to the checkpoint's Hugging Face "
+                   "tokenizer)")
+        self.token_ids = TokenIds(mask=ids.mask, eos=ids.eos,
+                                  bos=ids.bos if self.hf_layout else None, pad=ids.pad,
                                   vocab_size=self.vocab_size,
                                   sentence_end=self._sentence_ends(vocabulary))
+
+    @property
+    def raw_length(self) -> int:
+        """Host tokens per row: ``inputs_length``, less <s> and </s> in the HF layout."""
+        return self.config.data.inputs_length - (2 if self.hf_layout else 0)
 
     def _sentence_ends(self, vocabulary) -> tuple[int, ...]:
         if not self.config.objective.permute_sentences:
@@ -81,7 +126,8 @@ class BartFamily(Family):
     # ------------------------------------------------------------------ schema
     @classmethod
     def model_defaults(cls) -> dict:
-        # vocab_size 0 = derive from the vocabulary; padding and the decoder start are id 0.
+        # vocab_size 0 = derive from the vocabulary; padding and the decoder start are id 0
+        # (import-hf writes a Hugging Face checkpoint's own ids).
         return {**super().model_defaults(), "vocab_size": 0, "pad_token_id": 0,
                 "decoder_start_token_id": 0}
 
@@ -107,9 +153,6 @@ class BartFamily(Family):
     def _validate_model(cls, c: ml_collections.ConfigDict) -> None:
         m = c.model
         check(m.vocab_size >= 0, f"config field model.vocab_size must be >= 0, got {m.vocab_size}")
-        check(m.decoder_start_token_id == 0,
-               f"model.decoder_start_token_id={m.decoder_start_token_id}: training shifts "
-               "targets right behind 0 and decoding starts from 0; set it to 0")
         check(c.data.inputs_length <= m.max_position_embeddings,
                f"data.inputs_length={c.data.inputs_length} exceeds "
                f"model.max_position_embeddings={m.max_position_embeddings}")
@@ -121,14 +164,24 @@ class BartFamily(Family):
         return BartNoise.from_dict({name: o[name] for name in _NOISE_FIELDS})
 
     # ------------------------------------------------------------------ objective
+    def rows(self, tokens: jax.Array) -> jax.Array:
+        """Host chunks [B, raw_length] -> target rows [B, inputs_length]: as they are, or
+        ``<s> chunk </s>`` in the HF layout."""
+        if not self.hf_layout:
+            return tokens
+        ids = self.token_ids
+        edge = functools.partial(jnp.full, (tokens.shape[0], 1), dtype=tokens.dtype)
+        return jnp.concatenate([edge(ids.bos), tokens, edge(ids.eos)], axis=1)
+
     def features(self, batch: dict, key: jax.Array) -> dict:
         """Raw chunks -> noised ``inputs``, original ``targets`` (+ weights, decoder inputs)."""
-        tokens = batch["tokens"]
+        tokens = self.rows(batch["tokens"])
         keys = jax.random.split(key, tokens.shape[0])
         row = functools.partial(bart_noise, noise=self.noise, ids=self.token_ids)
         out = jax.vmap(row)(keys, tokens)
+        start = self.model_config.decoder_start_token_id
         return {"inputs": out["inputs"], "targets": out["targets"],
-                "decoder_inputs": shift_right(out["targets"]),
+                "decoder_inputs": shift_tokens_right(out["targets"], self.token_ids.pad, start),
                 "target_weights": out["target_weights"]}
 
     # ------------------------------------------------------------------ contract
@@ -168,6 +221,14 @@ class BartFamily(Family):
 
 class MassFamily(BartFamily):
     """MASS: one masked fragment (~50%) per chunk, predicted by the decoder."""
+
+    trains_with_hf_tokenizer = False
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        check(not uses_hf_tokenizer(vocabulary),
+               "MASS trains with our vocabularies' ids only; point data.vocab_path at a "
+               "SentencePiece model (or leave it empty), not a Hugging Face tokenizer")
+        super().__init__(config, vocabulary)
 
     def _sentence_ends(self, vocabulary) -> tuple[int, ...]:
         return ()

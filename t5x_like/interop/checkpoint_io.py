@@ -15,6 +15,7 @@ from flax import nnx
 from t5x_like import config as config_lib
 from t5x_like import storage
 from t5x_like.checkpoints import Checkpoints
+from t5x_like.data.vocab import is_hf_tokenizer
 from t5x_like.errors import UserError
 from t5x_like.experiment import build
 from t5x_like.interop import hf
@@ -56,9 +57,16 @@ def import_hf(src: str | Path, out: str | Path, overrides=()) -> Path:
         copied = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
         for name in copied:
             storage.write_atomically(out / name, (src / name).read_bytes())
-        where = f"its tokenizer files ({', '.join(copied)}) are copied to {out}; " if copied else ""
-        print(f"note: {src} has no {HF_VOCAB_FILE}; {where}training uses data.vocab_path "
-              "(default: the default vocabulary, whose ids differ from the model's)")
+        # A family that trains on the checkpoint's own tokenizer (BART) reads it from out.
+        from t5x_like.families import family_class
+
+        if copied and getattr(family_class(config.family), "trains_with_hf_tokenizer", False):
+            config.data.vocab_path = str(storage.absolute(out))
+        else:
+            where = f"its tokenizer files ({', '.join(copied)}) are copied to {out}; " \
+                if copied else ""
+            print(f"note: {src} has no {HF_VOCAB_FILE}; {where}training uses data.vocab_path "
+                  "(default: the default vocabulary, whose ids differ from the model's)")
     config_lib.apply_overrides(config, [o.removeprefix("--") for o in overrides])
     config_lib.validate(config)
     if config.model.scan_layers != model_config.scan_layers:  # the layout of the layer params
@@ -85,4 +93,11 @@ def export_hf(workdir: str | Path, out: str | Path) -> Path:
     vocab_file = getattr(exp.vocabulary, "sentencepiece_model_file", None)
     if vocab_file and storage.as_path(vocab_file).is_file():
         storage.write_atomically(out / HF_VOCAB_FILE, storage.as_path(vocab_file).read_bytes())
+    vocab_path = exp.config.data.vocab_path
+    if vocab_path and is_hf_tokenizer(vocab_path):  # a Hugging Face tokenizer goes along
+        folder = storage.as_path(vocab_path)
+        folder = folder if folder.is_dir() else folder.parent
+        for name in HF_TOKENIZER_FILES:
+            if (folder / name).is_file():
+                storage.write_atomically(out / name, (folder / name).read_bytes())
     return out

@@ -1,0 +1,196 @@
+"""An imported ``facebook/bart``-layout checkpoint (pad 1, <s> 0, </s> 2, decoder start 2, <mask>
+last, its byte-level BPE tokenizer beside it) trains further with its own ids, checked against
+transformers' BartForConditionalGeneration (the oracle): loss, logits and decoder inputs on
+one batch of our data path; import-hf -> train -> eval -> export-hf through the CLI, with the
+exported model's ``generate`` equal to our greedy decode token for token."""
+
+import os
+
+os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow models for nothing
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers import processors
+from transformers.models.bart.modeling_bart import shift_tokens_right
+
+from t5x_like import cli
+from t5x_like.data import corpus
+from t5x_like.errors import UserError
+from t5x_like.evaluation.driver import load_checkpoint
+from t5x_like.interop.checkpoint_io import import_hf
+
+BOS, PAD, EOS, START = 0, 1, 2, 2
+INPUTS_LENGTH, BATCH = 24, 4
+HF_SMALL = dict(d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=2, decoder_layers=2,
+                max_position_embeddings=64, dropout=0.0)
+
+
+def _tokenizer(texts: list[str]) -> transformers.BartTokenizerFast:
+    """A small byte-level BPE in BART's layout: <s> <pad> </s> <unk> first, <mask> appended
+    after the merges (facebook/bart's 50264 is its last id), <s> ... </s> added by the
+    tokenizer as RoBERTa's post-processor does."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    tok = bpe._tokenizer
+    tok.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True)])
+    tok.post_processor = processors.RobertaProcessing(("</s>", EOS), ("<s>", BOS),
+                                                      add_prefix_space=False)
+    return transformers.BartTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+@pytest.fixture(scope="module")
+def hf_bart(tmp_path_factory):
+    """(folder, model, tokenizer, corpus file): a random BART (noise on every parameter and on
+    final_logits_bias) saved as safetensors with its tokenizer, and a text file of speeches."""
+    texts = corpus.default_corpus_texts("train")[:1500]
+    tokenizer = _tokenizer(texts)
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id,
+            tokenizer.mask_token_id) == (BOS, PAD, EOS, len(tokenizer) - 1)
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=len(tokenizer), pad_token_id=PAD,
+                                     bos_token_id=BOS, eos_token_id=EOS,
+                                     decoder_start_token_id=START, **HF_SMALL)
+    model = transformers.BartForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*model.parameters(), model.final_logits_bias]:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    folder = tmp_path_factory.mktemp("hf_bart")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    text_file = folder.parent / "speeches.txt"  # validation: the corpus's own held-out lines
+    held_out = corpus.default_corpus_texts("validation")[:100]
+    text_file.write_text("\n".join(texts[:600] + held_out) + "\n")
+    return folder, model.eval(), tokenizer, text_file
+
+
+def _task_module(path, name: str, text_file, vocab_folder) -> str:
+    """A data.task_modules file registering ``name``: the text file tokenised with the
+    imported checkpoint's tokenizer (the vocabulary data.vocab_path names)."""
+    path.write_text(
+        "from t5x_like.data.vocab import get_vocabulary\n"
+        "from t5x_like.tasks import register_text_task\n"
+        f"register_text_task({name!r}, {str(text_file)!r},\n"
+        f"                   vocabulary=get_vocabulary({str(vocab_folder)!r}))\n")
+    return str(path)
+
+
+def _import(hf_bart, tmp_path, task: str, *extra: str):
+    folder, _, _, text_file = hf_bart
+    workdir = tmp_path / "run"
+    module = _task_module(tmp_path / "bart_tasks.py", task, text_file, workdir)
+    import_hf(folder, workdir, [f"data.task_modules={module}", f"data.task={task}",
+                                f"data.inputs_length={INPUTS_LENGTH}",
+                                f"data.batch_size={BATCH}", *extra])
+    return workdir
+
+
+def test_loss_logits_and_decoder_inputs_match_transformers(hf_bart, tmp_path):
+    """import-hf takes the ids from the checkpoint (config.json + tokenizer); on one batch of
+    our data path, rows are <s> ... </s>, noise uses the tokenizer's <mask>, decoder inputs are
+    transformers' shift_tokens_right, and loss and logits equal BartForConditionalGeneration's
+    with labels (HF ignores -100: here a padded copy of the batch checks it)."""
+    folder, reference, tokenizer, _ = hf_bart
+    workdir = _import(hf_bart, tmp_path, "bart_hf_ids_parity", "loss.z_loss=0.0")
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["vocab_path"] == str(workdir)
+    assert (saved["model"]["pad_token_id"], saved["model"]["decoder_start_token_id"]) == (
+        PAD, START)
+    exp, params, step = load_checkpoint(workdir)
+    family = exp.family
+    assert step == 0 and family.hf_layout and family.raw_length == INPUTS_LENGTH - 2
+    ids = family.token_ids
+    assert (ids.bos, ids.pad, ids.eos, ids.mask) == (BOS, PAD, EOS, tokenizer.mask_token_id)
+
+    batch = next(family.batches(split="validation", batch_size=BATCH, shuffle=False,
+                                repeat=False, skip_batches=0, shard_index=0, num_shards=1))
+    features = jax.device_get(family.features(batch, jax.random.key(3)))
+    inputs, targets = features["inputs"], features["targets"]
+    np.testing.assert_array_equal(targets[:, 1:-1], batch["tokens"])
+    assert (targets[:, 0] == BOS).all() and (targets[:, -1] == EOS).all()
+    assert (inputs[:, 0] == BOS).all() and (inputs == ids.mask).any() and (inputs == PAD).any()
+    hf_decoder = shift_tokens_right(torch.tensor(targets, dtype=torch.long), PAD, START)
+    np.testing.assert_array_equal(features["decoder_inputs"], hf_decoder.numpy())
+
+    # A second copy with the last 7 targets of two rows padded: their labels are -100 for HF.
+    padded = {k: np.array(v) for k, v in features.items()}
+    padded["targets"][:2, -7:] = PAD
+    padded["target_weights"] = (padded["targets"] != PAD).astype(np.float32)
+    padded["decoder_inputs"] = np.asarray(
+        shift_tokens_right(torch.tensor(padded["targets"], dtype=torch.long), PAD, START))
+    for f in (features, padded):
+        labels = torch.tensor(f["targets"], dtype=torch.long)
+        labels[labels == PAD] = -100
+        enc = torch.tensor(f["inputs"], dtype=torch.long)
+        with torch.no_grad():
+            out = reference(input_ids=enc, attention_mask=enc != PAD, labels=labels)
+        loss_sum, sums = jax.device_get(family.loss_fn(params, f, None, train=False))
+        assert sums["weight"] == (labels != -100).sum().item()
+        np.testing.assert_allclose(loss_sum / sums["weight"], out.loss.item(), rtol=1e-5,
+                                   atol=1e-4)
+        logits = np.asarray(family._logits(params, f, train=False, key=None))
+        np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path):
+    """The real CLI: import-hf, a few train steps from the imported checkpoint (the loss falls),
+    eval, export-hf; transformers loads the export and its greedy ``generate`` equals ours."""
+    folder, _, tokenizer, text_file = hf_bart
+    workdir, out = tmp_path / "run", tmp_path / "exported"
+    task = "bart_hf_ids_cli"
+    module = _task_module(tmp_path / "bart_cli_tasks.py", task, text_file, workdir)
+    assert cli.main(["import-hf", str(folder), str(workdir), f"--config.data.task_modules={module}",
+                     f"--config.data.task={task}", f"--config.data.inputs_length={INPUTS_LENGTH}",
+                     f"--config.data.batch_size={BATCH}"]) == 0
+    assert cli.main(["train", "--config", f"configs/bart_denoise.py:from={workdir}",
+                     "--workdir", str(workdir), "--config.train.num_steps=24",
+                     "--config.train.log_every=4", "--config.train.eval_batches=0",
+                     "--config.train.checkpoint_every=24",
+                     "--config.train.progress_bar=False"]) == 0
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--batches", "1", "--no-baseline",
+                     "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["step"] == 24
+    assert cli.main(["export-hf", str(workdir), str(out)]) == 0
+
+    exported = transformers.BartForConditionalGeneration.from_pretrained(out).eval()
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    text = "But soft, what light through yonder window breaks?"
+    enc = loaded(text, return_tensors="pt").input_ids
+    assert enc[0].tolist() == tokenizer(text).input_ids and enc[0, 0] == BOS
+    generation = transformers.GenerationConfig(
+        max_new_tokens=12, do_sample=False, num_beams=1, decoder_start_token_id=START,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    with torch.no_grad():
+        theirs = exported.generate(enc, attention_mask=enc != PAD,
+                                   generation_config=generation)[0, 1:].tolist()
+    exp, params, _ = load_checkpoint(workdir)
+    ours = np.asarray(exp.family.predict_batch(params, {"inputs": enc.numpy()},
+                                               max_length=12))[0].tolist()
+    assert ours[: len(theirs)] == theirs
+    assert all(t == PAD for t in ours[len(theirs):]) and (len(theirs) == 12 or theirs[-1] == EOS)
+
+
+def test_mass_refuses_a_hugging_face_tokenizer(hf_bart, tmp_path):
+    """MASS keeps our vocabularies' ids: a tokenizer path stops it in one sentence."""
+    from t5x_like import config as config_lib
+    from t5x_like.experiment import build
+
+    folder = hf_bart[0]
+    config = config_lib.base_config("mass")
+    config_lib.apply_overrides(config, [f"data.vocab_path={folder}", "model.pad_token_id=1"])
+    with pytest.raises(UserError, match="MASS trains with our vocabularies' ids"):
+        build(config)
