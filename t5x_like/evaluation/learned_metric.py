@@ -51,12 +51,8 @@ class LearnedMetric:
         self._predict = jax.jit(self.exp.family.predict_batch)
 
     def row(self, reference: str, candidate: str) -> list[int]:
-        """``[CLS] reference [SEP] candidate [SEP]`` ids, cut as the training tasks cut them
-        (``tasks.ratings.pair_inputs``)."""
-        first, second = metric_pairs.pair_lengths(self.length)
-        vocab = self.exp.vocabulary
-        return [self.cls, *vocab.encode(reference)[:first], self.sep,
-                *vocab.encode(candidate)[:second], self.sep]
+        return pair_row(self.exp.vocabulary, reference, candidate, length=self.length,
+                        cls=self.cls, sep=self.sep)
 
     def score(self, references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """One score per pair, float64 [N]."""
@@ -73,6 +69,15 @@ class LearnedMetric:
             batch = {"input_ids": ids, "attention_mask": mask}
             out.append(np.asarray(self._predict(self.params, batch))[:len(chunk)])
         return np.concatenate(out).astype(np.float64)
+
+
+def pair_row(vocabulary, reference: str, candidate: str, *, length: int, cls: int,
+             sep: int) -> list[int]:
+    """``[CLS] reference [SEP] candidate [SEP]`` ids, each side cut as the training tasks cut
+    it (``tasks.ratings.pair_inputs``)."""
+    first, second = metric_pairs.pair_lengths(length)
+    return [cls, *vocabulary.encode(reference)[:first], sep,
+            *vocabulary.encode(candidate)[:second], sep]
 
 
 def _check_pairs(references: Sequence[str], candidates: Sequence[str]) -> None:
@@ -162,7 +167,10 @@ def score_ratings(specs: Sequence[str], path: str | Path, split: str) -> dict:
 
 def format_texts(report: dict, specs: Sequence[str]) -> str:
     """A score per prediction (one row each), then the means (and corpus BLEU)."""
-    lines = ["#     " + "  ".join(f"{s:>14.14}" for s in specs)]
+    kinds = [parse_spec(s)[0] for s in specs]
+    labels = [k if kinds.count(k) == 1 else f"{k}:{Path(parse_spec(s)[1]).name}"
+              for k, s in zip(kinds, specs, strict=True)]
+    lines = ["#     " + "  ".join(f"{label:>14.14}" for label in labels)]
     columns = [report["per_pair"][s] for s in specs]
     for i, values in enumerate(zip(*columns, strict=True)):
         lines.append(f"{i:<5} " + "  ".join(f"{v:>14.4f}" for v in values))
