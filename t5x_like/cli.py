@@ -73,6 +73,8 @@ def _cmd_eval(args, overrides):
     from t5x_like.errors import UserError
     from t5x_like.evaluation import driver, task_eval
 
+    if args.metric or args.references or args.predictions or args.ratings:
+        return _metric_scores(args)
     _gin_run_values(args, "eval")
 
     name = args.mixture or args.task
@@ -124,6 +126,36 @@ def _cmd_eval(args, overrides):
 
         if jax.process_index() == 0:  # one writer: every process holds the same report
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _metric_scores(args) -> None:
+    """``eval --metric SPEC``: texts scored by a learned metric, BLEU, ROUGE or BERTScore
+    (evaluation/learned_metric.py), or the metrics' correlation with human ratings."""
+    from t5x_like.errors import UserError
+    from t5x_like.evaluation import learned_metric
+
+    if not args.metric:
+        raise UserError("--references/--predictions/--ratings go with --metric SPEC "
+                        "(learned:WORKDIR, bleu, rouge, bertscore:HF_FOLDER)")
+    if args.checkpoint or args.task or args.mixture:
+        raise UserError("--metric scores texts from files: pass --references and --predictions "
+                        "(e.g. what t5x-like infer wrote) or --ratings FILE.tsv, not "
+                        "--checkpoint/--task/--mixture")
+    if args.ratings:
+        if args.references or args.predictions:
+            raise UserError("pass either --ratings or --references/--predictions, not both")
+        report = learned_metric.score_ratings(args.metric, args.ratings, args.split or "test")
+        print(learned_metric.format_ratings(report))
+    else:
+        if not (args.references and args.predictions):
+            raise UserError("--metric needs --references FILE and --predictions FILE (one text "
+                            "a line), or --ratings FILE.tsv")
+        report = learned_metric.score_texts(args.metric,
+                                            learned_metric.read_lines(args.references),
+                                            learned_metric.read_lines(args.predictions))
+        print(learned_metric.format_texts(report, args.metric))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _task_metrics(args, overrides, name: str) -> None:
@@ -370,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity window in tokens (gpt; default: one training chunk)")
     p.add_argument("--stride", type=int, default=None,
                    help="perplexity stride (default: the window, i.e. disjoint chunks)")
+    p.add_argument("--metric", action="append", default=[], metavar="SPEC",
+                   help="score texts instead of a checkpoint: learned:WORKDIR (a "
+                   "configs/learned_metric.py run), bleu, rouge, bertscore:HF_FOLDER; repeat "
+                   "for more; with --references/--predictions or --ratings")
+    p.add_argument("--references", help="--metric: reference texts, one a line")
+    p.add_argument("--predictions", help="--metric: predicted texts, one a line")
+    p.add_argument("--ratings", help="--metric: a TSV reference, candidate, human score "
+                   "[, split]: prints each metric's Pearson and Kendall correlation with the "
+                   "scores of --split (default test)")
     p.add_argument("--json", help="also write the report to this file")
     distributed.add_arguments(p)
     p.set_defaults(run=_cmd_eval)
