@@ -141,3 +141,34 @@ def test_bad_generation_requests_end_in_one_sentence(models, tmp_path):
                                   ).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(UserError, match="reuse_len=3"):
         fx.generate(hf.load(tmp_path)[0], _prompts(), max_length=4, eos_id=-1)
+
+
+@pytest.mark.slow
+def test_family_predict_batch_equals_transformers_on_the_exported_model(tmp_path):
+    """The family's prompts ([EOS] + prompt, its final EOS dropped, right-padded) through
+    predict_batch equal transformers' generate of each row alone on our exported weights."""
+    import jax
+    from conftest import ROOT
+
+    from t5x_like import config as config_lib
+    from t5x_like.data.vocab import get_vocabulary
+    from t5x_like.families import get_family
+    from t5x_like.interop import hf_xlnet
+
+    os.chdir(ROOT)
+    vocabulary = get_vocabulary(None)
+    config = config_lib.load_config("configs/xlnet_plm.py:tiny", [
+        "model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.mem_len=6"])
+    family = get_family(config_lib.resolve(config, vocabulary.vocab_size), vocabulary)
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else x,  # logits far apart
+                          family.init(jax.random.key(0)))
+    hf_xlnet.export(family.model(params), family.model_config, tmp_path)
+    theirs = transformers.XLNetLMHeadModel.from_pretrained(tmp_path).eval()
+    rng = np.random.default_rng(5)
+    inputs = np.zeros((3, 9), np.int32)
+    for row, n in zip(inputs, [4, 8, 2], strict=True):
+        row[:n], row[n] = rng.integers(10, 3000, n), family.eos_id
+    got = np.asarray(family.predict_batch(params, {"inputs": inputs}, max_length=NEW)).tolist()
+    want = [_their_tokens(theirs, np.array([[family.eos_id, *row[row > 0][:-1]]]),
+                          eos_token_id=family.eos_id)[0] for row in inputs]
+    assert got == want and len({tuple(r) for r in got}) == 3
