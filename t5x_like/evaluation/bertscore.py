@@ -30,7 +30,9 @@ class BertScorer:
     """Holds one encoder checkpoint and scores (candidate, reference) pairs with it."""
 
     def __init__(self, folder: str | Path, *, layer: int | None = None, batch_size: int = 32,
-                 max_length: int = 512):
+                 max_length: int = 512, vocabulary=None):
+        """``vocabulary``: the tokenizer, when not the folder's own Hugging Face one (any object
+        with ``encode``, ``cls_id``, ``sep_id``, ``pad_id``)."""
         from t5x_like.data.hf_vocab import HFTokenizerVocabulary
         from t5x_like.interop import hf
 
@@ -42,7 +44,7 @@ class BertScorer:
         if not 0 <= self.layer <= self.num_layers:
             raise UserError(f"layer must lie in [0, {self.num_layers}] for {folder}, "
                             f"got {self.layer}")
-        self.vocab = HFTokenizerVocabulary(folder)
+        self.vocab = vocabulary if vocabulary is not None else HFTokenizerVocabulary(folder)
         self.batch_size, self.max_length = batch_size, max_length
         graphdef, params = nnx.split(model, nnx.Param)
         layer_index = self.layer

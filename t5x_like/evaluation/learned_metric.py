@@ -80,6 +80,34 @@ def pair_row(vocabulary, reference: str, candidate: str, *, length: int, cls: in
             *vocabulary.encode(candidate)[:second], sep]
 
 
+class _SentencePieceSpecials:
+    """Our SentencePiece vocabulary with the [CLS]/[SEP]/padding ids our encoders use
+    (``data.special_tokens``), in the shape ``bertscore.BertScorer`` reads."""
+
+    def __init__(self, path: Path):
+        from t5x_like.data.special_tokens import special_tokens
+        from t5x_like.data.vocab import get_vocabulary
+
+        self.vocabulary = get_vocabulary(str(path))
+        ids = special_tokens(self.vocabulary)
+        self.cls_id, self.sep_id, self.pad_id = ids.cls, ids.sep, ids.pad
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.vocabulary.encode(text))
+
+
+def _our_vocabulary(folder: str) -> _SentencePieceSpecials | None:
+    """For a folder ``t5x-like export-hf`` wrote from a SentencePiece model (``spiece.model``,
+    no Hugging Face tokenizer files): that vocabulary; else None (the folder's tokenizer)."""
+    from t5x_like.interop.checkpoint_io import HF_TOKENIZER_FILES, HF_VOCAB_FILE
+
+    path = Path(folder)
+    if (path / HF_VOCAB_FILE).is_file() and not any((path / n).is_file()
+                                                    for n in HF_TOKENIZER_FILES):
+        return _SentencePieceSpecials(path / HF_VOCAB_FILE)
+    return None
+
+
 def _check_pairs(references: Sequence[str], candidates: Sequence[str]) -> None:
     if len(references) != len(candidates) or not references:
         raise UserError(f"metrics need one reference per prediction, got {len(references)} "
@@ -109,7 +137,8 @@ def per_pair(spec: str, references: Sequence[str], candidates: Sequence[str]) ->
     if kind == "bertscore":
         from t5x_like.evaluation.bertscore import BertScorer
 
-        return BertScorer(arg).score(list(candidates), list(references))["f1"]
+        return BertScorer(arg, vocabulary=_our_vocabulary(arg)).score(
+            list(candidates), list(references))["f1"]
     if kind == "bleu":
         import sacrebleu
 
