@@ -220,6 +220,9 @@ class _FinetuneFamily(Family):
                                 f"{value!r}")
         if "discriminator" in params and "encoder" not in params:  # ELECTRA: keep the
             params = params["discriminator"]  # discriminator, drop the generator
+        for part in ("student", "model"):  # a distillation run's student (distill, tinybert),
+            if part in params and "encoder" not in params:  # a fine-tuned run's encoder
+                params = params[part]
         if theirs.model.get("scan_layers") != ours.model.scan_layers:
             raise UserError(f"{self.ft.init_checkpoint} has model.scan_layers="
                             f"{theirs.model.get('scan_layers')}: pass the same value here")

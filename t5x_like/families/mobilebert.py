@@ -16,9 +16,18 @@ distributions, averaged over heads and real queries). Every parameter but layer 
 gradients reach layer l alone and ``after_update`` restores the rest, so weight decay cannot
 move them. Stage 1 (``objective.init_from_teacher``) copies the teacher's embeddings and heads
 into the student (the paper shares them); stage l > 1 starts from stage l - 1's workdir
-(``objective.init_student``). After the last stage, ``mobilebert`` pretraining continues from
-it (``objective.init_student`` there too) — the paper's "pre-training distillation" adds a KD
-term from the teacher's MLM logits, which this family does not.
+(``objective.init_student``).
+
+``mobilebert_pd``: the paper's last stage, pre-training distillation (Sun et al., 2020, section
+3.5): after the last PKT stage (``objective.init_student``) the whole student trains on
+``L_PD = alpha * L_MLM + (1 - alpha) * L_KD + L_NSP``, where ``L_KD`` is KL(p_teacher || p_student)
+of the MLM distributions at the masked slots (teacher and student read the same masked batch)
+and ``alpha`` is ``objective.pd_alpha`` = 0.5, the value of the authors' distillation command
+(``distill_ground_truth_ratio=0.5``, temperature 1, in google-research's mobilebert README; the
+paper leaves it a hyperparameter in (0, 1)). Their code trains on the cross-entropy against the
+mixture ``alpha * one_hot + (1 - alpha) * p_teacher``, which differs from this loss by the
+teacher's entropy, a constant: the gradients are the same. Each term is a mean over the masked
+slots (NSP over rows), as the BERT family's. The teacher is frozen in the train state.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from t5x_like import losses
 from t5x_like.compress import distill as D
 from t5x_like.errors import UserError, check
 from t5x_like.families.bert import EncoderFamily
@@ -40,18 +50,19 @@ from t5x_like.models.mobilebert import MobileBertConfig, MobileBertModel
 
 
 def load_mobilebert(workdir: str, what: str) -> tuple[MobileBertConfig, dict]:
-    """(config, params) of the MobileBERT a ``mobilebert`` or ``mobilebert_pkt`` run trained
-    (a PKT run's: its student)."""
+    """(config, params) of the MobileBERT a ``mobilebert``, ``mobilebert_pkt`` or
+    ``mobilebert_pd`` run trained (a distillation run's: its student)."""
     from t5x_like.evaluation.driver import load_checkpoint
 
     path = Path(workdir) / "config.json"
     family = json.loads(path.read_text()).get("family") if path.is_file() else None
-    if family not in ("mobilebert", "mobilebert_pkt"):
+    if family not in ("mobilebert", "mobilebert_pkt", "mobilebert_pd"):
         raise UserError(f"objective.{what}={workdir!r} is not the workdir of a mobilebert run "
-                        "(no config.json naming family mobilebert or mobilebert_pkt)")
+                        "(no config.json naming family mobilebert, mobilebert_pkt or "
+                        "mobilebert_pd)")
     exp, params, _ = load_checkpoint(workdir)
     params = jax.device_get(params)
-    return exp.family.model_config, params["student"] if family == "mobilebert_pkt" else params
+    return exp.family.model_config, params["student"] if family != "mobilebert" else params
 
 
 def _same_tree(ours: dict, theirs: dict, what: str) -> dict:
@@ -220,3 +231,73 @@ class MobileBertPKTFamily(MobileBertFamily):
         return {"student": only_layer(old["student"], new["student"], index,
                                       self.model_config.scan_layers),
                 "teacher": old["teacher"]}
+
+
+# ------------------------------------------------------------- pre-training distillation
+
+
+def mlm_kd(student_logits: jax.Array, teacher_logits: jax.Array,
+           weights: jax.Array) -> jax.Array:
+    """Sum over the scored slots (``weights`` [B, P]) of KL(p_teacher || p_student) of the MLM
+    distributions (logits [B, P, V]); no gradient reaches the teacher."""
+    log_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)))
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+    return jnp.sum(kl * weights.astype(jnp.float32))
+
+
+class MobileBertPDFamily(MobileBertFamily):
+    """Pre-training distillation, MobileBERT's last stage (module docstring)."""
+
+    objective_name = "mobilebert_pd"
+
+    def __init__(self, config: ml_collections.ConfigDict, vocabulary):
+        super().__init__(config, vocabulary)
+        self.teacher_config, self.teacher_params = load_mobilebert(config.objective.teacher,
+                                                                   "teacher")
+        t, s = self.teacher_config, self.model_config
+        check(t.vocab_size == s.vocab_size, f"the teacher's vocabulary has {t.vocab_size} rows "
+              f"and the student's {s.vocab_size}; both must use the same data.vocab_path")
+        check(t.mlm_head, "objective.teacher has no MLM head to distil from")
+        abstract = nnx.eval_shape(lambda: PKTModel(s, t, rngs=nnx.Rngs(0)))
+        self.graphdef, self.abstract_params = nnx.split(abstract, nnx.Param)
+
+    @classmethod
+    def objective_defaults(cls) -> dict:
+        return {**super().objective_defaults(), "teacher": "", "pd_alpha": 0.5}
+
+    @classmethod
+    def validate_config(cls, c: ml_collections.ConfigDict) -> None:
+        super().validate_config(c)
+        o = c.objective
+        check(bool(o.teacher), "objective.teacher is empty: pre-training distillation needs the "
+              "inverted-bottleneck teacher (a configs/mobilebert.py :tiny_teacher run)")
+        check(0.0 <= o.pd_alpha <= 1.0, f"objective.pd_alpha must lie in [0, 1], got "
+              f"{o.pd_alpha}")
+
+    def init(self, key: jax.Array) -> dict:
+        return {"student": super().init(key),  # from init_student (the last PKT stage), when set
+                "teacher": jax.tree.map(jnp.asarray, self.teacher_params)}
+
+    def loss_fn(self, params: dict, batch: dict, key: jax.Array, *, train: bool = True):
+        """(summed loss, summed metrics): alpha MLM + (1 - alpha) KD + NSP, each a mean."""
+        model = self.model({"student": params["student"],
+                            "teacher": jax.lax.stop_gradient(params["teacher"])})
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        s = model.student(*inputs, masked_positions=batch["positions"],
+                          enable_dropout=self._dropout(train), rngs=nnx.Rngs(dropout=key))
+        t = model.teacher(*inputs, masked_positions=batch["positions"])
+        sums = self._head_sums(s, batch)  # MLM + NSP, the BERT family's
+        weights = batch["target_weights"]
+        mlm = losses.cross_entropy_with_z_loss(s["mlm_logits"], batch["targets"], weights,
+                                               z_loss=self.config.loss.z_loss,
+                                               label_smoothing=self.config.loss.label_smoothing)
+        kd = mlm_kd(s["mlm_logits"], t["mlm_logits"], weights)
+        alpha = self.config.objective.pd_alpha
+        sums["loss"] = sums["loss"] + (1.0 - alpha) * (kd - mlm["loss"])  # alpha of the MLM left
+        sums["pd/kl"], sums["pd/weight"] = kd, mlm["weight"]
+        return sums["loss"], sums
+
+    def after_update(self, old: dict, new: dict, batch: dict, step: jax.Array) -> dict:
+        """The teacher carried forward unchanged (no weight decay reaches it)."""
+        return {**new, "teacher": old["teacher"]}

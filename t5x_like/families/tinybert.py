@@ -92,6 +92,35 @@ def layer_mapping(student_layers: int, teacher_layers: int, kind: str = "uniform
     return m + (teacher_layers - student_layers if kind == "top" else 0)
 
 
+def intermediate_sums(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array],
+                      tokens: jax.Array, w: TinyBertWeights, mapping: np.ndarray,
+                      embedding_projection=None, projection=None) -> dict[str, jax.Array]:
+    """TinyBERT's intermediate-layer terms, each a sum over the real tokens (``tokens`` [B, L],
+    1 = real) of that token's MSE: ``embedding_mse``, ``hidden_mse`` (summed over the mapped
+    layers) and ``attention_mse`` (the same; heads averaged). Terms whose weight is 0 are left
+    out. ``student``/``teacher`` hold ``hidden_states`` [M+1 | N+1, B, L, H] and ``attentions``
+    [M | N, B, heads, L, L]; ``mapping``: g(m) for m = 1..M (``layer_mapping``). Shared by the
+    general (masked-LM) and the task-specific (``tinybert_task``) distillation."""
+    out = {}
+    hs, ht = student.get("hidden_states"), teacher.get("hidden_states")
+    if w.alpha_embedding:
+        e = hs[0] if embedding_projection is None else embedding_projection(hs[0])
+        out["embedding_mse"] = D.hidden_mse(e, ht[0], tokens)
+    if w.alpha_hidden:
+        h = hs[1:] if projection is None else projection(hs[1:])
+        out["hidden_mse"] = sum(D.hidden_mse(h[m], ht[int(g)], tokens)
+                                for m, g in enumerate(mapping))
+    if w.alpha_attention:
+        out["attention_mse"] = sum(
+            D.attention_mse(student["attentions"][m], teacher["attentions"][int(g) - 1], tokens)
+            for m, g in enumerate(mapping))
+    return out
+
+
+ALPHAS = {"embedding_mse": "alpha_embedding", "hidden_mse": "alpha_hidden",
+          "attention_mse": "alpha_attention"}
+
+
 def tinybert_distillation(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array],
                           features: Mapping[str, jax.Array], w: TinyBertWeights,
                           mapping: np.ndarray, embedding_projection=None,
@@ -110,21 +139,10 @@ def tinybert_distillation(student: Mapping[str, jax.Array], teacher: Mapping[str
     out = {"cross_entropy": sums["cross_entropy"], "correct": sums["correct"], "weight": scored,
            "tinybert/weight": scored}
     loss = jnp.zeros((), jnp.float32)
-    hs, ht = student.get("hidden_states"), teacher.get("hidden_states")
-    if w.alpha_embedding:
-        e = hs[0] if embedding_projection is None else embedding_projection(hs[0])
-        out["tinybert/embedding_mse"] = D.hidden_mse(e, ht[0], tokens) * per_token
-        loss += w.alpha_embedding * out["tinybert/embedding_mse"]
-    if w.alpha_hidden:
-        h = hs[1:] if projection is None else projection(hs[1:])
-        mse = sum(D.hidden_mse(h[m], ht[int(g)], tokens) for m, g in enumerate(mapping))
-        out["tinybert/hidden_mse"] = mse * per_token
-        loss += w.alpha_hidden * out["tinybert/hidden_mse"]
-    if w.alpha_attention:
-        att = sum(D.attention_mse(student["attentions"][m], teacher["attentions"][int(g) - 1],
-                                  tokens) for m, g in enumerate(mapping))
-        out["tinybert/attention_mse"] = att * per_token
-        loss += w.alpha_attention * out["tinybert/attention_mse"]
+    for name, value in intermediate_sums(student, teacher, tokens, w, mapping,
+                                         embedding_projection, projection).items():
+        out[f"tinybert/{name}"] = value * per_token
+        loss += getattr(w, ALPHAS[name]) * out[f"tinybert/{name}"]
     if w.alpha_prediction:
         soft = D.soft_target_cross_entropy(student["mlm_logits"], teacher["mlm_logits"], weights,
                                            w.temperature)
@@ -132,6 +150,14 @@ def tinybert_distillation(student: Mapping[str, jax.Array], teacher: Mapping[str
         loss += w.alpha_prediction * soft
     out["loss"] = loss
     return out
+
+
+def projection(student: EncoderConfig, teacher: EncoderConfig, rngs: nnx.Rngs) -> Dense:
+    """A learned student -> teacher width map (TinyBERT's W_e, W_h), float whatever the
+    student's quantization."""
+    plain = dataclasses.replace(student, quantize="none")
+    return Dense((student.hidden_size,), (teacher.hidden_size,), ("embed",), ("mlp",), plain,
+                 rngs=rngs)
 
 
 class TinyBertModel(nnx.Module):
@@ -144,10 +170,8 @@ class TinyBertModel(nnx.Module):
             return
         self.teacher = EncoderModel(teacher, rngs=rngs)
         if teacher.hidden_size != student.hidden_size:
-            plain = dataclasses.replace(student, quantize="none")
-            dims = ((student.hidden_size,), (teacher.hidden_size,), ("embed",), ("mlp",), plain)
-            self.embedding_projection = Dense(*dims, rngs=rngs)
-            self.projection = Dense(*dims, rngs=rngs)
+            self.embedding_projection = projection(student, teacher, rngs)
+            self.projection = projection(student, teacher, rngs)
 
 
 def load_encoder(workdir: str) -> tuple[EncoderConfig, dict]:
