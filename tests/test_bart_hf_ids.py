@@ -172,21 +172,27 @@ def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path):
     assert cli.main(["export-hf", str(workdir), str(out)]) == 0
 
     exported = transformers.BartForConditionalGeneration.from_pretrained(out).eval()
+    # BART's config forces </s> at the last step; our decoder does not, so neither does this.
+    exported.generation_config.forced_eos_token_id = None
     loaded = transformers.AutoTokenizer.from_pretrained(out)
-    text = "But soft, what light through yonder window breaks?"
-    enc = loaded(text, return_tensors="pt").input_ids
-    assert enc[0].tolist() == tokenizer(text).input_ids and enc[0, 0] == BOS
-    generation = transformers.GenerationConfig(
-        max_new_tokens=12, do_sample=False, num_beams=1, decoder_start_token_id=START,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    with torch.no_grad():
-        theirs = exported.generate(enc, attention_mask=enc != PAD,
-                                   generation_config=generation)[0, 1:].tolist()
+    texts = ["But soft, what light through yonder window breaks?", "Good night, sweet prince."]
+    enc = loaded(texts, padding=True, return_tensors="pt").input_ids
+    assert enc[0].tolist() == tokenizer(texts[0]).input_ids and (enc[1] == PAD).any()
     exp, params, _ = load_checkpoint(workdir)
-    ours = np.asarray(exp.family.predict_batch(params, {"inputs": enc.numpy()},
-                                               max_length=12))[0].tolist()
-    assert ours[: len(theirs)] == theirs
-    assert all(t == PAD for t in ours[len(theirs):]) and (len(theirs) == 12 or theirs[-1] == EOS)
+    with torch.no_grad():
+        theirs = exported.generate(enc, attention_mask=enc != PAD, max_new_tokens=12,
+                                   do_sample=False, num_beams=1)[:, 1:].numpy()
+        labels = enc[:, 1:].contiguous()
+        logits = exported(input_ids=enc, attention_mask=enc != PAD, labels=labels).logits
+    ours = np.asarray(exp.family.predict_batch(params, {"inputs": enc.numpy()}, max_length=12))
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1]:] == PAD).all()
+    # The trained weights themselves: teacher-forced logits on the same rows.
+    features = {"inputs": enc.numpy(), "decoder_inputs": np.asarray(
+        shift_tokens_right(labels, PAD, START))}
+    np.testing.assert_allclose(np.asarray(exp.family._logits(params, features, train=False,
+                                                             key=None)),
+                               logits.numpy(), atol=1e-4, rtol=0)
 
 
 def test_mass_refuses_a_hugging_face_tokenizer(hf_bart, tmp_path):
