@@ -31,6 +31,7 @@ from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
+from t5x_like.models import layers as L
 from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
 from t5x_like.objectives.denoising import below
 from t5x_like.objectives.unilm import (
@@ -142,10 +143,11 @@ class UniLMFamily(Family):
         (needs ``key``) by ``options``; a row stops at its EOS (kept), zeros after.
 
         As UniLM decodes: each step appends <mask> behind the source (bidirectional) and the
-        target so far (causal) and predicts it, as masked tokens are in training; the whole
-        sequence is recomputed each step (no KV cache: source keys see the whole source). A
-        source's trailing EOS (``infer`` ends every input with one) is dropped and one EOS is
-        put in front, as a document starts after an EOS in the training stream.
+        target so far (causal) and predicts it, as masked tokens are in training. A source's
+        keys see the whole source and a target's only what precedes it, so a KV cache holds
+        them (``seq2seq_stepper``). A source's trailing EOS (``infer`` ends every input with
+        one) is dropped and one EOS is put in front, as a document starts after an EOS in
+        the training stream.
         """
         options = options or decoding.Options()
         if options.sampling and key is None:
@@ -170,37 +172,61 @@ class UniLMFamily(Family):
 
 def seq2seq_stepper(model: DecoderLM, sources: jax.Array, valid: jax.Array, *, max_length: int,
                     mask_id: int, repeat: int = 1) -> decoding.Stepper:
-    """UniLM's seq2seq decoding as a ``decoding.Stepper`` that recomputes the full forward.
+    """UniLM's seq2seq decoding as a ``decoding.Stepper`` over a KV cache.
 
     Slots are ``[sources [B, S] | max_length generated]``; positions count a row's real source
-    tokens, so padding inside the source changes nothing. Step at slot p writes the previous
-    token at p - 1 (from the second step on) and <mask> at p, and returns the logits there.
-    The cache is the token buffer (beam search permutes its rows).
+    tokens, so padding inside the source changes nothing. Target i is predicted at slot
+    S + i from a <mask> there, which sees the source and the targets before it. The source
+    sees only itself (bidirectionally) and a target only what precedes it, so their keys and
+    values never change once the <mask> before a target is replaced by the token: a cache
+    holds them. The first pass (here, once) runs the source and the first <mask>; step i >= 1
+    runs token i - 1 at slot S + i - 1 (its keys and values go in over its <mask>'s) and the
+    <mask> at S + i. Equal to recomputing the whole sequence each step.
     """
     sources = jnp.repeat(sources, repeat, axis=0)
     valid = jnp.repeat(valid, repeat, axis=0)
     rows, width = sources.shape
-    slots = jnp.arange(width + max_length)
     counts = jnp.sum(valid, axis=1, keepdims=True)
     source_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    positions = jnp.concatenate(
-        [source_positions, counts + jnp.arange(max_length)[None]], axis=1).astype(jnp.int32)
-    is_source = jnp.concatenate([valid, jnp.zeros((rows, max_length), bool)], axis=1)
-    tokens = jnp.concatenate([sources, jnp.full((rows, max_length), mask_id, jnp.int32)], axis=1)
+    cache = model.init_cache(rows, width + max_length)
+    first_logits, cache = _first_pass(
+        model, jnp.pad(sources, ((0, 0), (0, 1)), constant_values=mask_id),
+        jnp.pad(valid, ((0, 0), (0, 1)), constant_values=True),
+        jnp.concatenate([source_positions, counts], axis=1).astype(jnp.int32), cache)
 
     def step(previous, cache, position):
-        t = cache["tokens"]
-        before = jnp.maximum(position - 1, width)  # = position on the first step: <mask> stays
-        kept = jax.lax.dynamic_slice_in_dim(t, before, 1, axis=1)[:, 0]
-        written = jnp.where(position > width, previous, kept)
-        t = jax.lax.dynamic_update_slice(t, written[:, None].astype(jnp.int32), (0, before))
-        seen = is_source | ((slots[None] >= width) & (slots[None] <= position))
-        mask = jax.vmap(seq2seq_mask)(seen, is_source)
-        logits = model(t, positions=positions, attention_mask=mask)
-        return jax.lax.dynamic_slice_in_dim(logits, position, 1, axis=1)[:, 0], {"tokens": t}
+        def later(cache):
+            tokens = jnp.stack([previous, jnp.full_like(previous, mask_id)], axis=1)
+            target = position - width  # the <mask>'s index among the targets
+            positions = (counts + jnp.stack([target - 1, target])[None]).astype(jnp.int32)
+            logits, cache = model._extend(tokens, cache, position - 1,
+                                          jnp.ones((rows, 2), bool), positions)
+            return logits[:, 1], cache
 
-    return decoding.Stepper(step, {"tokens": tokens}, {"tokens": 0},
+        return jax.lax.cond(position == width, lambda c: (first_logits, c), later, cache)
+
+    return decoding.Stepper(step, cache, {"key": 1, "value": 1},
                             jnp.full((rows,), mask_id, jnp.int32), width)
+
+
+def _first_pass(model: DecoderLM, ids: jax.Array, valid: jax.Array, positions: jax.Array,
+                cache: dict) -> tuple[jax.Array, dict]:
+    """Logits [N, vocab] at the last slot of ``ids`` (the first <mask>) and the cache holding
+    every slot's keys and values: ``DecoderLM._extend`` at slot 0 with the seq2seq mask
+    (a bidirectional source) in place of its causal one."""
+    length, slots = ids.shape[1], cache["key"].shape[2]
+    is_source = jnp.arange(length)[None] < length - 1
+    mask = jax.vmap(seq2seq_mask)(valid, is_source & valid)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, slots - length)))[:, None]
+    x, rotary = model._embed(ids, positions, None)
+
+    def body(layer, x, layer_cache):
+        return layer(x, mask=mask, rotary=rotary, cache=layer_cache, start=0)
+
+    y, (k, v) = model._run(x, {"key": cache["key"], "value": cache["value"]}, body)
+    cache = {**L.write_kv(cache, k, v, 0, names=("key", "value")),
+             "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, 0))}
+    return model.logits(model.final_norm(y[:, -1:]))[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("options", "max_length", "ids"))
