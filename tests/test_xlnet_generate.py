@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (seconds) for nothing
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -79,15 +80,32 @@ def test_greedy_equals_transformers_generate_and_a_padded_row_decodes_as_alone(m
     assert again == got[::-1] and fx._generate._cache_size() == before + 1
 
 
+@pytest.mark.slow  # tests/test_generation_families.py checks it on the family in the default run
 def test_beam_size_one_equals_greedy_and_stops_at_eos(models):
+    import jax
+    from flax import nnx
+
+    from t5x_like.beam_search import beam_search
+
     _, ours = models
     prompts = _prompts(1, rows=3)
-    greedy = np.asarray(fx.generate(ours, prompts, max_length=NEW, eos_id=-1))
-    at, eos = _later_new_token(greedy[0].tolist())
-    cut = [list(r[: list(r).index(eos) + 1]) if eos in r else list(r) for r in greedy.tolist()]
-    beam = np.asarray(fx.generate(ours, prompts, max_length=NEW, eos_id=eos,
-                                  options=decoding.Options(beam_size=1, alpha=0.0)))
-    assert beam.tolist() == [r + [0] * (NEW - len(r)) for r in cut]
+    graphdef, state = nnx.split(ours)
+
+    @jax.jit
+    def both(eos, model_state):  # beam search's own loop, not decoding.search's greedy
+        stepper = lambda: fx.left_to_right_stepper(  # noqa: E731
+            nnx.merge(graphdef, model_state), jnp.asarray(prompts), jnp.ones(prompts.shape, bool),
+            max_length=NEW, pad_id=0)
+        greedy = decoding.greedy(stepper(), max_length=NEW, eos_id=eos)
+        beam, _ = beam_search(stepper(), decoding.Options(beam_size=1, alpha=0.0),
+                              batch_size=3, max_length=NEW, eos_id=eos)
+        return greedy, beam[:, 0]
+
+    greedy, beam = map(np.asarray, both(-1, state))
+    assert greedy.tolist() == beam.tolist()
+    at, eos = _later_new_token(greedy[0].tolist())  # now an EOS that ends row 0 at ``at``
+    greedy, beam = map(np.asarray, both(eos, state))
+    assert greedy.tolist() == beam.tolist()
     assert beam[0, at] == eos and (beam[0, at + 1:] == 0).all()
 
 
