@@ -143,7 +143,7 @@ def test_loss_logits_and_decoder_inputs_match_transformers(hf_bart, tmp_path):
 
 
 @pytest.mark.slow
-def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path):
+def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path, capsys):
     """The real CLI: import-hf, a few train steps from the imported checkpoint (the loss falls),
     eval, export-hf; transformers loads the export and its greedy ``generate`` equals ours."""
     folder, _, tokenizer, text_file = hf_bart
@@ -187,6 +187,13 @@ def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path):
     ours = np.asarray(exp.family.predict_batch(params, {"inputs": enc.numpy()}, max_length=12))
     np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
     assert (ours[:, theirs.shape[1]:] == PAD).all()
+    capsys.readouterr()
+    assert cli.main(["infer", "--checkpoint", str(workdir), "--input", texts[0],
+                     "--max-length", "12"]) == 0
+    first = theirs[0].tolist()
+    first = first[: first.index(EOS)] if EOS in first else first
+    expected = loaded.decode(first, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert capsys.readouterr().out.splitlines()[-2:] == [texts[0], f"  -> {expected}"]
     # The trained weights themselves: teacher-forced logits on the same rows.
     features = {"inputs": enc.numpy(), "decoder_inputs": np.asarray(
         shift_tokens_right(labels, PAD, START))}

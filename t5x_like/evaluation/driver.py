@@ -308,9 +308,13 @@ def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64,
             raise UserError("infer prints one output per input; use num_return_sequences=1")
         extra = {"options": options, "key": jax.random.key(seed)}
     vocab = exp.vocabulary
-    encoded = [vocab.encode(t) + [1] for t in texts]
+    # A family in a Hugging Face tokenizer's layout (BART) reads <s> text </s>, padded with the
+    # tokenizer's pad, as tokenizer(text) gives; ours read text EOS, padded with 0.
+    hf_layout = getattr(exp.family, "hf_layout", False)
+    eos, pad = (vocab.eos_id, vocab.pad_id) if hf_layout else (1, 0)
+    encoded = [([vocab.bos_id] if hf_layout else []) + vocab.encode(t) + [eos] for t in texts]
     width = max(len(e) for e in encoded)
-    inputs = np.zeros((len(encoded), width), np.int32)
+    inputs = np.full((len(encoded), width), pad, np.int32)
     for row, ids in zip(inputs, encoded, strict=True):
         row[: len(ids)] = ids
     out = np.asarray(exp.family.predict_batch(params, {"inputs": inputs}, max_length=max_length,
@@ -318,8 +322,8 @@ def infer(workdir: str | Path, texts: list[str], *, max_length: int = 64,
     results = []
     for row in out:
         ids = row.tolist()
-        ids = ids[: ids.index(1)] if 1 in ids else ids  # decoding stops at the first EOS
-        results.append(_decode_with_sentinels(vocab, ids))
+        ids = ids[: ids.index(eos)] if eos in ids else ids  # decoding stops at the first EOS
+        results.append(vocab.decode(ids) if hf_layout else _decode_with_sentinels(vocab, ids))
     return results
 
 
