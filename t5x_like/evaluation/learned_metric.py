@@ -33,10 +33,21 @@ class LearnedMetric:
     """A trained regression run that scores (reference, candidate) pairs."""
 
     def __init__(self, workdir: str | Path):
+        from t5x_like import config as config_lib
+        from t5x_like import storage
         from t5x_like.data.special_tokens import special_tokens
         from t5x_like.evaluation.driver import load_checkpoint
 
-        self.exp, self.params, self.step = load_checkpoint(workdir)
+        config_file = storage.as_path(workdir) / "config.json"
+        if not config_file.exists():
+            raise UserError(f"--metric learned:{workdir}: {config_file} does not exist; train "
+                            "one with configs/learned_metric.py")
+        saved = config_lib.config_from_json(config_file)
+        # A fully fine-tuned run saves every weight: its init_checkpoint (and that run's) need
+        # not be read again, nor exist any more.
+        full = "finetune" in saved and saved.finetune.mode == "full"
+        self.exp, self.params, self.step = load_checkpoint(
+            workdir, ["finetune.init_checkpoint="] if full else [])
         c = self.exp.config
         if c.family != "bert_finetune" or c.finetune.head != "regression":
             raise UserError(f"--metric learned:{workdir} needs a run with a regression head "
