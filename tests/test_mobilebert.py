@@ -290,3 +290,91 @@ def test_two_steps_on_8_devices_match_one_device():
         assert run["diff"] <= 2e-5, (mesh, run["diff"])
         assert run["sharded"] >= 6, run
     assert one["sharded"] == 0
+
+
+# ------------------------------------------------------------- pre-training distillation
+
+
+def test_mlm_kd_matches_a_numpy_reference():
+    """KL(p_teacher || p_student) of the MLM distributions, summed over the scored slots."""
+    from t5x_like.families.mobilebert import mlm_kd
+
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(2, 3, 2, 11)) * 3.0
+    weights = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p = np.exp(log_softmax(teacher))
+    kl = (p * (np.log(p) - log_softmax(student))).sum(-1)
+    got = mlm_kd(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(weights))
+    np.testing.assert_allclose(float(got), (kl * weights).sum(), rtol=1e-5)
+    assert float(mlm_kd(jnp.asarray(teacher), jnp.asarray(teacher), jnp.asarray(weights))) < 1e-6
+    # The gradient reaches the student only.
+    g_s, g_t = jax.grad(lambda s, t: mlm_kd(s, t, jnp.asarray(weights)), argnums=(0, 1))(
+        jnp.asarray(student), jnp.asarray(teacher))
+    assert float(jnp.abs(g_s).sum()) > 0 and float(jnp.abs(g_t).sum()) == 0
+
+
+@pytest.fixture(scope="module")
+def ib_teacher(tmp_path_factory, cache):
+    """An IB-BERT teacher (``:tiny_teacher``) saved as a run at step 0: the student needs only
+    its MLM distributions, and no train step compiles for it."""
+    from t5x_like import config as config_lib
+    from t5x_like.checkpoints import Checkpoints
+    from t5x_like.experiment import build
+
+    os.chdir(ROOT)
+    workdir = tmp_path_factory.mktemp("mobilebert_pd") / "ib_teacher"
+    exp = build(config_lib.load_config("configs/mobilebert.py:tiny_teacher",
+                                       [*family_runs.RUN, "model.scan_layers=True"]))
+    workdir.mkdir()
+    exp.write_config(workdir)
+    checkpoints = Checkpoints(workdir)
+    checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
+    checkpoints.close()
+    return workdir
+
+
+def test_pretraining_distillation_trains_and_evaluates(ib_teacher, tmp_path):
+    """``:tiny_pd`` for 20 steps through ``t5x-like train``: the loss falls, the teacher stays
+    as saved, the logged loss is 0.5 MLM + 0.5 KL + NSP of the logged means, and ``eval``
+    reports the KL."""
+    workdir = tmp_path / "pd"
+    _cli("train", "--config", "configs/mobilebert.py:tiny_pd", "--workdir", str(workdir), *RUN,
+         f"--config.objective.teacher={ib_teacher}")
+    losses = family_runs.logged_losses(workdir)
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean(
+        [losses[s] for s in range(1, 6)]) - 0.3, losses
+    report = tmp_path / "eval.json"
+    _cli("eval", "--checkpoint", str(workdir), "--batches", "1", "--no-baseline", "--json",
+         str(report))
+    r = json.loads(report.read_text())
+    assert r["step"] == 20 and r["pd/kl"] > 0 and 0.0 <= r["nsp/accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    row = next(x for x in rows if "train/pd/kl" in x)  # one batch a step: the means are exact
+    np.testing.assert_allclose(row["train/loss"], 0.5 * row["train/cross_entropy"]
+                               + 0.5 * row["train/pd/kl"] + row["train/nsp/cross_entropy"],
+                               rtol=1e-5)
+    _, params, _ = family_runs.checkpoint_params(workdir)
+    _, saved, _ = family_runs.checkpoint_params(ib_teacher)
+    assert set(params) == {"student", "teacher"}
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(params["teacher"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pretraining_distillation_bad_settings_are_one_sentence(ib_teacher, tmp_path):
+    from t5x_like import config as config_lib
+    from t5x_like.experiment import build
+
+    os.chdir(ROOT)
+    with pytest.raises(UserError, match="pd_alpha must lie in"):
+        config_lib.load_config("configs/mobilebert.py:tiny_pd",
+                               [f"objective.teacher={ib_teacher}", "objective.pd_alpha=1.5"])
+    with pytest.raises(UserError, match="objective.teacher is empty"):
+        config_lib.load_config("configs/mobilebert.py:tiny_pd", ["objective.teacher="])
+    with pytest.raises(UserError, match="not the workdir of a mobilebert run"):
+        build(config_lib.load_config("configs/mobilebert.py:tiny_pd",
+                                     [f"objective.teacher={tmp_path}"]))

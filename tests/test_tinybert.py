@@ -230,3 +230,141 @@ def test_two_steps_on_8_devices_match_one_device(teacher):
         assert run["diff"] <= 2e-5, (mesh, run["diff"])
         assert run["sharded"] >= 6, run
     assert one["sharded"] == 0
+
+
+# --------------------------------------------------------------------------- task-specific
+
+# A fine-tuned teacher (2 layers, 64 wide) and a 1-layer student (32 wide), 2 heads each, on
+# play_lines (which of five plays a speech is from), packed rows of 32 tokens, through the CLI.
+TASK_RUN = ["data.inputs_length=32", "data.batch_size=8", "train.log_every=1",
+            "train.eval_batches=0", "train.progress_bar=False", "optimizer.warmup_steps=2",
+            "optimizer.learning_rate=0.003", "finetune.init_checkpoint="]
+TASK_TEACHER = [*TASK_RUN, "model.hidden_size=64", "model.num_heads=2",
+                "model.intermediate_size=128", "model.pooler=False", "finetune.pooling=cls",
+                "train.num_steps=6", "train.checkpoint_every=6"]
+TASK_STUDENT = [*TASK_RUN, "model.hidden_size=32", "model.num_heads=2",
+                "model.intermediate_size=64", "train.num_steps=12", "train.checkpoint_every=12"]
+
+
+def _cli(*argv: str) -> str:
+    """``t5x-like ARGV`` through the CLI's own entry point (in this process); its stdout."""
+    import contextlib
+    import io
+
+    from t5x_like import cli
+
+    os.chdir(ROOT)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(list(argv)) == 0
+    return out.getvalue()
+
+
+def _flags(overrides):
+    return [f"--config.{o}" for o in overrides]
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory, cache):
+    """``t5x-like train`` of a bert_classify teacher (6 steps), then the two task-distillation
+    steps of ``configs/tinybert.py:task_tiny`` (12 steps each), and ``t5x-like eval``."""
+    base = tmp_path_factory.mktemp("tinybert_task")
+    teacher, inter, pred = base / "teacher", base / "intermediate", base / "prediction"
+    _cli("train", "--config", "configs/bert_classify.py:tiny", "--workdir", str(teacher),
+         *_flags(TASK_TEACHER))
+    student = ["train", "--config", "configs/tinybert.py:task_tiny",
+               *_flags([*TASK_STUDENT, f"objective.teacher={teacher}"])]
+    _cli(*student, "--workdir", str(inter))
+    _cli(*student, "--workdir", str(pred), "--config.objective.stage=prediction",
+         f"--config.finetune.init_checkpoint={inter}")
+    report = base / "eval.json"
+    _cli("eval", "--checkpoint", str(pred), "--batches", "2", "--no-baseline", "--json",
+         str(report))
+    return teacher, inter, pred, json.loads(report.read_text())
+
+
+def _falls(workdir, key="train/loss"):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r[key] for r in rows if key in r]
+    assert len(losses) == 12, losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    return {k for r in rows for k in r}
+
+
+def test_task_distillation_steps_train_and_eval_reports_the_task_metric(task_runs):
+    teacher, inter, pred, report = task_runs
+    logged = _falls(inter)
+    assert {"train/tinybert/hidden_mse", "train/tinybert/attention_mse",
+            "train/tinybert/embedding_mse"} <= logged
+    assert "train/tinybert/soft_cross_entropy" not in logged  # intermediate step: no soft CE
+    logged = _falls(pred)
+    assert "train/tinybert/hidden_mse" not in logged
+    # The intermediate step trains the encoder and projections, not the head or the teacher.
+    _, t, _ = family_runs.checkpoint_params(teacher)
+    _, a, _ = family_runs.checkpoint_params(inter)
+    _, b, _ = family_runs.checkpoint_params(pred)
+    for x, y in zip(jax.tree.leaves({"model": t["model"], "head": t["head"]}),
+                    jax.tree.leaves(b["teacher"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert set(a) == {"model", "head", "teacher", "embedding_projection", "projection"}
+    assert set(b) == {"model", "head", "teacher"}  # no projections in the prediction step
+    # The prediction step started from the intermediate step's encoder, and moved it.
+    word = ("embeddings", "word_embeddings")
+    assert not np.array_equal(a["model"][word[0]][word[1]], b["model"][word[0]][word[1]])
+    assert report["step"] == 12 and report["task"] == "play_lines"
+    for name in ("accuracy", "teacher/accuracy"):
+        assert 0.0 <= report[name] <= 1.0, report
+    assert np.isfinite(report["tinybert/soft_cross_entropy"])
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_prediction_layer_loss_and_accuracy_match_a_numpy_reference(task_runs):
+    """On one validation batch: the student's and the teacher's class logits from their own
+    runs' ``outputs`` (the bert_finetune family's forward), then the paper's soft
+    cross-entropy (x T^2) and the gold accuracies in NumPy, against the family's sums."""
+    from t5x_like.evaluation.driver import load_checkpoint
+    from t5x_like.evaluation.loop import device_batches
+
+    teacher, _, pred, _ = task_runs
+    t_exp, t_params, _ = load_checkpoint(teacher)
+    exp, params, _ = load_checkpoint(pred, ["objective.temperature=2.0"])
+    batch = next(device_batches(exp, split="validation", repeat=False, shuffle=False))
+    _, sums = jax.jit(exp.family.loss_fn, static_argnames="train")(
+        params, batch, jax.random.key(0), train=False)
+    s_logits = np.asarray(exp.family.outputs(params, batch), np.float64).reshape(-1, 5)
+    t_logits = np.asarray(t_exp.family.outputs(t_params, batch), np.float64).reshape(-1, 5)
+    valid = np.asarray(batch["valid"]).reshape(-1) > 0
+    labels = np.asarray(batch["label"]).reshape(-1)
+    assert valid.sum() > 8  # packed: more examples than rows
+    t = 2.0
+    p_teacher = np.exp(_np_log_softmax(t_logits / t))
+    soft = -(p_teacher * _np_log_softmax(s_logits / t)).sum(-1)
+    np.testing.assert_allclose(float(sums["tinybert/soft_cross_entropy"]),
+                               t**2 * soft[valid].sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["loss"]), t**2 * soft[valid].sum(), rtol=1e-5)
+    assert float(sums["weight"]) == valid.sum()
+    assert float(sums["correct"]) == (s_logits.argmax(-1) == labels)[valid].sum()
+    assert float(sums["teacher/correct"]) == (t_logits.argmax(-1) == labels)[valid].sum()
+
+
+def test_task_distillation_bad_settings_are_one_sentence(task_runs):
+    teacher, inter, _, _ = task_runs
+    os.chdir(ROOT)
+    from t5x_like.experiment import build
+
+    def load(*extra):
+        return config_lib.load_config("configs/tinybert.py:task_tiny",
+                                      [*TASK_STUDENT, f"objective.teacher={teacher}", *extra])
+
+    with pytest.raises(UserError, match="finetune.mode=full"):
+        load("finetune.mode=lora")
+    with pytest.raises(UserError, match="objective.teacher is empty"):
+        load("objective.teacher=")
+    with pytest.raises(UserError, match="not the workdir of a bert_finetune run"):
+        build(load(f"objective.teacher={inter}"))
+    with pytest.raises(UserError, match="same finetune.label_names"):
+        build(load("finetune.label_names=('a','b')"))
