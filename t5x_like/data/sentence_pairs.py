@@ -110,9 +110,17 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int,
     return trim(a, cut_a), trim(b, cut_b)
 
 
-def _pair_examples(documents: list[Document], rng: np.random.Generator, objective: str,
-                   max_tokens: int, short_seq_prob: float) -> list[tuple[np.ndarray, ...]]:
-    """One epoch of (A, B, label) from every document, in a shuffled document order."""
+def pair_examples(documents: list[Document], rng: np.random.Generator, max_tokens: int,
+                  short_seq_prob: float, draw_label: Callable[[np.random.Generator], int], *,
+                  other_document: frozenset[int] = frozenset(),
+                  swapped: frozenset[int] = frozenset()) -> list[tuple[np.ndarray, ...]]:
+    """One epoch of (A, B, label) from every document, in a shuffled document order.
+
+    BERT's gathering (walk a document, gather segments up to a target length, cut them at a
+    random segment boundary into A and B), shared by NSP, SOP and StructBERT's three-way
+    objective, which differ only in the label's die and what a label does: B from another
+    document (the segments after A's cut go back to be used next), or A and B swapped.
+    """
     def target() -> int:
         if rng.random() < short_seq_prob:
             return int(rng.integers(2, max_tokens + 1))
@@ -129,13 +137,13 @@ def _pair_examples(documents: list[Document], rng: np.random.Generator, objectiv
                 if len(chunk) >= 2:
                     a_end = int(rng.integers(1, len(chunk)))
                     a = np.concatenate(chunk[:a_end])
-                    label = int(rng.random() < 0.5)
-                    if objective == "nsp" and label:
+                    label = draw_label(rng)
+                    if label in other_document:
                         b = _random_segments(documents, d, goal - len(a), rng)
                         i -= len(chunk) - a_end  # the unused segments come next
                     else:
                         b = np.concatenate(chunk[a_end:])
-                        if label:  # sop: swapped
+                        if label in swapped:
                             a, b = b, a
                     a, b = truncate_pair(a, b, max_tokens, rng)
                     examples.append((a, b, label))
@@ -143,6 +151,14 @@ def _pair_examples(documents: list[Document], rng: np.random.Generator, objectiv
             i += 1
     order = rng.permutation(len(examples))
     return [examples[j] for j in order]
+
+
+def _coin(rng: np.random.Generator) -> int:
+    return int(rng.random() < 0.5)
+
+
+# What label 1 means: NSP's B comes from another document; SOP's A and B are swapped.
+_POSITIVE_LABEL = {"nsp": {"other_document": frozenset({1})}, "sop": {"swapped": frozenset({1})}}
 
 
 def _random_segments(documents: list[Document], exclude: int, want: int,
@@ -266,7 +282,8 @@ def sentence_pair_batches(
 
         def examples(e: int) -> list[tuple[np.ndarray, ...]]:
             rng = np.random.default_rng([seed, shard_index, num_shards, e])
-            return _pair_examples(shard, rng, objective, length - 3, short_seq_prob)
+            return pair_examples(shard, rng, length - 3, short_seq_prob, _coin,
+                                 **_POSITIVE_LABEL[objective])
 
         def epoch(e: int) -> dict[str, np.ndarray]:
             return _encode_pairs(examples(e), length, special, label)

@@ -23,39 +23,15 @@ LABEL = "sentence_structure_label"
 NEXT, PREVIOUS, OTHER = 0, 1, 2
 
 
+def _three_way(rng: np.random.Generator) -> int:
+    return int(rng.integers(3))
+
+
 def structure_examples(documents: list[sp.Document], rng: np.random.Generator,
                        max_tokens: int, short_seq_prob: float) -> list[tuple[np.ndarray, ...]]:
     """One epoch of (S1, S2, label) from every document, in a shuffled order."""
-    def target() -> int:
-        if rng.random() < short_seq_prob:
-            return int(rng.integers(2, max_tokens + 1))
-        return max_tokens
-
-    examples = []
-    for d in rng.permutation(len(documents)):
-        document = documents[d]
-        chunk, size, goal, i = [], 0, target(), 0
-        while i < len(document):
-            chunk.append(document[i])
-            size += len(document[i])
-            if (size >= goal and len(chunk) >= 2) or i == len(document) - 1:
-                if len(chunk) >= 2:
-                    a_end = int(rng.integers(1, len(chunk)))
-                    a = np.concatenate(chunk[:a_end])
-                    label = int(rng.integers(3))
-                    if label == OTHER:
-                        b = sp._random_segments(documents, d, goal - len(a), rng)
-                        i -= len(chunk) - a_end  # the unused segments come next
-                    else:
-                        b = np.concatenate(chunk[a_end:])
-                        if label == PREVIOUS:
-                            a, b = b, a
-                    a, b = sp.truncate_pair(a, b, max_tokens, rng)
-                    examples.append((a, b, label))
-                chunk, size, goal = [], 0, target()
-            i += 1
-    order = rng.permutation(len(examples))
-    return [examples[j] for j in order]
+    return sp.pair_examples(documents, rng, max_tokens, short_seq_prob, _three_way,
+                            other_document=frozenset({OTHER}), swapped=frozenset({PREVIOUS}))
 
 
 def structure_pair_batches(documents: list[sp.Document], *, length: int, batch_size: int,
