@@ -193,8 +193,9 @@ def left_to_right_stepper(model: XLNet, prompts: jax.Array, valid: jax.Array, *,
     transformers' contiguous memory) with a mask of filled slots; a pass shifts it one slot.
     Prompt padding is moved to the left and masked, in the prompt pass and in the memory, so
     a padded row decodes as it would alone (transformers' XLNet ignores ``attention_mask`` in
-    generation and would attend the padding). The prompt pass runs here, once; the stepper's
-    first step returns its logits, later steps run the three-token pass.
+    generation and would attend the padding). The dummy is ``pad_id`` (transformers': 0); no
+    position sees it, so its id changes nothing. The prompt pass runs here, once; the
+    stepper's first step returns its logits, later steps run the three-token pass.
     """
     order = jnp.argsort(valid, axis=1, stable=True)  # padding first, real tokens in order
     prompts = jnp.repeat(jnp.take_along_axis(prompts, order, axis=1), repeat, axis=0)
@@ -204,9 +205,10 @@ def left_to_right_stepper(model: XLNet, prompts: jax.Array, valid: jax.Array, *,
 
     def dummy_pass(tokens, attention_mask, **memory):
         length = tokens.shape[1] + 1
-        hidden = jnp.zeros((rows, length, length), jnp.float32).at[:, :, -1].set(1.0)
+        unseen = jnp.zeros((rows, length, length), jnp.float32).at[:, :, -1].set(1.0)
         target = jnp.zeros((rows, 1, length), jnp.float32).at[:, 0, -1].set(1.0)
-        out = model(jnp.pad(tokens, ((0, 0), (0, 1))), perm_mask=hidden, target_mapping=target,
+        out = model(jnp.pad(tokens, ((0, 0), (0, 1)), constant_values=pad_id),
+                    perm_mask=unseen, target_mapping=target,
                     attention_mask=jnp.pad(attention_mask, ((0, 0), (0, 1)), constant_values=1),
                     **memory)
         return out.logits[:, 0], out.mems
