@@ -338,6 +338,7 @@ def ib_teacher(tmp_path_factory, cache):
     return workdir
 
 
+@pytest.mark.slow
 def test_pretraining_distillation_trains_and_evaluates(ib_teacher, tmp_path):
     """``:tiny_pd`` for 20 steps through ``t5x-like train``: the loss falls, the teacher stays
     as saved, the logged loss is 0.5 MLM + 0.5 KL + NSP of the logged means, and ``eval``
@@ -365,14 +366,14 @@ def test_pretraining_distillation_trains_and_evaluates(ib_teacher, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_pretraining_distillation_bad_settings_are_one_sentence(ib_teacher, tmp_path):
+def test_pretraining_distillation_bad_settings_are_one_sentence(tmp_path):
     from t5x_like import config as config_lib
     from t5x_like.experiment import build
 
     os.chdir(ROOT)
     with pytest.raises(UserError, match="pd_alpha must lie in"):
         config_lib.load_config("configs/mobilebert.py:tiny_pd",
-                               [f"objective.teacher={ib_teacher}", "objective.pd_alpha=1.5"])
+                               [f"objective.teacher={tmp_path}", "objective.pd_alpha=1.5"])
     with pytest.raises(UserError, match="objective.teacher is empty"):
         config_lib.load_config("configs/mobilebert.py:tiny_pd", ["objective.teacher="])
     with pytest.raises(UserError, match="not the workdir of a mobilebert run"):
