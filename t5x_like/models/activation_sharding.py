@@ -18,6 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
+# The layouts models pin, by logical axis: hidden states and logits batch-first (the batch over
+# data and fsdp under every preset), logits' vocab over tensor where the rules say so.
+HIDDEN = ("batch", "length", None)
+LOGITS = ("batch", "length", "vocab")
+PER_TOKEN = ("batch", "length")  # one score per token (ELECTRA's discriminator)
+
 # names, shape -> a Sharding for an array of that shape, or None to leave it to XLA
 Resolver = Callable[[Sequence[str | None], tuple[int, ...]], jax.sharding.Sharding | None]
 

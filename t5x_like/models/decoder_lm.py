@@ -25,6 +25,7 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
+from t5x_like.models.activation_sharding import HIDDEN, LOGITS, constrain
 from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
@@ -208,9 +209,12 @@ class DecoderLM(nnx.Module):
         """Float32 logits from final hidden states (tied: h @ E^T, no scaling, as GPT-2)."""
         dt = L.dtype_of(self.config.dtype)
         if self.config.tie_word_embeddings:
-            return L.dense(hidden, self.token_embedding[...].astype(dt), kernel_transposed=True,
-                           preferred_element_type=jnp.float32)
-        return L.dense(hidden, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+            logits = L.dense(hidden, self.token_embedding[...].astype(dt),
+                             kernel_transposed=True, preferred_element_type=jnp.float32)
+        else:
+            logits = L.dense(hidden, self.lm_head[...].astype(dt),
+                             preferred_element_type=jnp.float32)
+        return constrain(logits, LOGITS)
 
     # ------------------------------------------------------------------ public API
     def hidden(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -233,12 +237,13 @@ class DecoderLM(nnx.Module):
         k_embed, k_layers = L.dropout_keys(c.dropout_rate > 0 or c.attention_dropout_rate > 0,
                                            enable_dropout, rngs, 2)
         x, rotary = self._embed(ids, positions, k_embed)
+        x = constrain(x, HIDDEN)  # batch-first over data and fsdp inside a sharded step
 
         def body(layer, x, key):
-            return layer(x, mask=mask, rotary=rotary, dropout_key=key)[0], None
+            return constrain(layer(x, mask=mask, rotary=rotary, dropout_key=key)[0], HIDDEN), None
 
         x, _ = self._run(x, L.layer_keys(k_layers, c.num_layers), body)
-        return self.final_norm(x)
+        return constrain(self.final_norm(x), HIDDEN)
 
     def __call__(self, ids: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, attention_mask: jax.Array | None = None,

@@ -32,6 +32,7 @@ from flax import nnx
 from t5x_like.errors import UserError
 from t5x_like.models import int8 as Q
 from t5x_like.models import layers as L
+from t5x_like.models.activation_sharding import HIDDEN, LOGITS, PER_TOKEN, constrain
 from t5x_like.models.encoder_config import EncoderConfig, generator_config
 
 # --------------------------------------------------------------------------- building blocks
@@ -277,7 +278,7 @@ class Transformer(nnx.Module):
         quantized, ``absmax`` (each dense input's max|x|, stacked like the layer params)."""
         c = self.config
         if hasattr(self, "embedding_projection"):
-            x = self.embedding_projection(x)
+            x = constrain(self.embedding_projection(x), HIDDEN)
         units, repeats = c.units, c.num_layers // c.units
         shared = getattr(self, "shared", None)
         keys = None if key is None else jax.random.split(key, (units, repeats))
@@ -290,6 +291,7 @@ class Transformer(nnx.Module):
         def run_one(layer, x, inputs):
             k, m = inputs
             y, probs = _apply_layer(layer, shared, x, mask, k, m, output_attentions)
+            y = constrain(y, HIDDEN)  # each layer's residual stream, batch-first
             extras = {"absmax": nnx.to_pure_dict(nnx.pop(layer, nnx.Intermediate))}
             if output_hidden_states:
                 extras["hidden"] = y
@@ -481,7 +483,7 @@ class EncoderModel(nnx.Module):
             bool(c.hidden_dropout_rate or c.attention_dropout_rate), enable_dropout, rngs, 2)
         embedded = (self.embeddings(input_ids, token_type_ids) if positions is None
                     else self.embeddings(input_ids, token_type_ids, positions))
-        x = L.dropout(embedded, c.hidden_dropout_rate, k_embed)
+        x = constrain(L.dropout(embedded, c.hidden_dropout_rate, k_embed), HIDDEN)
         if segment_ids is None:
             mask = (attention_mask > 0)[:, None, None, :]
         else:
@@ -498,11 +500,12 @@ class EncoderModel(nnx.Module):
             out["nsp_logits"] = self.nsp(out["pooled_output"]).astype(jnp.float32)
         if c.mlm_head:
             selected = hidden if masked_positions is None else _gather(hidden, masked_positions)
-            out["mlm_logits"] = self.mlm(selected, self.embeddings)
+            out["mlm_logits"] = constrain(self.mlm(selected, self.embeddings), LOGITS)
         if c.discriminator_head:
-            out["discriminator_logits"] = self.discriminator(hidden)
+            out["discriminator_logits"] = constrain(self.discriminator(hidden), PER_TOKEN)
         if c.sbo_head and span_boundaries is not None:
-            out["sbo_logits"] = self.sbo(hidden, span_boundaries, self.embeddings)
+            out["sbo_logits"] = constrain(self.sbo(hidden, span_boundaries, self.embeddings),
+                                          LOGITS)
         if c.quantize != "none":
             absmax = nnx.to_pure_dict(nnx.pop(self, nnx.Intermediate))
             absmax.setdefault("encoder", {}).update(extras["absmax"])
