@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def make_config(family: str, **overrides) -> config_lib.ml_collections.ConfigDic
         c.model.update(dict(d_model=16, d_kv=4, num_heads=2, d_ff=32, num_encoder_layers=2,
                             num_decoder_layers=2, scan_layers=False, dropout_rate=0.0))
     elif family == "bart_finetune":
-        c.model.update(dict(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=2,
-                            num_decoder_layers=2, max_position_embeddings=32, scan_layers=False,
+        # one layer each (as test_finetune.py's BART): the default run compiles it
+        c.model.update(dict(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+                            num_decoder_layers=1, max_position_embeddings=32, scan_layers=False,
                             dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0))
     else:
         c.model.update(dict(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2,
@@ -171,8 +173,7 @@ def test_exact_fill_and_overflow_rows():
 # --------------------------------------------------------------------------- text-to-text
 
 
-@pytest.mark.parametrize("family", ["t5_finetune",
-                                    pytest.param("bart_finetune", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["t5_finetune", "bart_finetune"])
 def test_packed_logits_losses_and_metrics_equal_unpacked(family):
     _, params = setup(family)
     run = compiled(family)
@@ -267,12 +268,14 @@ def encoder_batches(head: str, **overrides):
 SLOW = pytest.mark.slow
 
 
+# Every head in the default run (random tiny weights, no training); the [CLS]-pooling variant
+# of classification (the same slots, read without the pooler) under slow.
 @pytest.mark.parametrize("head,overrides", [
     ("classification", {}),
     pytest.param("classification", {"finetune.pooling": "cls"}, marks=SLOW),
-    pytest.param("regression", {}, marks=SLOW),
-    pytest.param("token_classification", {}, marks=SLOW),
-    pytest.param("span_qa", {"finetune.pooling": "cls"}, marks=SLOW)])
+    ("regression", {}),
+    ("token_classification", {}),
+    ("span_qa", {"finetune.pooling": "cls"})])
 def test_encoder_heads_packed_equal_unpacked(head, overrides):
     _, params, packed, alone, bins, order = encoder_batches(head, **overrides)
     assert len(bins) > 1 and [len(b) for b in bins].count(1) >= 1  # the 16-token one alone
@@ -348,7 +351,10 @@ def test_prompt_tuning_refuses_packing():
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.mark.parametrize("family", ["t5_finetune", "bert_finetune"])
+# The text-to-text stream's resume is also checked end to end (SIGKILL, bit-exact parameters)
+# by the run test below; the encoder rows' stream only here.
+@pytest.mark.parametrize("family", [pytest.param("t5_finetune", marks=pytest.mark.slow),
+                                    "bert_finetune"])
 def test_packed_stream_resumes_at_any_batch(family):
     """Skipping n batches (what a resumed run does) gives the batches a fresh stream gives
     after its first n: rows are a function of the example stream alone."""
@@ -377,65 +383,81 @@ def test_packed_stream_resumes_at_any_batch(family):
     assert seg.max() >= 2  # several examples in a row
 
 
-@pytest.mark.slow
-def test_packed_run_reports_efficiency_and_evaluates_like_unpacked(tmp_path):
-    """A packed fine-tuning run logs train/packing/efficiency; its checkpoint evaluated on
-    the whole validation split packed and one example per row gives the same metrics."""
+# The tiniest fine-tuning preset, shrunk to a model whose steps take milliseconds: what costs
+# here is compiling (once: the subprocess reads the in-process run's executables from the
+# session's compilation cache) and starting one Python process.
+RUN_CONFIG = "configs/t5_finetune.py:tiny"
+NUM_STEPS = 16
+RUN_OVERRIDES = ["model.d_model=16", "model.d_kv=4", "model.num_heads=2", "model.d_ff=32",
+                 "model.num_encoder_layers=1", "model.num_decoder_layers=1",
+                 "data.batch_size=8", "optimizer.learning_rate=0.03",
+                 f"train.num_steps={NUM_STEPS}", "train.checkpoint_every=2",
+                 "train.log_every=1", "train.eval_batches=0", "train.progress_bar=false"]
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    steps = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line still being written
+    return steps
+
+
+def test_packed_finetuning_resumes_bit_exact_after_sigkill_and_evaluates_like_unpacked(
+        tmp_path, capsys):
+    """The packed preset: a run SIGKILLed after a checkpoint and started again ends with the
+    parameters of a run that never stopped, bit for bit; it logs its packing efficiency; and
+    its checkpoint evaluated on the whole validation split packed and one example per row
+    gives the same metrics."""
     from t5x_like.evaluation.driver import load_checkpoint
 
-    c = make_config("t5_finetune", **{
-        "data.pack": True, "train.num_steps": 3, "train.log_every": 3, "train.eval_batches": 0,
-        "train.checkpoint_every": 3, "train.progress_bar": False,
-        "optimizer.name": "adamw", "optimizer.schedule": "constant",
-        "optimizer.learning_rate": 3e-2, "data.inputs_length": 32})
-    workdir = tmp_path / "run"
-    train_lib.train(c, workdir)
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    efficiency = [m["train/packing/efficiency"] for m in logged if "train/packing/efficiency" in m]
-    assert efficiency and 0.5 < efficiency[-1] <= 1.0
-    exp_p, params, step = load_checkpoint(workdir)
-    exp_u, params_u, _ = load_checkpoint(workdir, ["data.pack=false"])
-    assert step == 3 and exp_p.config.data.pack and not exp_u.config.data.pack
-    packed = train_lib.evaluate(exp_p, params, num_batches=0)
-    alone = train_lib.evaluate(exp_u, params_u, num_batches=0)
-    assert packed["tokens"] == alone["tokens"] > 0
+    config = config_lib.load_config(str(ROOT / RUN_CONFIG), RUN_OVERRIDES)
+    assert config.data.pack and config.model.dropout_rate > 0  # the preset's own defaults
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = config_lib.load_config(str(ROOT / RUN_CONFIG),
+                                           [*RUN_OVERRIDES, f"train.checkpoint_every={NUM_STEPS}"])
+    train_lib.train(uninterrupted, reference)
+    argv = [sys.executable, "-m", "t5x_like.cli", "train", "--config", RUN_CONFIG,
+            "--workdir", str(killed), *[f"--config.{o}" for o in RUN_OVERRIDES]]
+    log = open(tmp_path / "killed.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    # Step 5 logged: the save at step 4 has begun, so the one at step 2 is complete.
+    while proc.poll() is None and time.monotonic() < deadline:
+        if max(_logged_steps(killed), default=0) >= 5:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.seek(0)
+    assert proc.returncode == -signal.SIGKILL, f"ended by itself:\n{log.read()[-3000:]}"
+    log.close()
+    killed_at = max(_logged_steps(killed))
+    assert killed_at < NUM_STEPS
+    capsys.readouterr()
+    result = train_lib.train(config, killed)  # the same command again
+    resumed = re.findall(r"resumed from step (\d+)", capsys.readouterr().out)
+    assert result["step"] == NUM_STEPS and len(resumed) == 1
+    assert 2 <= int(resumed[0]) <= killed_at
+    exp, a, _ = load_checkpoint(reference)
+    exp_k, b, step = load_checkpoint(killed)
+    assert step == NUM_STEPS and exp_k.config.data.pack
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # the efficiency (real / row tokens) is in the log, each incarnation's lines included
+    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    efficiency = [m["train/packing/efficiency"] for m in logged
+                  if "train/packing/efficiency" in m]
+    assert len(efficiency) >= NUM_STEPS and 0.5 < min(efficiency) <= max(efficiency) <= 1.0
+    # the checkpoint scored packed and one example per row: the same metrics
+    exp_u, b_u, _ = load_checkpoint(killed, ["data.pack=false"])
+    assert not exp_u.config.data.pack
+    packed = train_lib.evaluate(exp_k, b, num_batches=0)
+    alone = train_lib.evaluate(exp_u, b_u, num_batches=0)
+    assert packed["tokens"] == alone["tokens"] > 0 and packed["accuracy"] > 0
     for name in ("loss", "accuracy", "sequence/accuracy"):
         np.testing.assert_allclose(packed[name], alone[name], rtol=TOL, err_msg=name)
     assert packed["packing/efficiency"] > alone["packing/efficiency"]
-
-
-NUM_STEPS = 12
-RUN_OVERRIDES = [f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=2",
-                 "--config.train.log_every=1", "--config.train.eval_batches=0",
-                 "--config.train.progress_bar=false", "--config.data.batch_size=8",
-                 "--config.data.inputs_length=32"]
-
-
-def _argv(workdir):
-    return [sys.executable, "-m", "t5x_like.cli", "train", "--config",
-            "configs/t5_finetune.py:tiny", "--workdir", str(workdir), *RUN_OVERRIDES]
-
-
-@pytest.mark.slow
-def test_packed_finetuning_resumes_bit_exact_after_sigkill(tmp_path):
-    from t5x_like.evaluation.driver import load_checkpoint
-
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert subprocess.run(_argv(reference), cwd=ROOT, capture_output=True).returncode == 0
-    proc = subprocess.Popen(_argv(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    metrics = killed / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    result = subprocess.run(_argv(killed), cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and "resumed from step" in result.stdout, result.stderr[-2000:]
-    exp, a, step_a = load_checkpoint(reference)
-    _, b, step_b = load_checkpoint(killed)
-    assert exp.config.data.pack and step_a == step_b == NUM_STEPS
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
