@@ -54,7 +54,7 @@ def accumulate_gradients(family, params: dict, features: dict, key: jax.Array, a
     the accumulation carry, to their parameter's layout, as T5X pins its ``grad_accum``: each
     is reduce-scattered into its fsdp shard inside the loop instead of the carry taking a
     layout of XLA's choosing (T5 on v5p:2x2x2, data 2 x fsdp 4, 2 micro-batches: all-reduce
-    bytes 3.9 -> 2.8 MB a step, tests/test_compile.py). With one micro-batch the step's
+    bytes 3.9 -> 2.8 MB a step; benchmarks/RESULTS.md, pod plan). With one micro-batch the step's
     output shardings already ask for the same.
     """
     grad_fn = jax.grad(family.loss_fn, has_aux=True)
