@@ -202,10 +202,17 @@ def test_import_train_eval_export_generates_as_transformers(hf_bart, tmp_path, c
                                logits.numpy(), atol=1e-4, rtol=0)
 
 
-def test_mass_refuses_a_hugging_face_tokenizer(hf_bart, tmp_path):
-    """MASS keeps our vocabularies' ids: a tokenizer path stops it in one sentence."""
+def test_ids_that_do_not_fit_the_vocabulary_stop_in_one_sentence(hf_bart):
+    """Our vocabularies keep decoder start 0; a tokenizer's pad must be the model's; MASS keeps
+    our vocabularies' ids."""
     folder = hf_bart[0]
-    config = config_lib.base_config("mass")
-    config_lib.apply_overrides(config, [f"data.vocab_path={folder}", "model.pad_token_id=1"])
-    with pytest.raises(UserError, match="MASS trains with our vocabularies' ids"):
-        build(config)
+    cases = [("bart", [], "decoder_start_token_id=2: with this vocabulary"),
+             ("bart", [f"data.vocab_path={folder}", "model.pad_token_id=0"],
+              "model.pad_token_id=0 is not the vocabulary's padding id 1"),
+             ("mass", [f"data.vocab_path={folder}", "model.pad_token_id=1"],
+              "MASS trains with our vocabularies' ids")]
+    for family, overrides, message in cases:
+        config = config_lib.base_config(family)
+        config_lib.apply_overrides(config, ["model.decoder_start_token_id=2", *overrides])
+        with pytest.raises(UserError, match=message):
+            build(config)
