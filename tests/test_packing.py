@@ -442,7 +442,7 @@ def test_packed_finetuning_resumes_bit_exact_after_sigkill_and_evaluates_like_un
     resumed = re.findall(r"resumed from step (\d+)", capsys.readouterr().out)
     assert result["step"] == NUM_STEPS and len(resumed) == 1
     assert 2 <= int(resumed[0]) <= killed_at
-    exp, a, _ = load_checkpoint(reference)
+    _, a, _ = load_checkpoint(reference)
     exp_k, b, step = load_checkpoint(killed)
     assert step == NUM_STEPS and exp_k.config.data.pack
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
