@@ -34,7 +34,7 @@ from t5x_like.tasks.text_to_text import text_features
 SYNTHETIC_TASK = "metric_pairs"
 SICK_TASK = "sick_relatedness"
 SICK_FILE = Path(__file__).resolve().parent.parent / "data" / "sick_relatedness.tsv"
-SYNTHETIC_PAIRS = {"train": 6000, "validation": 300}
+SYNTHETIC_PAIRS = {"train": 30_000, "validation": 300}  # 6000 were memorised (see RESULTS)
 SYNTHETIC_SEED = 0
 
 
