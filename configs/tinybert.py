@@ -12,26 +12,26 @@ prediction layer's soft cross-entropy), on masked-LM rows of the default corpus.
         --config.objective.init_student=runs/tinybert_tiny
     t5x-like eval --checkpoint runs/tinybert_tiny
 
-Task-specific distillation (``:task_tiny``, ``:task_base``; family ``tinybert_task``): a
-fine-tuned BERT teacher distils into the general-distilled student on a classification task,
-first the intermediate layers, then the prediction layer:
-
-    t5x-like train --config configs/bert_classify.py:tiny --workdir runs/bert_plays \
-        --config.finetune.init_checkpoint=runs/bert_tiny --config.model.pooler=False \
-        --config.finetune.pooling=cls
-    t5x-like train --config configs/tinybert.py:task_tiny --workdir runs/tinybert_plays_inter \
-        --config.objective.teacher=runs/bert_plays \
-        --config.finetune.init_checkpoint=runs/tinybert_tiny
-    t5x-like train --config configs/tinybert.py:task_tiny --workdir runs/tinybert_plays \
-        --config.objective.teacher=runs/bert_plays --config.objective.stage=prediction \
-        --config.finetune.init_checkpoint=runs/tinybert_plays_inter
-    t5x-like eval --checkpoint runs/tinybert_plays --no-baseline   # accuracy, teacher/accuracy
-
 The first run is TinyBERT's general distillation (``objective.stage=intermediate``); the second
 continues the same student on the prediction layer alone. Presets (student layers / hidden /
 heads / FFN, and the bert_mlm_nsp preset of its teacher): ``tiny`` 1/64/2/256 from ``tiny``
 (2/128/2), ``small`` 2/128/4/512 from ``mini`` (4/256/4), ``base`` 4/312/12/1200 from ``base``
 (TinyBERT-4 from BERT-base, the paper's) and ``base6`` 6/768/12/3072 from ``base`` (TinyBERT-6).
+
+Task-specific distillation (``:task_tiny``, ``:task_base``; family ``tinybert_task``): a
+fine-tuned BERT teacher distils into the general-distilled student on a classification task,
+first the intermediate layers, then the prediction layer:
+
+    t5x-like train --config configs/bert_classify.py:tiny --workdir runs/bert_plays_tiny \\
+        --config.finetune.init_checkpoint=runs/bert_tiny --config.model.pooler=False \\
+        --config.finetune.pooling=cls
+    t5x-like train --config configs/tinybert.py:task_tiny --workdir runs/tinybert_plays_inter \\
+        --config.objective.teacher=runs/bert_plays_tiny \\
+        --config.finetune.init_checkpoint=runs/tinybert_tiny
+    t5x-like train --config configs/tinybert.py:task_tiny --workdir runs/tinybert_plays \\
+        --config.objective.teacher=runs/bert_plays_tiny --config.objective.stage=prediction \\
+        --config.finetune.init_checkpoint=runs/tinybert_plays_inter
+    t5x-like eval --checkpoint runs/tinybert_plays --no-baseline   # accuracy, teacher/accuracy
 """
 
 from t5x_like import presets

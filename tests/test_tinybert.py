@@ -381,6 +381,25 @@ def test_prediction_layer_loss_and_accuracy_match_a_numpy_reference(task_teacher
     assert got["teacher/correct"] == (t_logits.argmax(-1) == labels)[valid].sum()
 
 
+def test_task_distillation_starts_from_a_general_distillation_student(task_teacher, distilled):
+    """``finetune.init_checkpoint`` = a general TinyBERT run: the student's encoder is its
+    student, as trained (the prediction step needs no layer pairs, so the 4-layer student may
+    learn from the 2-layer teacher)."""
+    from t5x_like.experiment import build
+
+    straight = distilled[0]
+    exp = build(_task_student(
+        task_teacher[0], "objective.stage=prediction", f"finetune.init_checkpoint={straight}",
+        "model.num_layers=4", "model.num_heads=8", "model.scan_layers=True"))
+    params = jax.device_get(exp.initial_state()["params"])
+    _, general, _ = family_runs.checkpoint_params(straight)
+    for a, b in zip(jax.tree.leaves(general["student"]["encoder"]),
+                    jax.tree.leaves(params["model"]["encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(general["student"]["embeddings"]["word_embeddings"],
+                                  params["model"]["embeddings"]["word_embeddings"])
+
+
 def test_task_distillation_bad_settings_are_one_sentence(task_teacher, tmp_path):
     from t5x_like.experiment import build
 

@@ -18,6 +18,8 @@ general distillation, and the first step of its task-specific distillation), ``p
 (g(m) = m N/M, the paper's default), ``top`` (g(m) = N - M + m) or ``bottom`` (g(m) = m), the
 paper's three strategies. ``objective.init_student`` starts the student from another run's
 encoder (a previous TinyBERT stage's student, or any encoder), so the stages chain.
+Task-specific distillation (a fine-tuned teacher, the fine-tuning path, the same intermediate
+terms through ``intermediate_sums``) is ``families/tinybert_task.py``.
 
 Normalisation: every MSE is a mean over the real (unpadded) tokens (and the hidden width, or
 the heads and keys), rescaled like ``compress/distill.py``'s terms to the MLM weight the trainer

@@ -110,7 +110,9 @@ class TinyBertTaskFamily(EncoderFinetuneFamily):
               f"attention distillation compares heads one to one: the teacher has "
               f"{t.num_heads}, the student {s.num_heads}; give the student "
               f"model.num_heads={t.num_heads}")
-        self.mapping = T.layer_mapping(s.num_layers, t.num_layers, o.layer_mapping)
+        # The prediction layer alone needs no layer pairs (nor a deeper teacher).
+        self.mapping = (T.layer_mapping(s.num_layers, t.num_layers, o.layer_mapping)
+                        if self._intermediate else None)
         abstract = nnx.eval_shape(lambda: EncoderModel(t, rngs=nnx.Rngs(0)))
         self.teacher_graphdef = nnx.split(abstract, nnx.Param)[0]
         abstract = nnx.eval_shape(lambda: T.projection(s, t, nnx.Rngs(0)))
