@@ -88,7 +88,7 @@ def test_pair_task_rows_are_cls_reference_sep_candidate_sep():
     from t5x_like.experiment import build
     from t5x_like.tasks import ratings
 
-    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:finetune"),
+    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:tiny_finetune"),
                                     [*TINY, "data.batch_size=4"])
     exp = build(config)
     batch = next(iter(exp.family.batches(split="test", batch_size=4, shuffle=False,
@@ -114,7 +114,7 @@ def test_a_tiny_run_trains_and_eval_scores_each_prediction(tmp_path, capsys):
 
     ratings.register_synthetic_task("metric_pairs_tiny", num_pairs={"train": 256,
                                                                     "validation": 16})
-    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:pretrain"),
+    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:tiny"),
                                     [*TINY, "data.task=metric_pairs_tiny"])
     workdir = tmp_path / "metric"
     train(config, workdir)
@@ -166,7 +166,7 @@ def test_after_fine_tuning_on_ratings_better_candidates_score_higher(tmp_path):
     from t5x_like.tasks import ratings
     from t5x_like.train import train
 
-    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:finetune"), [
+    config = config_lib.load_config(str(ROOT / "configs/learned_metric.py:tiny_finetune"), [
         "train.num_steps=300", "train.eval_every=300", "train.eval_batches=0",
         "train.checkpoint_every=300", "train.progress_bar=False", "train.log_every=50"])
     workdir = tmp_path / "metric"
