@@ -82,7 +82,6 @@ def test_ratings_files(tmp_path):
     assert all(1.0 <= p.score <= 5.0 for v in shipped.values() for p in v)
 
 
-@pytest.mark.slow  # ~40 s on 2 cores: a tf.data pipeline of its own
 def test_pair_task_rows_are_cls_reference_sep_candidate_sep():
     from t5x_like.data.special_tokens import special_tokens
     from t5x_like.experiment import build
@@ -158,7 +157,7 @@ def test_bad_metric_requests_stop_in_one_sentence(tmp_path, capsys):
         pytest.approx(2 / 3)
 
 
-@pytest.mark.slow  # ~4 min on 2 cores: 300 steps of the tiny preset on SICK's 2000 train pairs
+@pytest.mark.slow  # ~100 s on 2 quiet cores: 300 steps of the tiny preset on SICK's train pairs
 def test_after_fine_tuning_on_ratings_better_candidates_score_higher(tmp_path):
     """Fine-tuned on SICK's train ratings (from random weights), the metric ranks SICK's test
     pairs: the pairs people rated related (>= 4.5 of 5) score above those rated unrelated
