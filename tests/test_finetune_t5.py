@@ -18,9 +18,10 @@ from t5x_like.finetune import peft
 T5_MODES = ("full", "adapters", "lora", "prompt", "prefix")
 
 
-# LoRA in the default run (it touches every attention kernel); the other modes: -m slow.
-@pytest.mark.parametrize("mode", [m if m == "lora" else pytest.param(m, marks=pytest.mark.slow)
-                                  for m in T5_MODES])
+# -m slow: T5's LoRA run from a pretrained checkpoint, saving only LoRA and reloading, is in
+# the default run as tests/test_finetune_data.py's test_lora_run_from_a_pretrained_checkpoint_...
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", T5_MODES)
 def test_t5_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("t5_finetune", mode, tmp_path)
 
