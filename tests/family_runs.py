@@ -139,3 +139,33 @@ def check_run(straight: Path, resumed: Path, *, min_drop: float) -> None:
         assert np.array_equal(np.asarray(x), np.asarray(y))
     again = logged_losses(resumed)
     assert [again[s] for s in range(11, 21)] == [losses[s] for s in range(11, 21)]
+
+
+def cli_in_process(root: Path, *argv: str) -> str:
+    """``t5x-like ARGV`` through the CLI's own entry point in this process (no interpreter
+    start-up or imports to pay again); its stdout."""
+    import contextlib
+    import io
+
+    from t5x_like import cli
+
+    os.chdir(root)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(list(argv)) == 0
+    return out.getvalue()
+
+
+def step_zero_workdir(config, workdir: Path) -> Path:
+    """A workdir holding ``config``'s freshly initialised state as checkpoint 0: a frozen
+    teacher whose outputs a test needs, without compiling a train step for it."""
+    from t5x_like.checkpoints import Checkpoints
+    from t5x_like.experiment import build
+
+    exp = build(config)
+    workdir.mkdir()
+    exp.write_config(workdir)
+    checkpoints = Checkpoints(workdir)
+    checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
+    checkpoints.close()
+    return workdir

@@ -186,17 +186,7 @@ def cache(tmp_path_factory):
 
 
 def _cli(*argv: str) -> str:
-    """``t5x-like ARGV`` through the CLI's own entry point (in this process); its stdout."""
-    import contextlib
-    import io
-
-    from t5x_like import cli
-
-    os.chdir(ROOT)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(list(argv)) == 0
-    return out.getvalue()
+    return family_runs.cli_in_process(ROOT, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -323,19 +313,12 @@ def ib_teacher(tmp_path_factory, cache):
     """An IB-BERT teacher (``:tiny_teacher``) saved as a run at step 0: the student needs only
     its MLM distributions, and no train step compiles for it."""
     from t5x_like import config as config_lib
-    from t5x_like.checkpoints import Checkpoints
-    from t5x_like.experiment import build
 
     os.chdir(ROOT)
-    workdir = tmp_path_factory.mktemp("mobilebert_pd") / "ib_teacher"
-    exp = build(config_lib.load_config("configs/mobilebert.py:tiny_teacher",
-                                       [*family_runs.RUN, "model.scan_layers=True"]))
-    workdir.mkdir()
-    exp.write_config(workdir)
-    checkpoints = Checkpoints(workdir)
-    checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
-    checkpoints.close()
-    return workdir
+    config = config_lib.load_config("configs/mobilebert.py:tiny_teacher",
+                                    [*family_runs.RUN, "model.scan_layers=True"])
+    return family_runs.step_zero_workdir(
+        config, tmp_path_factory.mktemp("mobilebert_pd") / "ib_teacher")
 
 
 @pytest.mark.slow

@@ -118,18 +118,9 @@ def cache(tmp_path_factory):
 def teacher(tmp_path_factory, cache):
     """A 12-layer BERT (64 wide, scanned) saved as a run at step 0, as ``import-hf`` writes
     one: the students only need its outputs, and no train step has to compile for it."""
-    from t5x_like.checkpoints import Checkpoints
-    from t5x_like.experiment import build
-
     os.chdir(ROOT)
-    workdir = tmp_path_factory.mktemp("tinybert") / "teacher12"
-    exp = build(config_lib.load_config(TEACHER[0], TEACHER[1:]))
-    workdir.mkdir()
-    exp.write_config(workdir)
-    checkpoints = Checkpoints(workdir)
-    checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
-    checkpoints.close()
-    return workdir
+    return family_runs.step_zero_workdir(config_lib.load_config(TEACHER[0], TEACHER[1:]),
+                                         tmp_path_factory.mktemp("tinybert") / "teacher12")
 
 
 def _student(teacher, *extra):
@@ -247,17 +238,7 @@ TASK_STUDENT = [*TASK_RUN, "model.hidden_size=32", "model.num_heads=2",
 
 
 def _cli(*argv: str) -> str:
-    """``t5x-like ARGV`` through the CLI's own entry point (in this process); its stdout."""
-    import contextlib
-    import io
-
-    from t5x_like import cli
-
-    os.chdir(ROOT)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(list(argv)) == 0
-    return out.getvalue()
+    return family_runs.cli_in_process(ROOT, *argv)
 
 
 def _flags(overrides):
