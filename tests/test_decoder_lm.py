@@ -341,6 +341,40 @@ def test_custom_attention_mask_gives_a_prefix_lm():
         model(ids, attention_mask=np.ones((2, length, length - 1), bool))
 
 
+def test_extend_with_a_mask_then_causally_equals_the_prefix_lm_forward():
+    """``extend`` (UniLM's decoding step): a prefix written at slot 0 under a mask that lets it
+    see itself bidirectionally, then the rest written causally behind it in the cache, gives
+    the prefix-LM forward's logits; a mask of the wrong shape is one sentence."""
+    model = _random_model(DecoderLMConfig(**SMALL, position_embedding="rotary"), 5)
+    length, prefix, slots = 12, 4, 15  # spare slots: never valid, never attended
+    ids = _ids((2, length), seed=7)
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    prefix_lm = np.broadcast_to((j < prefix) | (j <= i), (2, length, length))
+    positions = np.broadcast_to(np.arange(length), (2, length))
+    sees_prefix = np.broadcast_to(np.arange(slots) < prefix, (2, prefix, slots))
+
+    def two_writes(m):
+        def run(ids, positions, sees_prefix):
+            cache = m.init_cache(2, slots)
+            first, cache = m.extend(ids[:, :prefix], cache, 0, valid=np.ones((2, prefix), bool),
+                                    positions=positions[:, :prefix], attention_mask=sees_prefix)
+            rest, cache = m.extend(ids[:, prefix:], cache, prefix,
+                                   valid=np.ones((2, length - prefix), bool),
+                                   positions=positions[:, prefix:])
+            return m.logits(jnp.concatenate([first, rest], axis=1)), cache["valid"]
+        return run
+
+    logits, valid = _jit(model, two_writes)(ids, positions, sees_prefix)
+    np.testing.assert_allclose(logits, _jit(model)(ids, attention_mask=prefix_lm), atol=1e-5,
+                               rtol=0)
+    assert valid[:, :length].all() and not valid[:, length:].any()
+    causal = _jit(model)(ids)
+    assert np.abs(logits[:, :prefix] - causal[:, :prefix]).max() > 1e-2  # the mask mattered
+    with pytest.raises(UserError, match="attention_mask"):
+        model.extend(ids, model.init_cache(2, slots), 0, valid=np.ones((2, length), bool),
+                     positions=positions, attention_mask=np.ones((2, length, length), bool))
+
+
 # --------------------------------------------------------------------------- config, specs
 
 

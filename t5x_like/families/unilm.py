@@ -31,7 +31,6 @@ from t5x_like import decoding, losses
 from t5x_like.data.special_tokens import special_tokens
 from t5x_like.errors import UserError, check
 from t5x_like.families.base import Family
-from t5x_like.models import layers as L
 from t5x_like.models.decoder_lm import DecoderLM, DecoderLMConfig
 from t5x_like.objectives.denoising import below
 from t5x_like.objectives.unilm import (
@@ -199,9 +198,9 @@ def seq2seq_stepper(model: DecoderLM, sources: jax.Array, valid: jax.Array, *, m
             tokens = jnp.stack([previous, jnp.full_like(previous, mask_id)], axis=1)
             target = position - width  # the <mask>'s index among the targets
             positions = (counts + jnp.stack([target - 1, target])[None]).astype(jnp.int32)
-            logits, cache = model._extend(tokens, cache, position - 1,
-                                          jnp.ones((rows, 2), bool), positions)
-            return logits[:, 1], cache
+            hidden, cache = model.extend(tokens, cache, position - 1,
+                                         valid=jnp.ones((rows, 2), bool), positions=positions)
+            return model.logits(hidden[:, 1:])[:, 0], cache
 
         return jax.lax.cond(position == width, lambda c: (first_logits, c), later, cache)
 
@@ -212,21 +211,15 @@ def seq2seq_stepper(model: DecoderLM, sources: jax.Array, valid: jax.Array, *, m
 def _first_pass(model: DecoderLM, ids: jax.Array, valid: jax.Array, positions: jax.Array,
                 cache: dict) -> tuple[jax.Array, dict]:
     """Logits [N, vocab] at the last slot of ``ids`` (the first <mask>) and the cache holding
-    every slot's keys and values: ``DecoderLM._extend`` at slot 0 with the seq2seq mask
+    every slot's keys and values: ``DecoderLM.extend`` at slot 0 with the seq2seq mask
     (a bidirectional source) in place of its causal one."""
     length, slots = ids.shape[1], cache["key"].shape[2]
     is_source = jnp.arange(length)[None] < length - 1
     mask = jax.vmap(seq2seq_mask)(valid, is_source & valid)
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, slots - length)))[:, None]
-    x, rotary = model._embed(ids, positions, None)
-
-    def body(layer, x, layer_cache):
-        return layer(x, mask=mask, rotary=rotary, cache=layer_cache, start=0)
-
-    y, (k, v) = model._run(x, {"key": cache["key"], "value": cache["value"]}, body)
-    cache = {**L.write_kv(cache, k, v, 0, names=("key", "value")),
-             "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, 0))}
-    return model.logits(model.final_norm(y[:, -1:]))[:, 0], cache
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, slots - length)))
+    hidden, cache = model.extend(ids, cache, 0, valid=valid, positions=positions,
+                                 attention_mask=mask)
+    return model.logits(hidden[:, -1:])[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("options", "max_length", "ids"))

@@ -277,23 +277,46 @@ class DecoderLM(nnx.Module):
         counts = jnp.cumsum(valid.astype(jnp.int32), axis=1)
         positions = jnp.maximum(counts - 1, 0)
         cache = {**cache, "offset": (length - counts[:, -1]).astype(jnp.int32)}
-        return self._extend(ids, cache, 0, valid, positions)
+        hidden, cache = self.extend(ids, cache, 0, valid=valid, positions=positions)
+        return self.logits(hidden), cache
 
     def decode_step(self, token_ids: jax.Array, cache: dict[str, jax.Array],
                     position: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits [B, vocab] (float32) for ``token_ids`` [B] written at slot ``position``, and
         the new cache. Equal to the full forward's logits at that token."""
         positions = (position - cache["offset"])[:, None]
-        logits, cache = self._extend(token_ids[:, None], cache, position,
-                                     jnp.ones((token_ids.shape[0], 1), bool), positions)
-        return logits[:, 0], cache
+        hidden, cache = self.extend(token_ids[:, None], cache, position,
+                                    valid=jnp.ones((token_ids.shape[0], 1), bool),
+                                    positions=positions)
+        return self.logits(hidden)[:, 0], cache
 
-    def _extend(self, ids, cache, start, valid, positions):
+    def extend(self, ids: jax.Array, cache: dict[str, jax.Array], start: jax.Array | int, *,
+               valid: jax.Array, positions: jax.Array,
+               attention_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Final (normed) hidden states [B, T, d_model] of ``ids`` [B, T] written into cache
+        slots ``start``..``start + T - 1``, and the cache holding their keys and values.
+
+        The step under ``prefill`` and ``decode_step``, public for decoders that change the
+        mask (UniLM's seq2seq source sees itself bidirectionally). ``valid`` [B, T] marks real
+        tokens (slots never marked valid are never attended); ``positions`` [B, T] are their
+        positions. ``attention_mask`` [B, T, slots] (True = may attend) replaces the causal
+        rule that a token sees the slots up to its own. ``logits`` turns the result into
+        next-token logits.
+        """
         slots = cache["key"].shape[2]
-        key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
-        query_slots = start + jnp.arange(ids.shape[1])
-        mask = key_valid[:, None, None, :] & (
-            jnp.arange(slots)[None, None, None, :] <= query_slots[None, None, :, None])
+        key_valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.asarray(valid, bool),
+                                                 (0, start))
+        if attention_mask is None:
+            query_slots = start + jnp.arange(ids.shape[1])
+            allowed = jnp.arange(slots)[None, None, :] <= query_slots[None, :, None]
+        else:
+            allowed = jnp.asarray(attention_mask, bool)
+            if allowed.shape[-2:] != (ids.shape[1], slots):
+                raise UserError(f"attention_mask has shape {allowed.shape}; expected [batch, "
+                                f"{ids.shape[1]}, {slots}] for {ids.shape[1]} tokens and a "
+                                f"cache of {slots} slots")
+        mask = (key_valid[:, None, :] & allowed)[:, None]
         x, rotary = self._embed(ids, positions, None)
 
         def body(layer, x, layer_cache):
@@ -301,4 +324,4 @@ class DecoderLM(nnx.Module):
 
         y, (k, v) = self._run(x, {"key": cache["key"], "value": cache["value"]}, body)
         new_cache = {**L.write_kv(cache, k, v, start, names=("key", "value")), "valid": key_valid}
-        return self.logits(self.final_norm(y)), new_cache
+        return self.final_norm(y), new_cache
