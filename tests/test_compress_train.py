@@ -20,11 +20,14 @@ COMMON = ["data.inputs_length=64", "data.batch_size=16", "objective.max_predicti
           "train.eval_every=100000", "train.checkpoint_every=100000", "train.progress_bar=False"]
 STUDENT_STEPS = 80
 # Four training runs (~80 CPU-seconds) back the distillation and compress-report tests: -m slow.
-# The default run keeps one: 12 steps of quantization-aware training with pruning in the real
-# loop (tests/test_compress.py checks each method's pieces).
-Q8_PRUNED = ["train.num_steps=12", "train.eval_batches=0", "objective.teacher=",
-             "objective.alpha_ce=0.0", "objective.alpha_cos=0.0", "model.quantize=fake",
+# The default run keeps one: 12 steps of DistilBERT distillation from an untrained 2-layer
+# teacher with quantization-aware training and pruning in the real loop, then compress-report
+# on it (tests/test_compress.py checks each method's pieces).
+QAT_PRUNE = ["train.num_steps=12", "train.eval_batches=0", "model.quantize=fake",
              "objective.prune=magnitude", "objective.prune_sparsity=0.5", "objective.prune_end=10"]
+Q8_PRUNED = [*QAT_PRUNE, "objective.teacher=", "objective.alpha_ce=0.0", "objective.alpha_cos=0.0"]
+TEACHER = ["objective.layout=full_sentences", "model.nsp_head=False", "model.pooler=False",
+           "model.num_layers=2"]
 
 
 def _train(spec, overrides, workdir):
@@ -39,8 +42,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("compress")
     teacher = base / "teacher"
     _train("configs/bert_mlm_nsp.py:tiny",
-           ["objective.layout=full_sentences", "model.nsp_head=False", "model.pooler=False",
-            "model.num_layers=2", "train.num_steps=200", "train.eval_batches=0"], teacher)
+           [*TEACHER, "train.num_steps=200", "train.eval_batches=0"], teacher)
     results = {}
     student = ["configs/distil_bert.py:tiny", f"train.num_steps={STUDENT_STEPS}",
                "train.eval_batches=8", "objective.init_from_teacher=False"]
@@ -55,10 +57,19 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q8_pruned(tmp_path_factory):
-    """The quantization-aware, pruned student alone (no teacher): the default run's one."""
-    workdir = tmp_path_factory.mktemp("q8") / "q8_pruned"
-    _train("configs/distil_bert.py:tiny", Q8_PRUNED, workdir)
-    return workdir
+    """The default run's one: a freshly initialised teacher saved as step 0 (no training step
+    to compile for it), and 12 steps of a quantization-aware, pruned DistilBERT student
+    distilled from it. (teacher workdir, student workdir, the run's last logged metrics)."""
+    from family_runs import step_zero_workdir
+
+    base = tmp_path_factory.mktemp("q8")
+    os.chdir(ROOT)
+    teacher = step_zero_workdir(config_lib.load_config(
+        "configs/bert_mlm_nsp.py:tiny", [*COMMON, *TEACHER]), base / "teacher")
+    workdir = base / "q8_distilled"
+    metrics = _train("configs/distil_bert.py:tiny",
+                     [*QAT_PRUNE, f"objective.teacher={teacher}"], workdir)
+    return teacher, workdir, metrics
 
 
 def _params(workdir):
@@ -90,7 +101,9 @@ def test_the_teacher_stays_frozen_and_distilbert_copies_its_layers(runs):
 
 
 def test_quantization_ranges_and_pruning_masks_move_in_the_train_step(q8_pruned):
-    student = _params(q8_pruned)["student"]
+    teacher, workdir, _ = q8_pruned
+    params = _params(workdir)
+    student = params["student"]
     ranges = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(student)
               if p[-1].key in ("input_range", "decoder_range")]
     assert len(ranges) == 6 + 1 + 1  # six layer denses, the MLM transform and its decoder
@@ -99,6 +112,63 @@ def test_quantization_ranges_and_pruning_masks_move_in_the_train_step(q8_pruned)
     for path in P.prunable_paths(student):
         w = np.asarray(P._get(student, path))
         assert (w == 0).mean() == pytest.approx(0.5, abs=1 / w.size)
+    # The teacher rode along frozen: bit-identical to the step-0 checkpoint it was read from.
+    frozen = _params(teacher)
+    leaves = jax.tree.leaves(frozen)
+    assert len(leaves) == len(jax.tree.leaves(params["teacher"])) > 0
+    for a, b in zip(leaves, jax.tree.leaves(params["teacher"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_logged_loss_is_distilberts_weighted_sum_of_its_terms(q8_pruned):
+    """DistilBERT's loss (Sanh et al. 2019; its training script's defaults alpha_ce=5,
+    alpha_mlm=2, alpha_cos=1) as the real loop logged it at the last step: the teacher's
+    terms are in the optimised loss, not only computed beside it."""
+    _, workdir, metrics = q8_pruned
+    o = config_lib.config_from_json(workdir / "config.json").objective
+    assert (o.alpha_ce, o.alpha_mlm, o.alpha_cos) == (5.0, 2.0, 1.0)
+    soft, hard = metrics["train/distill/soft_cross_entropy"], metrics["train/cross_entropy"]
+    cosine = metrics["train/distill/cosine"]
+    assert soft > 0 and hard > 0 and 0 <= cosine <= 2
+    assert metrics["train/loss"] == pytest.approx(5 * soft + 2 * hard + cosine, rel=1e-5)
+
+
+def _orbax_param_count(workdir, prefix: str) -> int:
+    """Parameters under ``prefix`` as orbax recorded them beside the newest checkpoint (its
+    per-array write shapes), read as plain JSON: no code of ours involved."""
+    newest = max((workdir / "checkpoints").iterdir(), key=lambda d: int(d.name))
+    rows = json.loads((newest / "state" / "array_metadatas" / "process_0").read_text())
+    return sum(int(np.prod(r["array_metadata"]["write_shape"]))
+               for r in rows["array_metadatas"]
+               if r["array_metadata"]["param_name"].startswith(prefix))
+
+
+def test_compress_report_counts_what_the_checkpoints_hold(q8_pruned, tmp_path, capsys):
+    """``t5x-like compress-report`` on the teacher and the distilled QAT student: parameters
+    equal orbax's own record of each checkpoint, bytes equal the exported files' sizes on
+    disk, and a float32 folder holds 4 bytes a parameter plus a small header."""
+    from t5x_like.cli import main
+
+    teacher, workdir, _ = q8_pruned
+    out, rows_json = tmp_path / "exported", tmp_path / "rows.json"
+    assert main(["compress-report", "--checkpoint", str(teacher), "--variant", str(workdir),
+                 "--batches", "1", "--repeats", "1", "--out", str(out),
+                 "--json", str(rows_json)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(rows_json.read_text())
+    assert [r["name"] for r in rows] == ["teacher", "q8_distilled"]
+    teacher_row, student_row = rows
+    assert teacher_row["params"] == _orbax_param_count(teacher, "params.")
+    # The student's weights and its activation ranges; not the teacher it carried.
+    assert student_row["params"] == _orbax_param_count(workdir, "params.student.")
+    assert student_row["params"] < teacher_row["params"]
+    for i, row in enumerate(rows):
+        folder = out / str(i)
+        assert row["bytes"] == sum(f.stat().st_size for f in folder.iterdir())
+        weights = (folder / "weights.safetensors").stat().st_size
+        assert 4 * row["params"] < weights < 4 * row["params"] + 64 * 1024
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["latency_ms"] > 0
+    assert student_row["note"] == "fake-quantized" and "q8_distilled" in table
 
 
 @pytest.mark.slow
