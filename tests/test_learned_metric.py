@@ -82,6 +82,55 @@ def test_ratings_files(tmp_path):
     assert all(1.0 <= p.score <= 5.0 for v in shipped.values() for p in v)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"reference\tcandidate\tscore\na\xff b\tc\t1\n", r"not UTF-8 text \(line 2: byte 0xff\)"),
+    (b"a b\tc d\tnan\n", r"r.tsv:1 has score 'nan'; a rating must be a finite number"),
+    (b"a b\tc d\t1\na b\t \t2\n", r"r.tsv:2 has an empty candidate"),
+    (b"a b\tc d\t1\ttrain\na b\tc\t2\t\n", r"r.tsv:2 has an empty split column"),
+    (b"\n\n", r"holds no rows"),
+])
+def test_bad_ratings_files_stop_in_one_sentence(tmp_path, content, message):
+    path = tmp_path / "r.tsv"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        metric_pairs.read_ratings(path)
+
+
+def test_text_files_are_utf8_lines_or_one_sentence(tmp_path, capsys):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"the cat\r\n\r\nsat\r\n")
+    assert learned_metric.read_lines(crlf) == ["the cat", "", "sat"]
+    for name, content, message in [("latin1.txt", "café\n".encode("latin-1"), "not UTF-8"),
+                                   ("empty.txt", b"\n", "is empty")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=message):
+            learned_metric.read_lines(tmp_path / name)
+    with pytest.raises(UserError, match="is not a file"):
+        learned_metric.read_lines(tmp_path)
+    assert cli.main(["eval", "--metric", "bleu", "--references", str(crlf), "--predictions",
+                     str(tmp_path / "latin1.txt")]) == 2
+    assert capsys.readouterr().err.strip().endswith("save it as UTF-8")
+    assert cli.main(["eval", "--metric", "rouge", "--ratings", str(tmp_path / "none.tsv")]) == 2
+    assert "ratings file" in capsys.readouterr().err
+
+
+def test_bleu_and_rouge_per_pair_are_sacrebleu_and_rouge_score():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    references = ["the cat sat on the mat", "to be or not to be", "all is well"]
+    candidates = ["the cat sat on a mat", "be not to", "well"]
+    bleu = learned_metric.per_pair("bleu", references, candidates)
+    rouge = learned_metric.per_pair("rouge", references, candidates)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for i, (r, c) in enumerate(zip(references, candidates, strict=True)):
+        assert bleu[i] == sacrebleu.sentence_bleu(c, [r]).score
+        assert rouge[i] == scorer.score(r, c)["rougeL"].fmeasure
+    assert 0 < bleu[0] < 100 and 0 < rouge[1] < 1
+    with pytest.raises(UserError, match="at least one metric"):
+        learned_metric.score_texts([], references, candidates)
+
+
 def test_pair_task_rows_are_cls_reference_sep_candidate_sep():
     from t5x_like.data.special_tokens import special_tokens
     from t5x_like.experiment import build

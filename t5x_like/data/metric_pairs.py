@@ -18,7 +18,8 @@ ratings. Here:
   BERTScore is left out (it needs a second encoder pass per pair).
 - **Ratings** are a TSV of ``reference<TAB>candidate<TAB>score[<TAB>split]`` (a header line is
   allowed); without a split column, a stable hash of the pair puts ``VALIDATION_FRACTION``
-  of the rows in validation.
+  of the rows in validation. A missing or non-UTF-8 file, or a row with the wrong number of
+  fields, an empty side or a score that is not a finite number, stops with one sentence.
 
 Everything is a pure function of its arguments: the same seed gives the same pairs.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -53,7 +55,7 @@ class Pair:
     score: float
 
 
-# --------------------------------------------------------------------------- references
+# --------------------------------------------------------------------------- rows
 
 
 def pair_lengths(inputs_length: int) -> tuple[int, int]:
@@ -64,6 +66,9 @@ def pair_lengths(inputs_length: int) -> tuple[int, int]:
                         "candidate [SEP]; use at least 5")
     first = (inputs_length - 3) // 2
     return first, inputs_length - 3 - first
+
+
+# --------------------------------------------------------------------------- references
 
 
 def corpus_sentences(texts: Sequence[str]) -> list[str]:
@@ -134,21 +139,32 @@ def perturb(reference: str, others: Sequence[str], rng: random.Random) -> tuple[
 # --------------------------------------------------------------------------- targets
 
 
-@functools.lru_cache(maxsize=1)
-def _rouge_scorer():
+def sentence_bleu(reference: str, candidate: str) -> float:
+    """sacrebleu's sentence BLEU of ``candidate`` against ``reference`` (0..100, its defaults:
+    exponential smoothing, effective order)."""
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(candidate, [reference]).score
+
+
+@functools.lru_cache(maxsize=4)
+def _rouge_scorer(types: tuple[str, ...]):
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(SIGNALS[1:]), use_stemmer=False)
+    return rouge_scorer.RougeScorer(list(types), use_stemmer=False)
+
+
+def rouge_fmeasures(reference: str, candidate: str,
+                    types: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")) -> dict[str, float]:
+    """rouge-score's F-measure of each ROUGE type (no stemmer), {type: 0..1}."""
+    scores = _rouge_scorer(tuple(types)).score(reference, candidate)  # (target, prediction)
+    return {k: float(scores[k].fmeasure) for k in types}
 
 
 def signals(reference: str, candidate: str) -> dict[str, float]:
     """{"bleu": sacrebleu sentence BLEU / 100, "rouge1"/"rouge2"/"rougeL": F-measures}."""
-    import sacrebleu
-
-    out = {"bleu": sacrebleu.sentence_bleu(candidate, [reference]).score / 100.0}
-    scores = _rouge_scorer().score(reference, candidate)  # (target, prediction)
-    out.update({k: float(scores[k].fmeasure) for k in SIGNALS[1:]})
-    return out
+    return {"bleu": sentence_bleu(reference, candidate) / 100.0,
+            **rouge_fmeasures(reference, candidate, SIGNALS[1:])}
 
 
 def target(values: dict[str, float]) -> float:
@@ -175,6 +191,22 @@ def synthetic_pairs(texts: Sequence[str], *, num_pairs: int, seed: int) -> list[
 # --------------------------------------------------------------------------- ratings files
 
 
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file; a missing file, a folder or other bytes stop with one
+    sentence that names ``what`` the file was meant to be."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{what} {path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (line {line}: byte "
+                        f"{e.object[e.start]:#04x}); save it as UTF-8") from None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -184,31 +216,43 @@ def _is_number(text: str) -> bool:
 
 
 def _hash_split(reference: str, candidate: str) -> str:
+    """A stable train/validation split of a pair: ``VALIDATION_FRACTION`` of the pairs,
+    by the SHA-256 of the pair."""
     digest = hashlib.sha256(f"{reference}\t{candidate}".encode()).digest()
     value = int.from_bytes(digest[:8], "big") / 2**64
     return "validation" if value < VALIDATION_FRACTION else "train"
 
 
+def _rating_row(fields: list[str], where: str, line: str) -> tuple[str, Pair]:
+    """(split, pair) of one TSV row's fields; a UserError names the row ``where`` and why."""
+    if len(fields) not in (3, 4) or not _is_number(fields[2]):
+        raise UserError(f"{where} must read reference<TAB>candidate<TAB>score[<TAB>split], got "
+                        f"{len(fields)} field(s): {line[:80]!r}")
+    reference, candidate, score = fields[0].strip(), fields[1].strip(), float(fields[2])
+    if not (reference and candidate):
+        raise UserError(f"{where} has an empty {'reference' if not reference else 'candidate'}:"
+                        f" {line[:80]!r}")
+    if not math.isfinite(score):
+        raise UserError(f"{where} has score {fields[2].strip()!r}; a rating must be a finite "
+                        "number")
+    split = fields[3].strip() if len(fields) == 4 else _hash_split(reference, candidate)
+    if not split:
+        raise UserError(f"{where} has an empty split column; name the split or drop the column")
+    return split, Pair(reference, candidate, score)
+
+
 def read_ratings(path: str | Path) -> dict[str, list[Pair]]:
     """{split: pairs} of a ratings TSV (see the module docstring); a UserError names the first
     bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ratings file {path} does not exist")
     out: dict[str, list[Pair]] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_utf8(path, "ratings file").splitlines(), 1):
         if not line.strip():
             continue
-        fields = line.rstrip("\r").split("\t")
+        fields = line.split("\t")
         if number == 1 and len(fields) >= 3 and not _is_number(fields[2]):
             continue  # a header
-        if len(fields) not in (3, 4) or not _is_number(fields[2]):
-            raise UserError(f"{path}:{number} must read reference<TAB>candidate<TAB>score"
-                            f"[<TAB>split], got {len(fields)} field(s): {line[:80]!r}")
-        reference, candidate, score = fields[0].strip(), fields[1].strip(), float(fields[2])
-        split = fields[3].strip() if len(fields) == 4 else _hash_split(reference, candidate)
-        out.setdefault(split, []).append(Pair(reference, candidate, score))
+        split, pair = _rating_row(fields, f"{path}:{number}", line)
+        out.setdefault(split, []).append(pair)
     if not out:
         raise UserError(f"ratings file {path} holds no rows")
     return out

@@ -139,6 +139,15 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
+def check_specs(specs: Sequence[str]) -> None:
+    """Every spelling checked (``parse_spec``) before anything loads; at least one metric."""
+    if not specs:
+        raise UserError("name at least one metric: --metric learned:WORKDIR, bleu, rouge or "
+                        "bertscore:HF_FOLDER")
+    for spec in specs:
+        parse_spec(spec)
+
+
 def per_pair(spec: str, references: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
     """The metric ``spec``'s score of each (reference, candidate) pair."""
     kind, arg = parse_spec(spec)
@@ -150,23 +159,16 @@ def per_pair(spec: str, references: Sequence[str], candidates: Sequence[str]) ->
 
         return BertScorer(arg, vocabulary=_our_vocabulary(arg)).score(
             list(candidates), list(references))["f1"]
+    pairs = zip(references, candidates, strict=True)
     if kind == "bleu":
-        import sacrebleu
-
-        return np.array([sacrebleu.sentence_bleu(c, [r]).score
-                         for r, c in zip(references, candidates, strict=True)])
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return np.array([scorer.score(r, c)["rougeL"].fmeasure
-                     for r, c in zip(references, candidates, strict=True)])
+        return np.array([metric_pairs.sentence_bleu(r, c) for r, c in pairs])
+    return np.array([metric_pairs.rouge_fmeasures(r, c, ("rougeL",))["rougeL"] for r, c in pairs])
 
 
 def score_texts(specs: Sequence[str], references: Sequence[str],
                 candidates: Sequence[str]) -> dict:
     """{"per_pair": {spec: [N] scores}, "mean": {spec: mean}, "corpus_bleu": (with bleu)}."""
-    for spec in specs:
-        parse_spec(spec)  # every spelling checked before anything loads
+    check_specs(specs)
     scores = {spec: per_pair(spec, references, candidates) for spec in specs}
     report = {"per_pair": {k: v.tolist() for k, v in scores.items()},
               "mean": {k: float(np.mean(v)) for k, v in scores.items()}}
@@ -191,8 +193,7 @@ def correlations(human: Sequence[float], scores: Sequence[float]) -> dict[str, f
 
 def score_ratings(specs: Sequence[str], path: str | Path, split: str) -> dict:
     """Each metric's correlation with the human scores of ``split`` of a ratings TSV."""
-    for spec in specs:
-        parse_spec(spec)
+    check_specs(specs)
     rows = metric_pairs.read_ratings(path)
     if split not in rows:
         raise UserError(f"{path} has no split {split!r}; it has {', '.join(sorted(rows))}")
@@ -230,8 +231,10 @@ def format_ratings(report: dict) -> str:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The lines of a text file (one reference or prediction a line, trailing newline off)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; give a text file with one text a line")
-    return path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    """The lines of a UTF-8 text file, one reference or prediction a line (``\\n`` or
+    ``\\r\\n`` line ends; a blank line is an empty text); a missing, empty or non-UTF-8 file
+    stops with one sentence."""
+    text = metric_pairs.read_utf8(path, "text file")
+    if not text.strip():
+        raise UserError(f"text file {path} is empty; give one text a line")
+    return [line.removesuffix("\r") for line in text.rstrip("\n").split("\n")]

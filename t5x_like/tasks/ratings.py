@@ -57,12 +57,12 @@ def pair_inputs(dataset: tf.data.Dataset, sequence_length: dict | None,
     return dataset.map(join, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def register_pairs_task(name: str, pairs: Callable[[str], Sequence[metric_pairs.Pair]],
+def register_pairs_task(name: str, pairs_of_split: Callable[[str], Sequence[metric_pairs.Pair]],
                         splits: Sequence[str], *, score_range: tuple[float, float] | None = None,
                         source: str = "", vocabulary: seqio.Vocabulary | None = None
                         ) -> seqio.Task:
-    """Registers (or replaces) task ``name`` over ``pairs(split)``; ``score_range`` (lo, hi)
-    maps scores linearly to 0..1."""
+    """Registers (or replaces) task ``name`` over ``pairs_of_split(split)`` for each of
+    ``splits``; ``score_range`` (lo, hi) maps scores linearly to 0..1."""
     if score_range is not None and not score_range[1] > score_range[0]:
         raise UserError(f"score_range must be (low, high) with high > low, got {score_range}")
 
@@ -73,7 +73,7 @@ def register_pairs_task(name: str, pairs: Callable[[str], Sequence[metric_pairs.
 
     def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
         del shuffle_files, seed  # one in-memory "file"; seqio shuffles examples
-        rows = pairs(split)
+        rows = pairs_of_split(split)
         return tf.data.Dataset.from_tensor_slices({
             "reference": tf.constant([p.reference for p in rows], tf.string),
             "candidate": tf.constant([p.candidate for p in rows], tf.string),
@@ -100,22 +100,20 @@ def register_ratings_task(name: str, path: str | Path, *,
                           score_range: tuple[float, float] | None = None) -> seqio.Task:
     """A task over a ratings TSV (``data.metric_pairs.read_ratings``: its split column, or a
     stable-hash train/validation split)."""
-    rows = metric_pairs.read_ratings(path)
-
-    def pairs(split: str) -> list[metric_pairs.Pair]:
-        return rows[split]
-
-    return register_pairs_task(name, pairs, sorted(rows), score_range=score_range,
+    rows = metric_pairs.read_ratings(path)  # read once, here: a bad file stops the import
+    return register_pairs_task(name, rows.__getitem__, sorted(rows), score_range=score_range,
                                source=str(path))
 
 
 @functools.lru_cache(maxsize=4)
 def synthetic(split: str, num_pairs: int | None = None, seed: int = SYNTHETIC_SEED
               ) -> tuple[metric_pairs.Pair, ...]:
-    """The synthetic pairs of ``split`` (references from that split of the default corpus)."""
+    """The synthetic pairs of ``split`` (references from that split of the default corpus;
+    validation draws its perturbations with ``seed + 1``, train with ``seed``)."""
     n = SYNTHETIC_PAIRS[split] if num_pairs is None else num_pairs
+    split_seed = seed + 1 if split == "validation" else seed
     return tuple(metric_pairs.synthetic_pairs(corpus.default_corpus_texts(split), num_pairs=n,
-                                              seed=seed + (split == "validation")))
+                                              seed=split_seed))
 
 
 def register_synthetic_task(name: str = SYNTHETIC_TASK, *, num_pairs: dict | None = None,
