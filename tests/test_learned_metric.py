@@ -204,6 +204,12 @@ def test_bad_metric_requests_stop_in_one_sentence(tmp_path, capsys):
         learned_metric.parse_spec("learned:")
     assert learned_metric.correlations([1, 2, 3, 4], [1, 3, 2, 4])["kendall"] == \
         pytest.approx(2 / 3)
+    assert np.isnan(list(learned_metric.correlations([1, 2, 3], [0.5] * 3).values())).all()
+    with pytest.raises(UserError, match="human scores are all 3; a correlation needs"):
+        learned_metric.correlations([3, 3, 3], [1, 2, 3])
+    with pytest.raises(UserError, match="pair 1 holds a tab"):
+        metric_pairs.write_ratings(tmp_path / "w.tsv", [metric_pairs.Pair("a", "b", 1),
+                                                        metric_pairs.Pair("a\tb", "c", 2)])
 
 
 @pytest.mark.slow  # ~100 s on 2 quiet cores: 300 steps of the tiny preset on SICK's train pairs

@@ -97,7 +97,8 @@ def drop_words(words: list[str], rng: random.Random) -> list[str]:
 
 
 def replace_span(words: list[str], filler: list[str], rng: random.Random) -> list[str]:
-    """1..5 consecutive words replaced by as many consecutive words of ``filler``."""
+    """1..5 consecutive words replaced by as many consecutive words of ``filler`` (all of
+    it where ``filler`` is shorter)."""
     n = rng.randint(1, min(5, len(words)))
     start = rng.randint(0, len(words) - n)
     f_start = rng.randint(0, max(0, len(filler) - n))
@@ -262,9 +263,10 @@ def write_ratings(path: str | Path, pairs: Sequence[Pair], split: str | None = N
     """Writes ``pairs`` as a ratings TSV (with a split column when ``split`` is given)."""
     path = Path(path)
     rows = ["reference\tcandidate\tscore" + ("\tsplit" if split else "")]
-    for p in pairs:
+    for i, p in enumerate(pairs):
         if "\t" in p.reference + p.candidate or "\n" in p.reference + p.candidate:
-            raise UserError("a pair holds a tab or newline, which a TSV cannot keep")
+            raise UserError(f"pair {i} holds a tab or newline, which a TSV cannot keep: "
+                            f"{p.reference[:40]!r} / {p.candidate[:40]!r}")
         rows.append(f"{p.reference}\t{p.candidate}\t{p.score:.6g}" + (f"\t{split}" if split
                                                                        else ""))
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")

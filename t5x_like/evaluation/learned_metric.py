@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from t5x_like.data import metric_pairs
 from t5x_like.errors import UserError
+
+if TYPE_CHECKING:
+    import seqio
 
 KINDS = ("learned", "bleu", "rouge", "bertscore")
 
@@ -82,8 +86,8 @@ class LearnedMetric:
         return np.concatenate(out).astype(np.float64)
 
 
-def pair_row(vocabulary, reference: str, candidate: str, *, length: int, cls: int,
-             sep: int) -> list[int]:
+def pair_row(vocabulary: seqio.Vocabulary, reference: str, candidate: str, *, length: int,
+             cls: int, sep: int) -> list[int]:
     """``[CLS] reference [SEP] candidate [SEP]`` ids, each side cut as the training tasks cut
     it (``tasks.ratings.pair_inputs``)."""
     first, second = metric_pairs.pair_lengths(length)
@@ -180,13 +184,19 @@ def score_texts(specs: Sequence[str], references: Sequence[str],
 
 
 def correlations(human: Sequence[float], scores: Sequence[float]) -> dict[str, float]:
-    """Pearson's r and Kendall's tau (tau-b) of ``scores`` with ``human``, from scipy."""
+    """Pearson's r and Kendall's tau (tau-b) of ``scores`` with ``human``, from scipy; both NaN
+    where the metric gives every pair one score (a correlation is not defined)."""
     from scipy import stats
 
     human, scores = np.asarray(human, np.float64), np.asarray(scores, np.float64)
     if len(human) != len(scores) or len(human) < 2:
         raise UserError(f"correlations need at least 2 paired values, got {len(human)} human "
                         f"scores and {len(scores)} metric scores")
+    if np.ptp(human) == 0:
+        raise UserError(f"the {len(human)} human scores are all {human[0]:g}; a correlation "
+                        "needs ratings that vary")
+    if np.ptp(scores) == 0:
+        return {"pearson": float("nan"), "kendall": float("nan")}
     return {"pearson": float(stats.pearsonr(human, scores)[0]),
             "kendall": float(stats.kendalltau(human, scores)[0])}
 
