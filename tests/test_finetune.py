@@ -148,10 +148,11 @@ def _check_mode(family: str, mode: str, tmp_path):
     assert any(p[0] == "model" for p in saved) == (not frozen_model)
 
 
-# LoRA and adapters (one of the save-only-the-trainable-part modes with adapters/prompt/prefix)
-# in the default run; feature extraction's frozen encoder is checked there by
-# test_feature_mode_with_a_weighted_sum_trains_the_mix_only; the other modes: -m slow.
-@pytest.mark.parametrize("mode", [m if m in ("lora", "adapters") else
+# Adapters, prompt and prefix tuning (each saves only its trainable part and reloads) in the
+# default run. LoRA's save-and-reload runs there as bart_finetune's LoRA below and as
+# tests/test_finetune_data.py's LoRA run from a pretrained checkpoint; feature extraction's
+# frozen encoder as test_feature_mode_with_a_weighted_sum_trains_the_mix_only; the rest: -m slow.
+@pytest.mark.parametrize("mode", [m if m in ("adapters", "prompt", "prefix") else
                                   pytest.param(m, marks=pytest.mark.slow) for m in ENCODER_MODES])
 def test_encoder_modes_train_only_their_parameters_and_reload(mode, tmp_path):
     _check_mode("bert_finetune", mode, tmp_path)
