@@ -206,9 +206,9 @@ def _cmd_report(args, overrides):
 
 
 # What import-hf / export-hf take: ``interop.hf.supported_model_types()``, written out so that
-# ``--help`` imports nothing heavy (tests/test_cli_interop.py checks the two agree).
-HF_MODEL_TYPES = ("t5, mt5, bart, bert, roberta, albert, electra, gpt2, xlnet, longformer, "
-                  "transfo-xl or reformer")
+# ``--help`` imports nothing heavy (tests/test_cli_help.py checks the two agree).
+HF_MODEL_TYPES = ("t5, mt5, bart, bert, roberta, albert, electra, mobilebert, gpt2, xlnet, "
+                  "longformer, transfo-xl or reformer")
 
 
 def build_parser() -> argparse.ArgumentParser:
