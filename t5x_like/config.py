@@ -95,6 +95,11 @@ def base_config(family: str = "t5") -> ml_collections.ConfigDict:
             checkpoint_every=200,
             keep_checkpoints=3,
             progress_bar=True,
+            # Steps run by one compiled call (a lax.scan over that many batches) between log,
+            # eval and checkpoint boundaries: XLA:CPU allocates a step's temporaries afresh
+            # at every call, so on CPU 4 steps a call amortise that (benchmarks/RESULTS.md).
+            # Results are bit-identical to one step a call; SIGTERM is seen between calls.
+            steps_per_call=1,
             # Reliability (README "Reliability"): a checkpoint also every N minutes (0 = off);
             # updates with a non-finite loss or gradient are skipped, and more than
             # max_skipped_steps in a row stop the run; a loss above loss_spike_factor x the
@@ -300,7 +305,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"optimizer.grad_accum_steps={opt.grad_accum_steps}",
     )
     t = c.train
-    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                 "steps_per_call"):
         check(t[name] > 0, f"config field train.{name} must be positive, got {t[name]}")
     check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
     for name in ("checkpoint_every_minutes", "max_skipped_steps", "maintenance_poll_seconds"):

@@ -70,6 +70,29 @@ def test_resume_is_bit_identical_and_consumes_the_same_data(straight_and_resumed
     assert [la[s] for s in range(11, 21)] == [lb[s] for s in range(11, 21)]
 
 
+def test_several_steps_a_call_are_bit_identical_to_one_step_a_call(straight_and_resumed,
+                                                                   tmp_path):
+    """``train.steps_per_call=3`` (a lax.scan over 3 batches a call), logging every 4 steps:
+    calls of 3 and single steps mix at the boundaries (0-3, 3, 4-7, 7, 8, 9 | resume at 10,
+    ...); 10 steps, a new process, 10 more equal the 20 one-step calls bit for bit."""
+    straight, _ = straight_and_resumed
+    chunked = tmp_path / "chunked"
+    extra = ("--config.train.steps_per_call=3", "--config.train.log_every=4")
+    _train(chunked, "--config.train.num_steps=10", *extra)
+    assert "resumed from step 10" in _train(chunked, *extra).stdout
+    a, step_a = _params(straight)
+    b, step_b = _params(chunked)
+    assert step_a == step_b == 20
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # Logged at 4, 8, 10 (end of the first run), 12, 16, 20: each the mean of its steps.
+    per_step, logged = _losses(straight), _losses(chunked)
+    assert sorted(logged) == [4, 8, 10, 12, 16, 20]
+    for end, first in ((8, 5), (12, 11), (20, 17)):
+        expected = np.mean([per_step[s] for s in range(first, end + 1)], dtype=np.float32)
+        assert logged[end] == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_and_says_so(straight_and_resumed, tmp_path, capsys):
     import shutil
 
