@@ -55,8 +55,10 @@ def busy_cpu_seconds() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / ticks, usage.ru_utime + usage.ru_stime
 
 
-def time_steps(run_step, *, warmup: int, steps: int, tokens_per_step: int) -> dict:
-    """Calls ``run_step()`` (which must block until its step is done) warmup + steps times.
+def time_steps(run_step, *, warmup: int, steps: int, tokens_per_step: int,
+               steps_per_call: int = 1) -> dict:
+    """Calls ``run_step()`` (which must block until it is done) warmup + steps times; each
+    call runs ``steps_per_call`` training steps, and a step's time is the call's / that.
 
     Also reports how busy the rest of the machine was during the timed steps: the CPU time
     other processes took, as a fraction of all cores (0 = we had the machine to ourselves).
@@ -73,12 +75,12 @@ def time_steps(run_step, *, warmup: int, steps: int, tokens_per_step: int) -> di
     for _ in range(steps):
         start = time.perf_counter()
         run_step()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / steps_per_call)
         machine_after, ours_after = busy_cpu_seconds()
         others = (machine_after - machine) - (ours_after - ours)
-        shares.append(max(others, 0.0) / (cores * times[-1]))
+        shares.append(max(others, 0.0) / (cores * times[-1] * steps_per_call))
         machine, ours = machine_after, ours_after
-    loop_s = sum(times)
+    loop_s = sum(times) * steps_per_call
     median = statistics.median(times)
     quiet = [t for t, share in zip(times, shares, strict=True) if share < QUIET_SHARE]
     return {
@@ -249,28 +251,40 @@ def our_rss_baseline(config) -> int:
 
 def time_our_step(exp, state, batch, *, warmup: int, steps: int,
                   tokens_per_step: int) -> tuple[dict, Any]:
-    """Times our train step through the executable ``lower(...).compile()`` returns (calling
+    """Times our train step as ``t5x-like train`` runs it with ``exp``'s config: one step a call
+    (``make_train_step``) or ``train.steps_per_call`` steps a call (``make_multi_step``, the
+    same batch each step), through the executable ``lower(...).compile()`` returns (calling
     the jitted function after ``compile()`` would compile it again), the state donated.
 
-    Returns the timing with ``compile_s`` and ``final_loss``, and the compiled step.
+    With k steps a call, the warm-up and the timed steps are whole calls, at least
+    ``warmup`` and ``steps`` steps and at least 2 and 4 calls, and each timed call's time / k
+    is one step's. Returns the timing
+    (``steps_per_call``, ``compile_s``, ``final_loss``) and the compiled executable.
     """
     import jax
 
-    from t5x_like.train import make_train_step
+    from t5x_like.train import make_multi_step, make_train_step
 
-    step = make_train_step(exp)
+    per_call = exp.config.train.steps_per_call
+    if per_call == 1:
+        step, args = make_train_step(exp), batch
+    else:
+        step, args = make_multi_step(exp, per_call), (batch,) * per_call
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, args).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
+    def run_call():
+        holder["state"], metrics = compiled(holder["state"], args)
         jax.block_until_ready((holder["state"], metrics))
-        holder["loss"] = float(metrics["loss"])
+        holder["loss"] = float(jax.numpy.ravel(metrics["loss"])[-1])
 
-    timing = time_steps(run_step, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step)
-    return {**timing, "compile_s": compile_s, "final_loss": holder["loss"]}, compiled
+    calls = lambda n, least: max(-(-n // per_call), least)  # noqa: E731  (ceil, at least)
+    timing = time_steps(run_call, warmup=calls(warmup, 2), steps=calls(steps, 4),
+                        tokens_per_step=tokens_per_step, steps_per_call=per_call)
+    return {**timing, "steps_per_call": per_call, "compile_s": compile_s,
+            "final_loss": holder["loss"]}, compiled
 
 
 def time_flax_peer(loss_fn: Callable, params, host_batch: dict, *extra_args, rss_before: int,
@@ -380,12 +394,12 @@ def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.N
     """One implementation in this process; prints one JSON line (or the error) at the end, for
     ``run_worker`` in the driver to read.
 
-    Ours runs as the ``t5x-like`` command runs, keeping freed memory for reuse
-    (``t5x_like/host_memory.py``), except rows named ``*_system_malloc`` (the allocator's A/B);
-    the peers run as their users run them.
+    Every row runs as its users run it: ours as the ``t5x-like`` command does, with glibc's
+    allocator as it is, except rows named ``*_keep_freed`` (``T5X_LIKE_KEEP_FREED_MEMORY=1``,
+    ``t5x_like/host_memory.py``: the allocator's A/B).
     """
     kept = False
-    if args.worker.startswith("ours") and not args.worker.endswith("_system_malloc"):
+    if args.worker.endswith("_keep_freed"):
         from t5x_like import host_memory
 
         kept = host_memory.keep_freed_memory()

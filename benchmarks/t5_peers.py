@@ -11,10 +11,12 @@ computes eagerly on CPU anyway). The JAX steps are timed through the executable 
 ``jitted.lower(...).compile()`` returns (the same one a call would build; calling the jitted
 function after ``compile()`` would compile it a second time).
 
-Rows: ``ours`` (the ``small`` preset's layout: layers unrolled), ``ours_system_malloc`` (the
-same with glibc's default allocator instead of the keep-freed-memory one the ``t5x-like``
-command sets: the allocator's A/B), ``flax``, ``torch``, and ``ours_scanned``, a diagnostic:
-ours with ``model.scan_layers=True``. ``--repeats`` rounds (default 3) run every row in turn
+Rows: ``ours`` (the ``small`` preset's layout: layers unrolled, ``train.steps_per_call=4``
+steps a compiled call, glibc's allocator as it is: what ``t5x-like train`` runs),
+``ours_keep_freed`` (the same keeping freed memory, ``T5X_LIKE_KEEP_FREED_MEMORY=1``: the
+allocator's A/B), ``ours_one_step_a_call`` (``train.steps_per_call=1``), ``flax``, ``torch``,
+and ``ours_scanned``, a diagnostic: ours with ``model.scan_layers=True``. ``--repeats``
+rounds (default 3) run every row in turn
 (A B C, A B C, ...); each ratio is taken within a round and reported as the median with its
 min and max, so one lucky or unlucky run cannot set the number. Before each run the
 driver waits (``--quiet-wait`` seconds at most) for other processes to leave the CPUs, and each
@@ -63,12 +65,14 @@ from common import (
 )
 
 RESULT_PREFIX = "T5_PEERS_RESULT "
-# ours_scanned is a diagnostic row: our model with its layers scanned instead of unrolled;
-# ours_system_malloc is ours with glibc's default allocator (the keep-freed-memory A/B).
-IMPLEMENTATIONS = ("ours", "ours_system_malloc", "flax", "torch", "ours_scanned")
+# ours_scanned and ours_one_step_a_call are diagnostic rows (layers scanned; one step a call);
+# ours_keep_freed is ours keeping freed memory (the allocator's A/B).
+IMPLEMENTATIONS = ("ours", "ours_keep_freed", "ours_one_step_a_call", "flax", "torch",
+                   "ours_scanned")
 TITLES = {
-    "ours": "t5x_like (NNX, span corruption in step)",
-    "ours_system_malloc": "t5x_like, glibc's default allocator (T5X_LIKE_SYSTEM_MALLOC=1)",
+    "ours": "t5x_like (NNX, span corruption in step; the small preset's steps a call)",
+    "ours_keep_freed": "t5x_like, keeping freed memory (T5X_LIKE_KEEP_FREED_MEMORY=1)",
+    "ours_one_step_a_call": "t5x_like, train.steps_per_call=1 (diagnostic)",
     "ours_scanned": "t5x_like, model.scan_layers=True (diagnostic)",
     "flax": "transformers FlaxT5 + optax adamw (jit)",
     "torch": "transformers PyTorch T5 + torch AdamW",
@@ -268,7 +272,8 @@ RUNNERS = {
     "flax": run_flax,
     "torch": run_torch,
     "ours_scanned": lambda args: run_ours(args, ("model.scan_layers=True",)),
-    "ours_system_malloc": run_ours,  # report_worker leaves the allocator as glibc sets it
+    "ours_keep_freed": run_ours,  # report_worker applies host_memory.keep_freed_memory()
+    "ours_one_step_a_call": lambda args: run_ours(args, ("train.steps_per_call=1",)),
 }
 
 
@@ -294,12 +299,17 @@ def main(argv=None) -> None:
                        "--corruption-calls", str(args.corruption_calls)],
                       prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout,
                       repeats=args.repeats)
-    summary = print_summary(results, TITLES, ("ours", "ours_system_malloc", "ours_scanned"))
-    allocator = paired_ratio(results, "ours", "ours_system_malloc")
-    if allocator:
-        summary["ours / ours_system_malloc (allocator A/B)"] = allocator
-        print(f"keep-freed allocator speed-up: {allocator['median']:.3f}x median, "
-              f"{allocator['min']:.3f}-{allocator['max']:.3f}x")
+    summary = print_summary(results, TITLES, ("ours", "ours_keep_freed", "ours_one_step_a_call",
+                                              "ours_scanned"))
+    for label, (a, b) in {"ours_keep_freed / ours (allocator A/B)": ("ours_keep_freed", "ours"),
+                          "ours / ours_one_step_a_call (steps a call)": (
+                              "ours", "ours_one_step_a_call"),
+                          "ours / ours_scanned (scan overhead)": ("ours", "ours_scanned")}.items():
+        ratio = paired_ratio(results, a, b)
+        if ratio:
+            summary[label] = ratio
+            print(f"{label}: {ratio['median']:.3f}x median, "
+                  f"{ratio['min']:.3f}-{ratio['max']:.3f}x")
     for name in ("ours", "ours_scanned"):
         r = representative(results[name]) if results.get(name) else {}
         if r.get("ok"):

@@ -4,10 +4,11 @@ import os
 import sys
 
 if sys.argv and os.path.basename(sys.argv[0]) == "t5x-like":
-    # The command keeps freed memory for reuse (host_memory.py); before JAX starts threads.
+    # Opt-in: the command keeps freed memory for reuse (host_memory.py); before JAX's threads.
     from t5x_like import host_memory
 
-    host_memory.keep_freed_memory()
+    if host_memory.opted_in():
+        host_memory.keep_freed_memory()
 
 import flax  # noqa: E402
 

@@ -7,14 +7,21 @@ step there, ~20% of the step time on a 2-core VM. Turning off glibc's ``mmap`` p
 up to 2 GiB of free heap and using one arena (a thread other than the main one would still
 ``mmap`` large blocks from its own arena) brings the faults to zero after the first step.
 
-The price is memory: the process keeps what it freed, and on that config its peak RSS rose
-from 2.1 to 4-6 GB. glibc's ``glibc.malloc.hugetlb=1`` tunable (huge pages for those blocks)
-cost no memory but was slower, and uneven from step to step (benchmarks/RESULTS.md).
+The price is memory, and it is why this is opt-in: the process keeps what it frees, and
+XLA:CPU's next temporary block does not always fit where the last one was freed, so the
+heap grows by whole blocks (RSS read after each step rose in steps of 1.26 GB, the
+executable's temporary allocation): on that config the peak RSS rose
+from 2.2 to 7.1 GB (3.8x PyTorch's), for a 1.23x faster step (median of 5 interleaved
+runs, 0.96-1.38x; benchmarks/RESULTS.md). glibc's ``glibc.malloc.hugetlb=1`` tunable (huge
+pages for those blocks) cost no memory, but some steps stalled 3-4x (the kernel
+compacting memory, presumably: transparent huge pages defrag on madvise here).
+``train.steps_per_call`` gets most of the gain at glibc's own memory: one call runs several
+steps and reuses its temporaries between them.
 
-The ``t5x-like`` command applies this when ``t5x_like`` is imported, before JAX starts its
-threads (each thread keeps the arena it first used); ``T5X_LIKE_SYSTEM_MALLOC=1`` opts out.
-A program that imports ``t5x_like`` can call ``keep_freed_memory()`` first thing. Off Linux,
-or with another C library, it does nothing.
+``T5X_LIKE_KEEP_FREED_MEMORY=1`` makes the ``t5x-like`` command apply this when ``t5x_like``
+is imported, before JAX starts its threads (each thread keeps the arena it first used). A
+program that imports ``t5x_like`` can call ``keep_freed_memory()`` first thing. Off Linux, or
+with another C library, it does nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import ctypes
 import os
 import sys
 
-OPT_OUT_ENV = "T5X_LIKE_SYSTEM_MALLOC"
+OPT_IN_ENV = "T5X_LIKE_KEEP_FREED_MEMORY"
 
 # mallopt(3) parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -32,9 +39,14 @@ _M_ARENA_MAX = -8
 _KEEP_FREE_BYTES = 2**31 - 1  # mallopt takes an int
 
 
+def opted_in() -> bool:
+    """Whether ``T5X_LIKE_KEEP_FREED_MEMORY`` asks the command to keep freed memory."""
+    return os.environ.get(OPT_IN_ENV, "") not in ("", "0")
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings above; True if glibc accepted all of them."""
-    if os.environ.get(OPT_OUT_ENV, "") not in ("", "0") or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -19,7 +19,10 @@ import ml_collections
 TINY_TRAIN = dict(num_steps=1000, log_every=25, eval_every=500, eval_batches=8,
                   checkpoint_every=250)
 # A full-size run is long: log, evaluate and checkpoint less often (eval_batches: the default).
-FULL_TRAIN = dict(log_every=100, eval_every=5000, checkpoint_every=5000)
+# 4 steps a compiled call: on CPU each call allocates the step's temporaries afresh (~1.18x
+# faster a step on the T5 bench config), on accelerators it saves host dispatches; the log,
+# eval and checkpoint cadences are multiples of it.
+FULL_TRAIN = dict(log_every=100, eval_every=5000, checkpoint_every=5000, steps_per_call=4)
 
 # The BERT-era optimizer: AdamW with linear decay (learning rate and warm-up: the recipe's).
 BERT_ADAMW = dict(name="adamw", schedule="linear", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
