@@ -34,8 +34,11 @@ def test_presets_follow_t5_v1_1_sizes():
     assert (base.model.num_encoder_layers, base.data.inputs_length) == (12, 512)
     large = config_lib.load_config(f"{ROOT}/configs/t5_span_corruption.py:large")
     assert (large.model.d_model, large.model.num_heads, large.model.d_ff) == (1024, 16, 2816)
-    # Unrolled up to 12 layers a stack, as T5X's T5; large scans (compile time).
+    # Unrolled up to 12 layers a stack, as T5X's T5; large scans (compile time) and keeps only
+    # matmul outputs (a scanned stack's kept activations are zero-filled stacked buffers).
     assert not base.model.scan_layers and large.model.scan_layers
+    assert (base.model.remat_policy, large.model.remat_policy) == ("none", "minimal")
+    assert base.train.steps_per_call == large.train.steps_per_call == 4
 
 
 def test_overrides_parse_python_literals_and_text():

@@ -63,7 +63,10 @@ PRETRAIN = ("MIXTURE_OR_TASK_NAME='shakespeare'",
 def test_t5x_pretrain_files_resolve_to_our_preset(size, capsys):
     result = _t5x(size, "pretrain", *PRETRAIN)
     preset = config_lib.load_config(str(ROOT / "configs" / f"t5_span_corruption.py:{size}"))
-    assert gin_config.describe_differences(result.config, preset) == {**T5X_MODEL, **PRETRAIN_RUN}
+    # T5X's files set no remat policy; our large preset keeps only matmul outputs (scanned).
+    remat = {"model.remat_policy": ("none", "minimal")} if size == "large" else {}
+    assert gin_config.describe_differences(result.config, preset) == {
+        **T5X_MODEL, **PRETRAIN_RUN, **remat}
     assert result.run == {"workdir": "runs/t5"}
     # one warning lists what has no equivalent, never dropped in silence
     warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
