@@ -15,7 +15,7 @@ Rows: ``ours`` (the ``small`` preset's layout: layers unrolled, ``train.steps_pe
 steps a compiled call, glibc's allocator as it is: what ``t5x-like train`` runs),
 ``ours_keep_freed`` (the same keeping freed memory, ``T5X_LIKE_KEEP_FREED_MEMORY=1``: the
 allocator's A/B), ``ours_one_step_a_call`` (``train.steps_per_call=1``), ``flax``, ``torch``,
-and ``ours_scanned``, a diagnostic: ours with its layers scanned and ``remat_policy=minimal``,
+and ``ours_scanned``, a diagnostic: ours with its layers scanned and ``remat_policy=dots``,
 as the ``large`` preset runs them. ``--repeats``
 rounds (default 3) run every row in turn
 (A B C, A B C, ...); each ratio is taken within a round and reported as the median with its
@@ -74,7 +74,7 @@ TITLES = {
     "ours": "t5x_like (NNX, span corruption in step; the small preset's steps a call)",
     "ours_keep_freed": "t5x_like, keeping freed memory (T5X_LIKE_KEEP_FREED_MEMORY=1)",
     "ours_one_step_a_call": "t5x_like, train.steps_per_call=1 (diagnostic)",
-    "ours_scanned": "t5x_like, layers scanned with remat minimal, as large (diagnostic)",
+    "ours_scanned": "t5x_like, layers scanned with remat dots, as large (diagnostic)",
     "flax": "transformers FlaxT5 + optax adamw (jit)",
     "torch": "transformers PyTorch T5 + torch AdamW",
 }
@@ -273,7 +273,7 @@ RUNNERS = {
     "flax": run_flax,
     "torch": run_torch,
     "ours_scanned": lambda args: run_ours(args, ("model.scan_layers=True",
-                                                 "model.remat_policy=minimal")),
+                                                 "model.remat_policy=dots")),
     "ours_keep_freed": run_ours,  # report_worker applies host_memory.keep_freed_memory()
     "ours_one_step_a_call": lambda args: run_ours(args, ("train.steps_per_call=1",)),
 }

@@ -10,10 +10,11 @@ rsqrt schedule, z-loss 1e-4, no dropout in pretraining).
 
 Stacks of up to 12 layers are unrolled, as T5X's T5 is. ``large`` scans its 24 + 24 layers,
 which keeps its compile time short, and keeps only the matmul outputs for the backward pass
-(``remat_policy="minimal"``): a scanned stack zero-fills and copies a stacked buffer for every
-activation it keeps, which cost 10.6% of a step on CPU with every activation kept and
-nothing (0.8% faster than unrolled, at 711 instead of 1261 MiB of XLA temporaries) with
-``minimal``, on the ``make bench`` config (benchmarks/RESULTS.md).
+(``remat_policy="dots"``; softmax and GELU are recomputed): a scanned stack zero-fills and
+copies a stacked buffer for every activation it keeps. On the ``make bench`` config at 4 steps
+a call, scanned stacks cost 12.2% of a step on CPU keeping every activation, 10.4% with
+``minimal`` and 3.9% with ``dots`` (927 instead of 1290 MiB of XLA temporaries;
+benchmarks/RESULTS.md).
 ``--config.model.scan_layers`` and ``--config.model.remat_policy`` override.
 """
 
@@ -43,7 +44,7 @@ def get_config(arg=None):
     else:
         c.data.inputs_length = 512
         c.model.scan_layers = enc > 12
-        c.model.remat_policy = "minimal" if c.model.scan_layers else "none"
+        c.model.remat_policy = "dots" if c.model.scan_layers else "none"
         presets.full_run(c, batch_size=128, num_steps=524_288)
     c.lock()
     return c

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
-    p.add_argument("--remat", default="", help="none|minimal|full, or a comma list "
+    p.add_argument("--remat", default="", help="none|minimal|dots|full, or a comma list "
                    "(default: the config's model.remat_policy)")
     p.add_argument("--dtype", default="", help="compute dtype float32|bfloat16, or a comma "
                    "list (default: the config's model.dtype); parameters stay float32")

@@ -138,7 +138,7 @@ def test_remat_policies_give_same_logits_and_gradients():
     encoder's loss keeps compile time low; the decoder goes through the same ``run_stack``."""
     enc, _ = _batch(2, enc_len=12)
     results = {}
-    for policy, scan in (("none", True), ("minimal", True), ("full", False)):
+    for policy, scan in (("none", True), ("minimal", True), ("dots", True), ("full", False)):
         graphdef, params = nnx.split(_small_model(remat_policy=policy, scan_layers=scan),
                                      nnx.Param)
 
@@ -153,8 +153,9 @@ def test_remat_policies_give_same_logits_and_gradients():
     ref_loss, ref_grads = results["none"]
     assert float(jnp.abs(ref_grads["encoder"]["layers"]["mlp"]["wo"]).max()) > 0
     np.testing.assert_allclose(results["full"][0], ref_loss, rtol=1e-6)
-    np.testing.assert_allclose(results["minimal"][0], ref_loss, rtol=1e-6)
-    jax.tree.map(assert_close_at_scale, results["minimal"][1], ref_grads)
+    for policy in ("minimal", "dots"):
+        np.testing.assert_allclose(results[policy][0], ref_loss, rtol=1e-6)
+        jax.tree.map(assert_close_at_scale, results[policy][1], ref_grads)
 
 
 def test_bfloat16_compute_is_close_to_float32():

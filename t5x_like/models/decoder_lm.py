@@ -56,7 +56,7 @@ class DecoderLMConfig:
     dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat_policy: str = "none"  # "none" | "minimal" | "full"
+    remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full"
 
     def __post_init__(self):
         check_choices("decoder LM", self, {

@@ -25,10 +25,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Which intermediates a layer keeps for the backward pass (the rest is recomputed).
 # "minimal" keeps the projections' outputs (dots without batch dims: q/k/v/o, MLP) and
-# recomputes the cheap attention and elementwise work; "full" keeps only the layer inputs.
+# recomputes the cheap attention and elementwise work; "dots" also keeps attention's
+# (batched) matmul outputs and recomputes only elementwise work (softmax, GELU); "full"
+# keeps only the layer inputs.
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 

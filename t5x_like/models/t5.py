@@ -44,7 +44,7 @@ class T5Config:
     dtype: str = "float32"  # compute dtype; params stay param_dtype, logits float32
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
-    remat_policy: str = "none"  # "none" | "minimal" (keep matmul outputs) | "full"
+    remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full" (layers.REMAT_POLICIES)
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
