@@ -11,8 +11,8 @@ The price is memory, and it is why this is opt-in: the process keeps what it fre
 XLA:CPU's next temporary block does not always fit where the last one was freed, so the
 heap grows by whole blocks (RSS read after each step rose in steps of 1.26 GB, the
 executable's temporary allocation): on that config the peak RSS rose
-from 2.2 to 7.1 GB (3.8x PyTorch's), for a 1.23x faster step (median of 5 interleaved
-runs, 0.96-1.38x; benchmarks/RESULTS.md). glibc's ``glibc.malloc.hugetlb=1`` tunable (huge
+from 2.2 to 7.1 GB (3.8x PyTorch's), for a 1.225x faster step (median of 5 interleaved
+runs, 0.958-1.379x; benchmarks/RESULTS.md). glibc's ``glibc.malloc.hugetlb=1`` tunable (huge
 pages for those blocks) cost no memory, but some steps stalled 3-4x (the kernel
 compacting memory, presumably: transparent huge pages defrag on madvise here).
 ``train.steps_per_call`` gets most of the gain at glibc's own memory: one call runs several
