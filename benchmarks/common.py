@@ -72,15 +72,17 @@ def time_steps(run_step, *, warmup: int, steps: int, tokens_per_step: int,
     times, shares = [], []
     first_machine, first_ours = busy_cpu_seconds()
     machine, ours = first_machine, first_ours
+    loop_s = 0.0
     for _ in range(steps):
         start = time.perf_counter()
         run_step()
-        times.append((time.perf_counter() - start) / steps_per_call)
+        call_s = time.perf_counter() - start
+        loop_s += call_s
+        times.append(call_s / steps_per_call)
         machine_after, ours_after = busy_cpu_seconds()
         others = (machine_after - machine) - (ours_after - ours)
-        shares.append(max(others, 0.0) / (cores * times[-1] * steps_per_call))
+        shares.append(max(others, 0.0) / (cores * call_s))
         machine, ours = machine_after, ours_after
-    loop_s = sum(times) * steps_per_call
     median = statistics.median(times)
     quiet = [t for t, share in zip(times, shares, strict=True) if share < QUIET_SHARE]
     return {

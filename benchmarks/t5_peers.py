@@ -295,7 +295,8 @@ def main(argv=None) -> None:
     env = environment()
     print(f"{env['nproc']} x {env['cpu']}, load average {env['loadavg_at_start'][0]:.2f}; "
           f"{BATCH} x ({INPUTS_LENGTH} + {TARGETS_LENGTH}) = {TOKENS_PER_STEP} tokens/step, "
-          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+          f"{args.warmup} warm-up + {args.steps} timed steps (ours: in whole calls of "
+          "train.steps_per_call steps)", flush=True)
     results = run_all(Path(__file__).resolve(), args.only or IMPLEMENTATIONS,
                       ["--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--corruption-calls", str(args.corruption_calls)],

@@ -13,8 +13,8 @@ which keeps its compile time short, and keeps only the matmul outputs for the ba
 (``remat_policy="dots"``; softmax and GELU are recomputed): a scanned stack zero-fills and
 copies a stacked buffer for every activation it keeps. On the ``make bench`` config at 4 steps
 a call, scanned stacks cost 12.2% of a step on CPU keeping every activation, 10.4% with
-``minimal`` and 3.9% with ``dots`` (927 instead of 1290 MiB of XLA temporaries;
-benchmarks/RESULTS.md).
+``minimal`` and 3.9% with ``dots`` (927 instead of 1290 MiB of XLA temporaries) in one
+process, and 5.0% with ``dots`` in ``make bench`` on a quiet machine (benchmarks/RESULTS.md).
 ``--config.model.scan_layers`` and ``--config.model.remat_policy`` override.
 """
 
