@@ -218,8 +218,85 @@ def initialize(args: argparse.Namespace | None = None) -> Cluster:
     if joined.num_processes > 1:
         from jax._src import distributed as jax_distributed  # the client multihost_utils uses
 
-        _Watchdog(jax_distributed.global_state.client, joined).start()
+        client = jax_distributed.global_state.client
+        _Watchdog(client, joined).start()
+        _connect_collectives(client, joined)
     return joined
+
+
+GLOO_CONNECT_S = 30  # gloo's fixed wait for the peers of a new group (jaxlib 0.10: no setting)
+COLLECTIVES_BARRIER = "t5x_like/collectives"
+
+
+def _connect_collectives(client: Any, cluster: Cluster) -> None:
+    """Forms, while every process is in step, the gloo groups a run's collectives use.
+
+    On CPU each group of devices (a "clique") is connected by gloo the first time a program
+    uses it, and gloo waits only a fixed 30 s for the other processes to arrive; a process
+    that compiles its first step more slowly than another (a loaded machine) then breaks the
+    run. Connected here after a barrier that waits up to the init timeout, the group of all
+    devices (the training and eval steps) and those of device i of every process
+    (``multihost_utils.process_allgather``) are reused later, when a collective waits as long
+    as the slowest process needs. Other groups (a model axis spanning processes) still
+    connect on first use, under gloo's 30 s; missing that ends in ``_gloo_connect_failure``'s
+    sentence.
+    """
+    import jax
+
+    if jax.default_backend() != "cpu":  # TPU/GPU collectives do not go through gloo
+        return
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    ones = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec("all")), np.ones(jax.local_device_count(), np.int32)
+    )
+    total = (jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
+             .lower(ones).compile())  # compiled before the barrier: they run in step after it
+    try:
+        client.wait_at_barrier(COLLECTIVES_BARRIER, cluster.timeout_s * 1000)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"process {cluster.process_id} of {cluster.num_processes} waited {cluster.timeout_s}"
+            f" s for the other processes to start ({first}); start all processes (raise "
+            f"${ENV_TIMEOUT} if some start later)"
+        ) from e
+    check(int(total(ones)) == jax.device_count(), "the all-device sum is wrong")
+    multihost_utils.process_allgather(np.int32(cluster.process_id))
+
+
+def _gloo_connect_failure(exc: BaseException | None, cluster: Cluster) -> str | None:
+    """The sentence for a collective whose gloo group did not connect (a process that did
+    not arrive within gloo's fixed 30 s), or None for any other error."""
+    import re
+
+    seen = 0
+    while exc is not None and seen < 10 and "Gloo context initialization failed" not in str(exc):
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    if exc is None or seen >= 10:
+        return None
+    text = str(exc)
+    key = re.search(r"gloo/([\d,]+)/(\d+)", text)  # the group's device ids, the missing rank
+    who = "another process"
+    if key:
+        import jax
+
+        ids = [int(i) for i in key.group(1).split(",")]
+        owner = {d.id: d.process_index for d in jax.devices()}
+        missing = ids[int(key.group(2))] if int(key.group(2)) < len(ids) else None
+        if missing in owner:
+            who = f"process {owner[missing]}"
+    return (
+        f"process {cluster.process_id} of {cluster.num_processes} gave up on its first "
+        f"collective over a new group of devices after gloo's fixed {GLOO_CONNECT_S} s: "
+        f"{who} did not join it in time (it is late, e.g. still compiling on a loaded "
+        f"machine, or it never got there); jax 0.10 has no setting for this wait, so start "
+        f"all processes together with the same coordinator address, give each enough CPU, "
+        f"and restart all of them with the same command to resume from the last checkpoint"
+    )
 
 
 def _probe_coordinator(cluster: Cluster) -> None:
@@ -331,6 +408,10 @@ class _Watchdog:
             # needs to name that peer (it ends the process, so this never returns) instead of
             # a traceback. Other runtime errors keep their traceback, this much later.
             if not issubclass(kind, KeyboardInterrupt) and _from_runtime(exc):
+                late = _gloo_connect_failure(exc, self.cluster)
+                if late:  # a dead peer is named by the watchdog within two rounds
+                    threading.Event().wait(2 * self.interval)
+                    _stop_process(late)
                 threading.Event().wait(self.timeout + 3 * self.interval)
             previous(kind, exc, tb)
 
