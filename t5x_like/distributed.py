@@ -26,6 +26,14 @@ service's key-value store and watches the others' counters; one that stays uncha
 process with one sentence and exit status 75. JAX's heartbeat timeout is set well above ours
 (``_jax_heartbeat_s``): it remains the backstop, e.g. when the coordinator (process 0) itself
 dies, which JAX reports at once from C++.
+
+On CPU, gloo connects each group of devices the first time a program uses it and waits a fixed
+30 s (jaxlib 0.10 has no setting for it; ``--xla_cpu_collective_timeout_seconds`` does not
+change it) for every process to arrive, so a process that compiles its first step later than
+another on a loaded machine used to break the run. ``_connect_collectives`` connects the groups
+a run uses right after joining, behind a barrier that waits as long as the init timeout; a
+collective on an already-connected group waits as long as the slowest process needs. A group
+that still misses the 30 s ends the waiting process in one sentence (exit status 75).
 """
 
 from __future__ import annotations
