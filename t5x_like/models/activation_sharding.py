@@ -49,3 +49,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     sharding = resolver(tuple(names), tuple(x.shape))
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def step_devices() -> int:
+    """How many devices the step being traced runs on; 1 outside a step. Layers whose plain
+    form partitions badly (the embedding gather's scatter-add gradient) switch on it."""
+    resolver = _RESOLVER.get()
+    if resolver is None:
+        return 1
+    sharding = resolver((), ())
+    return 1 if sharding is None else len(sharding.device_set)
