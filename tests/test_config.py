@@ -38,7 +38,7 @@ def test_presets_follow_t5_v1_1_sizes():
     # matmul outputs (a scanned stack's kept activations are zero-filled stacked buffers).
     assert not base.model.scan_layers and large.model.scan_layers
     assert (base.model.remat_policy, large.model.remat_policy) == ("none", "dots")
-    assert base.train.steps_per_call == large.train.steps_per_call == 4
+    assert base.train.steps_per_call == large.train.steps_per_call == 10
 
 
 def test_overrides_parse_python_literals_and_text():
