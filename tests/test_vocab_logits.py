@@ -1,5 +1,6 @@
-"""The untied LM head's logits: the CPU backward (kernel gradient computed as [vocab, embed] and
-transposed) gives the plain matmul's values and gradients, and only where it was measured to help."""
+"""The untied LM head's logits: the CPU backward (the kernel's gradient computed as
+[vocab, embed] and transposed) gives the plain matmul's values and gradients, and runs only
+where it was measured to help."""
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ def _plain(x, kernel):
 def test_values_and_gradients_equal_the_plain_matmul(dtype):
     x, kernel, w = _inputs(dtype)
     assert vocab_logits.transposed_gradient_helps()  # CPU, outside any multi-device step
-    ours = jax.jit(jax.value_and_grad(_loss(vocab_logits.vocab_logits), argnums=(0, 1)))(x, kernel, w)
-    ref = jax.jit(jax.value_and_grad(_loss(_plain), argnums=(0, 1)))(x, kernel, w)
+    value_and_grads = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1)))  # noqa: E731
+    ours = value_and_grads(vocab_logits.vocab_logits)(x, kernel, w)
+    ref = value_and_grads(_plain)(x, kernel, w)
     assert ours[1][0].dtype == dtype and ours[1][1].dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(ours[0], ref[0], rtol=tol)
