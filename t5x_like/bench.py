@@ -3,7 +3,10 @@ model TFLOP/s, MFU and XLA's memory estimate.
 
 The step is the one ``train.py`` runs (``make_train_step``: objective on device, loss, optax
 update, donated state), compiled once with ``lower(...).compile()``; its executable is then
-called ``warmup`` times and timed ``steps`` times, each step synchronised. Model FLOPs come
+called ``warmup`` times and timed ``steps`` times, each call synchronised. With
+``train.steps_per_call`` k > 1 (the full-size presets) it is the trainer's k-step call
+(``make_multi_step``), timed in whole calls (``steps`` and ``warmup`` rounded up to multiples of
+k) and reported per step, as the trainer runs it. Model FLOPs come
 from the analytic count in ``flops.py`` (not from XLA, which undercounts scanned layers);
 MFU = model FLOP/s / (peak FLOP/s per device x devices). Peaks are bf16 dense figures from the
 vendors' data sheets, looked up from ``jax.devices()[0].device_kind``; on a CPU (or anything
@@ -105,26 +108,32 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         peak_tflops: float | None = None) -> dict:
     """Times ``steps`` training steps of ``config`` and returns the measurements (one row)."""
     from t5x_like.experiment import build
-    from t5x_like.train import make_train_step
+    from t5x_like.train import make_multi_step, make_train_step
 
     if steps < 1 or warmup < 0:
         raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     exp = build(config)
     batch = synthetic_batch(exp)
     state = exp.init_state()
+    per_call = int(config.train.steps_per_call)
     compile_start = time.perf_counter()
-    compiled = make_train_step(exp).lower(state, batch).compile()
+    if per_call > 1:
+        compiled = make_multi_step(exp, per_call).lower(state, (batch,) * per_call).compile()
+        args = (batch,) * per_call
+    else:
+        compiled = make_train_step(exp).lower(state, batch).compile()
+        args = batch
     compile_s = time.perf_counter() - compile_start
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
+    for _ in range(-(-warmup // per_call)):
+        state, metrics = compiled(state, args)
     jax.block_until_ready((state, metrics) if warmup else state)
     times = []
-    for _ in range(steps):
+    for _ in range(-(-steps // per_call)):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, args)
         jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    loss = float(metrics["loss"])
+        times.append((time.perf_counter() - start) / per_call)
+    loss = float(jnp.ravel(metrics["loss"])[-1])
     if not np.isfinite(loss):
         raise UserError(f"the benchmark's loss became non-finite ({loss}); check model.dtype")
 
@@ -135,7 +144,10 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     peak = peak_tflops if peak_tflops is not None else device_peak_tflops(kind)
     model_tflops = count.training / step_s / 1e12
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    # XLA's cost analysis counts a loop body once, whatever its trip count: for k steps a call
+    # the FLOPs of one step come from that step's own (uncompiled) HLO.
+    cost = (compiled.cost_analysis() if per_call == 1
+            else make_train_step(exp).lower(state, batch).cost_analysis())
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     mib = 2.0**20
     m = exp.config.model
@@ -148,6 +160,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         "remat": m.get("remat_policy", "none"),
         "scan_layers": bool(m.get("scan_layers", False)),
         "device": f"{devices} x {kind}",
+        "steps_per_call": per_call,
         "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times),
         "compile_s": compile_s,
@@ -173,6 +186,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     return (f"{r['config']:<24} {r['dtype']:<8} {r['remat']:<7} batch {r['batch']:<4} "
+            f"{r['steps_per_call']:>2} steps/call "
             f"{r['step_ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
             f"{r['model_tflops']:8.3f} TFLOP/s  MFU {mfu:>6}  "
             f"peak mem {r['memory_mib']['peak']:8.1f} MiB (temp {r['memory_mib']['temp']:.1f})")

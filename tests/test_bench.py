@@ -118,6 +118,26 @@ def test_a_row_against_the_wall_clock_the_batch_and_xla():
     assert 0.75 <= row["model_tflop_per_step"] / xla <= 1.0, row["model_tflop_per_step"] / xla
 
 
+def test_a_row_of_several_steps_a_call_is_timed_in_whole_calls():
+    """With ``train.steps_per_call=2`` the bench times the trainer's 2-step call: 3 steps become
+    2 whole calls (4 steps) that fit in the wall clock, a step is half a call, and the FLOPs
+    per step are one step's (XLA's count of the compiled 2-step loop is not doubled, so the
+    row takes the single step's): within 1% of the single-step row compiled the usual way."""
+    import time
+
+    one = bench.run(_config(), steps=1, warmup=0, peak_tflops=0.5)
+    start = time.perf_counter()
+    row = bench.run(_config("train.steps_per_call=2"), steps=3, warmup=1, peak_tflops=0.5)
+    wall = time.perf_counter() - start
+    assert row["steps_per_call"] == 2 and one["steps_per_call"] == 1
+    # warmup 1 -> one call; 3 steps -> two timed calls of 2 steps, each >= 2 * min step
+    assert row["compile_s"] + 3 * 2 * row["step_ms_min"] / 1e3 <= wall
+    assert row["xla_tflop_per_step"] == pytest.approx(one["xla_tflop_per_step"], rel=0.01)
+    assert row["model_tflop_per_step"] == one["model_tflop_per_step"]
+    assert np.isfinite(row["loss"])
+    assert "2 steps/call" in bench.format_row(row)
+
+
 def test_remat_trades_memory_for_nothing_else_it_computes(remat_rows):
     """Remat recomputes instead of storing: XLA's temp memory falls with each policy, and the
     loss is the same (the same arithmetic, repeated)."""
