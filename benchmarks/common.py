@@ -253,10 +253,9 @@ def our_rss_baseline(config) -> int:
 
 def time_our_step(exp, state, batch, *, warmup: int, steps: int,
                   tokens_per_step: int) -> tuple[dict, Any]:
-    """Times our train step as ``t5x-like train`` runs it with ``exp``'s config: one step a call
-    (``make_train_step``) or ``train.steps_per_call`` steps a call (``make_multi_step``, the
-    same batch each step), through the executable ``lower(...).compile()`` returns (calling
-    the jitted function after ``compile()`` would compile it again), the state donated.
+    """Times our train step as ``t5x-like train`` runs it with ``exp``'s config
+    (``t5x_like.bench.compile_trainer_call``: one step a call or ``train.steps_per_call``, the
+    same batch each step), the state donated.
 
     With k steps a call, the warm-up and the timed steps are whole calls, at least
     ``warmup`` and ``steps`` steps and at least 2 and 4 calls, and each timed call's time / k
@@ -265,15 +264,10 @@ def time_our_step(exp, state, batch, *, warmup: int, steps: int,
     """
     import jax
 
-    from t5x_like.train import make_multi_step, make_train_step
+    from t5x_like.bench import compile_trainer_call
 
-    per_call = exp.config.train.steps_per_call
-    if per_call == 1:
-        step, args = make_train_step(exp), batch
-    else:
-        step, args = make_multi_step(exp, per_call), (batch,) * per_call
     start = time.perf_counter()
-    compiled = step.lower(state, args).compile()
+    compiled, args, per_call = compile_trainer_call(exp, state, batch)
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 

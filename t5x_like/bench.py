@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,25 +105,33 @@ def synthetic_batch(exp, seed: int = 0) -> dict:
     return jax.tree.map(lambda x: jax.device_put(x, exp.batch_sharding), host)
 
 
+def compile_trainer_call(exp, state: dict, batch: dict) -> tuple[Any, Any, int]:
+    """The call ``t5x-like train`` makes with ``exp``'s config, compiled: one step
+    (``make_train_step``) or ``train.steps_per_call`` k steps over k batches (``make_multi_step``,
+    here k times ``batch``). Returns the executable (``lower(...).compile()``: calling the jitted
+    function instead would compile again), its batch argument and k."""
+    from t5x_like.train import make_multi_step, make_train_step
+
+    per_call = int(exp.config.train.steps_per_call)
+    if per_call == 1:
+        return make_train_step(exp).lower(state, batch).compile(), batch, 1
+    args = (batch,) * per_call
+    return make_multi_step(exp, per_call).lower(state, args).compile(), args, per_call
+
+
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         peak_tflops: float | None = None) -> dict:
     """Times ``steps`` training steps of ``config`` and returns the measurements (one row)."""
     from t5x_like.experiment import build
-    from t5x_like.train import make_multi_step, make_train_step
+    from t5x_like.train import make_train_step
 
     if steps < 1 or warmup < 0:
         raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     exp = build(config)
     batch = synthetic_batch(exp)
     state = exp.init_state()
-    per_call = int(config.train.steps_per_call)
     compile_start = time.perf_counter()
-    if per_call > 1:
-        compiled = make_multi_step(exp, per_call).lower(state, (batch,) * per_call).compile()
-        args = (batch,) * per_call
-    else:
-        compiled = make_train_step(exp).lower(state, batch).compile()
-        args = batch
+    compiled, args, per_call = compile_trainer_call(exp, state, batch)
     compile_s = time.perf_counter() - compile_start
     for _ in range(-(-warmup // per_call)):
         state, metrics = compiled(state, args)
