@@ -238,7 +238,7 @@ def test_launch_local_two_processes_train_on_a_gcs_workdir(gcs):
     result = run_cli(
         "launch", "local", "--processes=2", "--devices-per-process=2", "--",
         "train", "--config", TINY_CONFIG, "--workdir", workdir, *OVERRIDES,
-        f"--config.train.num_steps={steps}",
+        f"--config.train.num_steps={steps}", timeout=1200,  # two_process_run's limit
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     _fresh_listings()
