@@ -131,10 +131,14 @@ def test_fsdp_shards_the_state_and_gathers_the_weights(fsdp_reports):
 def test_pure_fsdp_keeps_each_chip_to_its_own_examples(fsdp_reports):
     """The models pin activations batch-first over data and fsdp (activation_sharding). Without
     that, XLA kept this step's hidden states whole along the batch under fsdp 8 (TBs per chip
-    for T5 XL on v5p-1024): its temporaries then grow with fsdp instead of falling."""
+    for T5 XL on v5p-1024): its temporaries then grew with fsdp, by up to the 8 chips' share of
+    activations. Pinned, each chip holds its own 8 sequences under both meshes, so the
+    temporaries stay level. (Not lower: fsdp's smaller optimizer temporaries are outweighed by
+    the whole [vocab, embed] partial gradient each chip sums before the reduce-scatter, which
+    the one-hot embedding gradient brings: 20.0 vs 18.7 MB here, 156 vs 154 MB at inputs 512.)"""
     temporaries = {k: r["steps"]["train"]["memory"]["temporaries"] for k, r in
                    fsdp_reports.items()}
-    assert temporaries[8] < temporaries[1]
+    assert temporaries[8] < 1.25 * temporaries[1], temporaries
 
 
 # The shapes of libtpu's optimized HLO, as its dumps print them (jax 0.10.2, libtpu 0.0.52):
