@@ -10,6 +10,12 @@ if sys.argv and os.path.basename(sys.argv[0]) == "t5x-like":
     if host_memory.opted_in():
         host_memory.keep_freed_memory()
 
+from t5x_like import platforms  # noqa: E402
+
+# Before JAX is first imported: JAX_PLATFORMS=cpu on a host with no TPU or NVIDIA GPU (else
+# libtpu and the CUDA plugin log their failed probes), and no CUDA no-driver notices.
+platforms.start()
+
 import flax  # noqa: E402
 
 # Modules name logical axes only; partitioning.py maps them to mesh axes through one rules

@@ -9,6 +9,10 @@ idea. A sharding, memory or layout mistake at pod scale is then found here, not 
 
 The optimized HLO is read from the compiler's own dump (``xla_dump_to``): ``Compiled.as_text``
 cannot print libtpu's modules with this jaxlib (an async-update instruction it does not know).
+
+GPU topologies (``h100:2x8``: hosts x GPUs) come from ``aot_gpu.py``; a host plays the part of a
+slice (NVLink inside it, the network across), and the GPU compiler gives no cost analysis, so
+FLOPs are only ours and the HBM-traffic term of the roofline is missing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from t5x_like import flops, hardware, partitioning
+from t5x_like import aot_gpu, flops, hardware, partitioning
 from t5x_like.errors import UserError
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -37,8 +41,12 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
-    """The device descriptions of ``num_slices`` slices of ``topology`` (e.g. ``v5p:8x8x8``)."""
+    """The device descriptions of ``num_slices`` slices of ``topology`` (e.g. ``v5p:8x8x8``),
+    or of a GPU topology's hosts (``h100:2x8``)."""
     from jax.experimental import topologies
+
+    if aot_gpu.is_gpu_topology(topology):
+        return aot_gpu.devices(topology, num_slices)
 
     # No chip is driven here, so several processes may load libtpu at once (parallel tests,
     # a rehearsal beside another); without this the second one stops at libtpu's lockfile.
@@ -52,7 +60,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
         raise UserError(
             f"no TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "name one as GENERATION:SHAPE, e.g. v5e:2x2, v5p:2x2x2, v5p:8x8x8, with libtpu "
-            "installed (pip install '.[tpu]')"
+            "installed (pip install '.[tpu]'), or a GPU one as h100:8 or h100:2x8"
         ) from e
     return list(desc.devices)
 
@@ -404,9 +412,10 @@ def collectives(hlo_text: str, slice_of: np.ndarray) -> list[dict]:
 # --------------------------------------------------------------------------- the report
 
 
-def _cost(compiled) -> dict:
+def _cost(compiled) -> dict | None:
+    """XLA's cost analysis, or None where the backend has none (the GPU compiler's)."""
     cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    return (cost[0] if isinstance(cost, list | tuple) else cost) or None
 
 
 def _memory(compiled) -> dict:
@@ -427,20 +436,21 @@ def _param_bytes_per_chip(exp) -> tuple[int, int]:
     return whole, chip
 
 
-def roofline(chip: hardware.Chip | None, flops_per_chip: float, hbm_bytes: float,
+def roofline(chip: hardware.Chip | None, flops_per_chip: float, hbm_bytes: float | None,
              rows: list[dict]) -> dict | None:
     """Lower bounds on the step time from each resource alone; the step can be no faster than
-    the largest (perfect overlap) and, without overlap, takes about their sum."""
+    the largest (perfect overlap) and, without overlap, takes about their sum. A term whose
+    input is unknown (``hbm_bytes`` None: no cost analysis) is NaN and left out."""
     if chip is None:
         return None
     ici = sum(r["wire_bytes"] for r in rows if r["network"] == "ICI")
     dcn = sum(r["wire_bytes"] for r in rows if r["network"] == "DCN")
     times = {"compute_s": flops_per_chip / chip.peak_flops,
-             "hbm_s": hbm_bytes / chip.hbm_bandwidth,
+             "hbm_s": float("nan") if hbm_bytes is None else hbm_bytes / chip.hbm_bandwidth,
              "ici_s": ici / chip.ici_bandwidth,
              "dcn_s": (dcn / chip.dcn_bandwidth) if chip.dcn_bandwidth else (
                  0.0 if not dcn else float("nan"))}
-    bound = max(v for v in times.values() if v == v)
+    bound = max((v for v in times.values() if v == v), default=0.0)
     return {**times, "step_s_bound": bound, "step_s_no_overlap": sum(
         v for v in times.values() if v == v), "mfu_bound": times["compute_s"] / bound
         if bound else None, "bound_by": max(
@@ -468,6 +478,9 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
     report = {
         "topology": topology, "num_slices": num_slices, "chips": chips,
         "device_kind": devices[0].device_kind,
+        # what the report's ICI / DCN rows are on this hardware (a GPU host plays a slice)
+        "links": ({"ICI": "NVLink", "DCN": "network"} if devices[0].platform == "gpu"
+                  else {"ICI": "ICI", "DCN": "DCN"}),
         "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
         "rules": exp.config.mesh.rules, "batch_size": int(exp.config.data.batch_size),
         "remat": exp.config.model.get("remat_policy", "none"),
@@ -478,19 +491,21 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
                                            "source": chip.source},
         "steps": {},
     }
+    if report["links"]["ICI"] == "NVLink":
+        report["hosts"] = len(set(slice_of.tolist()))
     for name, (compiled, hlo, seconds) in steps.items():
         cost, memory = _cost(compiled), _memory(compiled)
         rows = collectives(hlo, slice_of)
-        xla_flops = float(cost.get("flops", 0.0))
+        xla_flops = None if cost is None else float(cost.get("flops", 0.0))
+        accessed = None if cost is None else float(cost.get("bytes accessed", 0.0))
         model = ours if name == "train" else None
         report["steps"][name] = {
             "compile_s": seconds, "memory": memory,
             "fits": None if chip is None else memory["total"] <= chip.hbm_bytes,
             "xla_flops_per_chip": xla_flops, "model_flops_per_chip": model,
-            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+            "bytes_accessed_per_chip": accessed,
             "collectives": rows,
-            "roofline": roofline(chip, model or xla_flops,
-                                 float(cost.get("bytes accessed", 0.0)), rows),
+            "roofline": roofline(chip, model or xla_flops or float("nan"), accessed, rows),
         }
     report["seconds"] = time.perf_counter() - start
     train_memory = report["steps"]["train"]["memory"]
@@ -505,15 +520,22 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
     return report
 
 
+def _bound_name(key: str, link: dict) -> str:
+    name = key.removesuffix("_s")
+    return link.get(name.upper(), name)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
 def format_report(r: dict) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
-    lines = [f"{r['topology']} x {r['num_slices']} slice(s): {r['chips']} chips "
-             f"({r['device_kind']}); mesh {mesh}; rules {r['rules']}; batch {r['batch_size']}; "
-             f"remat {r['remat']}",
+    link = r.get("links", {"ICI": "ICI", "DCN": "DCN"})
+    where = (f"{r['topology']}: {r['chips']} GPUs on {r['hosts']} host(s)" if "hosts" in r
+             else f"{r['topology']} x {r['num_slices']} slice(s): {r['chips']} chips")
+    lines = [f"{where} ({r['device_kind']}); mesh {mesh}; rules {r['rules']}; "
+             f"batch {r['batch_size']}; remat {r['remat']}",
              f"parameters {r['params'] / 1e6:.1f} M, {_gib(r['param_bytes'])}; per chip "
              f"{_gib(r['param_bytes_per_chip'])}"]
     hbm = r["chip"]["hbm_bytes"] if r["chip"] else None
@@ -525,12 +547,15 @@ def format_report(r: dict) -> str:
                      f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
                      f"{_gib(m['temporaries'])}; total {_gib(m['total'])}{of}")
         ours = s["model_flops_per_chip"]
-        lines.append(f"  FLOPs per chip per step: XLA {s['xla_flops_per_chip']:.3e}"
+        xla = s["xla_flops_per_chip"]
+        lines.append("  FLOPs per chip per step: XLA "
+                     + ("none (this compiler gives no cost analysis)" if xla is None
+                        else f"{xla:.3e}")
                      + (f", ours (model) {ours:.3e}" if ours else "")
                      + (" (XLA counts a scanned layer stack's body once)"
                         if r["scan_layers"] else ""))
         for c in s["collectives"]:
-            lines.append(f"  {c['network']} {c['kind']:<18} x{c['count']:<5} "
+            lines.append(f"  {link[c['network']]:<7} {c['kind']:<18} x{c['count']:<5} "
                          f"{c['bytes'] / 2**20:10.1f} MiB, sent per chip "
                          f"{c['wire_bytes'] / 2**20:10.1f} MiB")
         if not s["collectives"]:
@@ -538,10 +563,11 @@ def format_report(r: dict) -> str:
         rl = s["roofline"]
         if rl:
             mfu = f", MFU <= {100 * rl['mfu_bound']:.1f}%" if ours and rl["mfu_bound"] else ""
+            hbm = "n/a" if rl["hbm_s"] != rl["hbm_s"] else f"{1e3 * rl['hbm_s']:.2f} ms"
             lines.append(
-                f"  roofline: compute {1e3 * rl['compute_s']:.2f} ms, HBM "
-                f"{1e3 * rl['hbm_s']:.2f} ms, ICI {1e3 * rl['ici_s']:.2f} ms, DCN "
+                f"  roofline: compute {1e3 * rl['compute_s']:.2f} ms, HBM {hbm}, "
+                f"{link['ICI']} {1e3 * rl['ici_s']:.2f} ms, {link['DCN']} "
                 f"{1e3 * rl['dcn_s']:.2f} ms -> step >= {1e3 * rl['step_s_bound']:.2f} ms "
-                f"({rl['bound_by'].removesuffix('_s')}-bound; no overlap "
+                f"({_bound_name(rl['bound_by'], link)}-bound; no overlap "
                 f"{1e3 * rl['step_s_no_overlap']:.2f} ms){mfu}")
     return "\n".join(lines)

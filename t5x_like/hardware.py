@@ -39,6 +39,14 @@ CHIPS: dict[str, Chip] = {
     # bidirectional ICI 800 GBps per chip; no per-chip DCN figure on the page.
     "v6e": Chip("TPU v6e", 32 * GB, 918e12, 1638 * GB, 800 * GB / 2, None,
                 "docs.cloud.google.com/tpu/docs/v6e"),
+    # GPUs (``t5x-like compile --topology h100:2x8``): "ICI" is NVLink inside a host, "DCN" the
+    # network across hosts. nvidia.com/en-us/data-center/h100 (datasheet, H100 SXM): bf16 989
+    # TFLOP/s dense (1,979 with sparsity), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s
+    # (bidirectional). Network: one 400 Gb/s ConnectX-7 (NDR InfiniBand) per GPU, as in a DGX
+    # H100 (DGX H100 User Guide, "Network Modules": 8 OSFP ports, one per GPU) -- assumed; a
+    # cloud host's own NICs may differ.
+    "h100": Chip("NVIDIA H100 SXM", 80 * GB, 989e12, 3.35e12, 900 * GB / 2, 400e9 / 8,
+                 "nvidia.com/en-us/data-center/h100; DGX H100 User Guide"),
 }
 
 

@@ -270,9 +270,10 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _has_slices(devices: Sequence[jax.Device]) -> bool:
-    """TPU devices are on slices (one, when a single-slice description has no slice_index)."""
-    return all(getattr(d, "slice_index", None) is not None or d.platform == "tpu"
-               for d in devices)
+    """TPU devices are on slices (one, when a single-slice description has no slice_index).
+    GPU devices carry a ``slice_index`` too (their NVLink partition, 0 on every H100 host), so
+    theirs is ignored: a GPU cluster's cross-host granule is the host (``process_index``)."""
+    return all(d.platform == "tpu" for d in devices)
 
 
 def _slice_index(device: jax.Device) -> int:
