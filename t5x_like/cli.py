@@ -334,10 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_bench)
 
     p = verbs.add_parser("compile", help="pod rehearsal: compile the train and eval steps for "
-                         "a TPU topology on this host; per-chip memory, FLOPs, collectives, "
+                         "a TPU or GPU topology on this host; per-chip memory, FLOPs, collectives, "
                          "roofline")
     p.add_argument("--config", required=True, help="configs/FILE.py[:preset]")
-    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:8x8x8")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:8x8x8; or "
+                   "GPUs as GPU:[HOSTSx]GPUS_PER_HOST, e.g. h100:8, h100:2x8 (gpu-compile extra)")
     p.add_argument("--num-slices", type=int, default=1, help="slices joined by DCN (set "
                    "--config.mesh.dcn_data or dcn_fsdp to match)")
     p.add_argument("--skip-eval", action="store_true", help="compile the train step only")
