@@ -555,7 +555,7 @@ def format_report(r: dict) -> str:
                      + (" (XLA counts a scanned layer stack's body once)"
                         if r["scan_layers"] else ""))
         for c in s["collectives"]:
-            lines.append(f"  {link[c['network']]:<7} {c['kind']:<18} x{c['count']:<5} "
+            lines.append(f"  {link[c['network']]} {c['kind']:<18} x{c['count']:<5} "
                          f"{c['bytes'] / 2**20:10.1f} MiB, sent per chip "
                          f"{c['wire_bytes'] / 2**20:10.1f} MiB")
         if not s["collectives"]:

@@ -100,7 +100,7 @@ def test_only_the_data_axis_crosses_hosts(two_hosts):
     chip = hardware.chip_for_topology("h100:2x8")
     assert roofline["dcn_s"] == pytest.approx(
         sum(r["wire_bytes"] for r in rows if r["network"] == "DCN") / chip.dcn_bandwidth)
-    assert "network all-reduce" in text and "NVLink  all-gather" in text
+    assert "network all-reduce" in text and "NVLink all-gather" in text
 
 
 def test_gpu_topologies_describe_hosts_of_gpus():
