@@ -20,7 +20,7 @@ from t5x_like.errors import UserError
 
 TARGETS_DIR = Path(__file__).parent / "gpu_targets"
 # Generation in a topology name -> XLA's target config for it (t5x_like/gpu_targets/).
-TARGETS = {"h100": "h100_sxm.txtpb"}
+TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb", "a100": "a100_sxm_80.txtpb"}
 
 
 def is_gpu_topology(topology: str) -> bool:

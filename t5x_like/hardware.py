@@ -44,9 +44,20 @@ CHIPS: dict[str, Chip] = {
     # TFLOP/s dense (1,979 with sparsity), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s
     # (bidirectional). Network: one 400 Gb/s ConnectX-7 (NDR InfiniBand) per GPU, as in a DGX
     # H100 (DGX H100 User Guide, "Network Modules": 8 OSFP ports, one per GPU) -- assumed; a
-    # cloud host's own NICs may differ.
-    "h100": Chip("NVIDIA H100 SXM", 80 * GB, 989e12, 3.35e12, 900 * GB / 2, 400e9 / 8,
+    # cloud host's own NICs may differ. HBM sizes are binary: XLA's H200 target config gives
+    # exactly 141 GiB, its H100 and A100 ones 79.1 and 79.3 GiB (what CUDA leaves of 80 GiB).
+    "h100": Chip("NVIDIA H100 SXM", 80 * GIB, 989e12, 3.35e12, 900 * GB / 2, 400e9 / 8,
                  "nvidia.com/en-us/data-center/h100; DGX H100 User Guide"),
+    # nvidia.com/en-us/data-center/h200 (datasheet, H200 SXM): bf16 989 TFLOP/s dense (1,979
+    # with sparsity), 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s; network as the DGX H100's
+    # (DGX H200: eight 400 Gb/s ConnectX-7, one per GPU) -- assumed, as above.
+    "h200": Chip("NVIDIA H200 SXM", 141 * GIB, 989e12, 4.8e12, 900 * GB / 2, 400e9 / 8,
+                 "nvidia.com/en-us/data-center/h200; DGX H200 datasheet"),
+    # nvidia.com/en-us/data-center/a100 (datasheet, A100 80GB SXM): bf16 312 TFLOP/s dense
+    # (624 with sparsity), 80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s; network: one 200 Gb/s
+    # ConnectX-6 (HDR InfiniBand) per GPU, as in a DGX A100 -- assumed.
+    "a100": Chip("NVIDIA A100 SXM 80GB", 80 * GIB, 312e12, 2039 * GB, 600 * GB / 2, 200e9 / 8,
+                 "nvidia.com/en-us/data-center/a100; DGX A100 datasheet"),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -108,6 +109,19 @@ def test_gpu_topologies_describe_hosts_of_gpus():
     assert len(one) == 8 and {d.process_index for d in one} == {0}
     assert len(two) == 16 and [d.process_index for d in two] == [0] * 8 + [1] * 8
     assert {d.platform for d in two} == {"gpu"}
+
+
+@pytest.mark.parametrize("generation", sorted(aot_gpu.TARGETS))
+def test_each_shipped_gpu_matches_the_chip_table(generation):
+    """XLA's target config (the compiler's view of the GPU) against our datasheet figures."""
+    (device, *_) = aot.topology_devices(f"{generation}:1")
+    chip = hardware.CHIPS[generation]
+    target = (aot_gpu.TARGETS_DIR / aot_gpu.TARGETS[generation]).read_text()
+    memory = int(re.search(r"device_memory_size: (\d+)", target).group(1))
+    bandwidth = float(re.search(r"memory_bandwidth: (\d+)", target).group(1))
+    assert generation.upper() in device.device_kind
+    assert 0.97 * chip.hbm_bytes <= memory <= chip.hbm_bytes
+    assert bandwidth == pytest.approx(chip.hbm_bandwidth, rel=0.01)
 
 
 @pytest.mark.parametrize("topology, words", [
