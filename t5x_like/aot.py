@@ -86,6 +86,8 @@ def _compile(lowered, dump: str, exp):
     """Compiles with the optimized HLO dumped to ``dump``; a program too big for HBM is one
     sentence (the TPU compiler refuses it before it is ever run)."""
     options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+    if exp is not None and exp.mesh.devices.flat[0].platform == "gpu":
+        options.update(aot_gpu.COMPILER_OPTIONS)
     try:
         return lowered.compile(compiler_options=options)
     except Exception as e:
@@ -188,14 +190,21 @@ def _mesh_groups(attrs: str) -> list[list[int]] | None:
     """Groups of the mesh-axes form ``replica_groups=mesh['a'=2,'b'=4] {'b'}`` (XLA's
     MeshAxesReplicaGroupList; ``, device_ids=(...)`` when not iota; sub-axes ``'a':(pre)size``):
     the devices laid out on the mesh, one group per combination of the other axes' positions."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^)]*)\))? \{([^}]*)\}",
-                  attrs)
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?"
+                  r"|[\d,\s]*)\))? \{([^}]*)\}", attrs)
     if not m:
         return None
     axes = re.findall(r"'?([\w.\-]+)'?=(\d+)", m.group(1))
     names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
     ids = np.arange(math.prod(sizes))
-    if m.group(2):
+    if m.group(2) and m.group(2).startswith("["):  # iota form: [dims]T(perm) (XLA GPU)
+        dims = [int(x) for x in re.match(r"\[([\d,]+)\]", m.group(2)).group(1).split(",")]
+        perm = re.search(r"T\(([\d,]+)\)", m.group(2))
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if perm:
+            ids = ids.transpose([int(x) for x in perm.group(1).split(",")])
+        ids = ids.ravel()
+    elif m.group(2):
         ids = np.array([int(x) for x in re.findall(r"\d+", m.group(2))])
     refs: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # dim -> (pre, size, order)
     for order, (name, pre, size) in enumerate(

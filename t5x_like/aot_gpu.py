@@ -21,6 +21,11 @@ from t5x_like.errors import UserError
 TARGETS_DIR = Path(__file__).parent / "gpu_targets"
 # Generation in a topology name -> XLA's target config for it (t5x_like/gpu_targets/).
 TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb", "a100": "a100_sxm_80.txtpb"}
+# Without a GPU nothing is autotuned, and XLA's Triton GEMM fusion then failed on T5 base's
+# gradient matmuls ("Couldn't find output tile sizes that satisfy hlo: ... f32[912,768] dot");
+# with it off those matmuls are cuBLAS calls. Same sharding, collectives and buffers; the
+# fusions (and so some temporaries) may differ from a run on GPUs.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def is_gpu_topology(topology: str) -> bool:

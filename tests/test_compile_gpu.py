@@ -84,18 +84,16 @@ def test_parameter_bytes_per_gpu_are_the_whole_over_fsdp(two_hosts):
 
 
 def test_only_the_data_axis_crosses_hosts(two_hosts):
-    """fsdp lives inside a host: its weight all-gathers run on NVLink. Only the gradient
-    reductions cross hosts (over ``data``): XLA's GPU compiler sums the sharded gradients over
-    data and scatters them over fsdp in one reduce-scatter across all 16 GPUs, and all-reduces
-    the small arrays fsdp leaves whole; nothing is gathered across hosts."""
+    """fsdp lives inside a host: its weight all-gathers and gradient reduce-scatters (groups of
+    8) run on NVLink; only the gradient all-reduce over ``data`` crosses hosts."""
     report, text, _ = two_hosts
     rows = report["steps"]["train"]["collectives"]
     nvlink = {r["kind"] for r in rows if r["network"] == "ICI"}
     network = {r["kind"] for r in rows if r["network"] == "DCN"}
-    assert "all-gather" in nvlink
-    assert "all-reduce" in network and network <= {"all-reduce", "reduce-scatter"}
+    assert {"all-gather", "reduce-scatter"} <= nvlink
+    assert network == {"all-reduce"}
     (scatter,) = [r for r in rows if r["kind"] == "reduce-scatter"]
-    assert scatter["network"] == "DCN" and scatter["wire_bytes"] == 15 * scatter["bytes"]
+    assert scatter["wire_bytes"] == 7 * scatter["bytes"]  # a ring of the host's 8 GPUs
     roofline = report["steps"]["train"]["roofline"]
     assert roofline["dcn_s"] > 0 and roofline["ici_s"] > 0
     chip = hardware.chip_for_topology("h100:2x8")
@@ -138,6 +136,15 @@ def test_a_mesh_that_does_not_divide_the_gpus_is_one_sentence():
     with pytest.raises(UserError) as e:
         experiment.build(config, aot.topology_devices("h100:8"))
     assert "\n" not in str(e.value)
+
+
+def test_mesh_replica_groups_with_iota_device_ids_are_read():
+    """XLA's GPU compiler writes a mesh's device order in iota form (``device_ids=([2,8]T(1,0))``:
+    position i of the 8 x 2 mesh is device ``arange(16).reshape(2, 8).T.flat[i]``); gathering
+    over axis_0 is then over one host's 8 GPUs (read as a list of numbers, it crossed hosts)."""
+    attrs = ("replica_groups=mesh['axis_0'=8,'axis_1'=2], device_ids=([2,8]T(1,0)) "
+             "{'axis_0'}, dimensions={0}")
+    assert aot._mesh_groups(attrs) == [list(range(8)), list(range(8, 16))]
 
 
 def test_accelerators_are_found_as_jax_finds_them(tmp_path):
