@@ -177,3 +177,5 @@ def test_one_h100_host_has_no_network_traffic_and_compiles_the_eval_step():
         assert step["collectives"] and {r["network"] for r in step["collectives"]} == {"ICI"}
         assert step["fits"] is True
     assert aot_gpu.parse("h100:8") == ("h100", 1, 8)
+    text = aot.format_report(report)
+    assert "[eval step]" in text and text.count("of 80.00 GiB HBM") == 2
