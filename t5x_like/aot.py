@@ -572,9 +572,10 @@ def format_report(r: dict) -> str:
         rl = s["roofline"]
         if rl:
             mfu = f", MFU <= {100 * rl['mfu_bound']:.1f}%" if ours and rl["mfu_bound"] else ""
-            hbm_time = "n/a" if rl["hbm_s"] != rl["hbm_s"] else f"{1e3 * rl['hbm_s']:.2f} ms"
+            compute, hbm_time = (("n/a" if rl[k] != rl[k] else f"{1e3 * rl[k]:.2f} ms")
+                                 for k in ("compute_s", "hbm_s"))
             lines.append(
-                f"  roofline: compute {1e3 * rl['compute_s']:.2f} ms, HBM {hbm_time}, "
+                f"  roofline: compute {compute}, HBM {hbm_time}, "
                 f"{link['ICI']} {1e3 * rl['ici_s']:.2f} ms, {link['DCN']} "
                 f"{1e3 * rl['dcn_s']:.2f} ms -> step >= {1e3 * rl['step_s_bound']:.2f} ms "
                 f"({_bound_name(rl['bound_by'], link)}-bound; no overlap "
