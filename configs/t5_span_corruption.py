@@ -9,12 +9,13 @@ Presets: ``tiny`` (a few minutes on a laptop CPU, what ``make demo`` trains), ``
 rsqrt schedule, z-loss 1e-4, no dropout in pretraining).
 
 Stacks of up to 12 layers are unrolled, as T5X's T5 is. ``large`` scans its 24 + 24 layers,
-which keeps its compile time short, and keeps only the matmul outputs for the backward pass
-(``remat_policy="dots"``; softmax and GELU are recomputed): a scanned stack zero-fills and
-copies a stacked buffer for every activation it keeps. On the ``make bench`` config at 4 steps
-a call, scanned stacks cost 12.2% of a step on CPU keeping every activation, 10.4% with
-``minimal`` and 3.9% with ``dots`` (927 instead of 1290 MiB of XLA temporaries) in one
-process, and 5.0% with ``dots`` in ``make bench`` on a quiet machine (benchmarks/RESULTS.md).
+which keeps its compile time short, and keeps only the matmul outputs and attention's softmax
+probabilities for the backward pass (``remat_policy="dots"``; GELU and norms are recomputed): a
+scanned stack zero-fills and copies a stacked buffer for every activation it keeps. On the
+``make bench`` config at 10 steps a call, scanned stacks cost 11.0% of a step on CPU with the
+matmul outputs alone (``make bench``, quiet machine, 2026-12-04) and 8.0% with the
+probabilities kept too (one process, interleaved; keeping every activation: 15.8%)
+(benchmarks/RESULTS.md).
 ``--config.model.scan_layers`` and ``--config.model.remat_policy`` override.
 """
 

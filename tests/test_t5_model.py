@@ -158,6 +158,26 @@ def test_remat_policies_give_same_logits_and_gradients():
         jax.tree.map(assert_close_at_scale, results[policy][1], ref_grads)
 
 
+def test_dots_policy_keeps_attention_probabilities_not_the_logits(capsys):
+    """``dots`` keeps the softmax output for the backward pass (it is not recomputed from the
+    logits' matmul); ``minimal`` keeps neither, only the inputs."""
+    from t5x_like.models.softmax_attention import softmax_attention
+
+    q = jnp.ones((1, 5, 2, 3))
+    for policy in ("dots", "minimal"):
+        attend = jax.checkpoint(
+            lambda q, k, v: softmax_attention(q, k, v, bias=None, mask=None).sum(),
+            policy=layers.REMAT_POLICIES[policy])
+        jax.ad_checkpoint.print_saved_residuals(attend, q, q, q)
+        saved = capsys.readouterr().out.splitlines()
+        probs = [line for line in saved if "f32[1,2,5,5]" in line]
+        if policy == "dots":
+            assert len(probs) == 1 and "named 'attention_probs'" in probs[0], saved
+            assert any("f32[1,2,3,5] output of dot_general" in line for line in saved), saved
+        else:
+            assert probs == [] and len(saved) == 3, saved
+
+
 def test_bfloat16_compute_is_close_to_float32():
     """bf16 keeps ~3 significant digits; over 2+2 layers the logits drift by a few percent of
     their range, so the bound is 5% of the largest float32 logit (a wrong cast or a bf16

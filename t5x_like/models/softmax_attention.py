@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def masked_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None,
@@ -55,7 +56,7 @@ def _attention(q, k, v, bias, mask):
 
 
 def _attention_fwd(q, k, v, bias, mask):
-    p = _probabilities(q, k, bias, mask)
+    p = checkpoint_name(_probabilities(q, k, bias, mask), "attention_probs")
     o = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v)
     return o, (q, k, v, p, o, bias)
 
