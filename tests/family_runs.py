@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -169,3 +170,55 @@ def step_zero_workdir(config, workdir: Path) -> Path:
     checkpoints.save(0, exp.init_state(), {"batches_consumed": 0, "step": 0})
     checkpoints.close()
     return workdir
+
+
+# What the 8-device family scripts compare against the one-device run: the first gradient at
+# its leaf's scale and the parameters where AdamW's update is well-conditioned (see
+# test_encoder_families.test_two_steps_on_8_devices_match_one_device's docstring).
+COMPARE = textwrap.dedent(
+    """
+    import jax, numpy as np
+
+    def flat(tree):
+        return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
+                for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    def adam_moments(opt_state):
+        \"\"\"{"mu"/"nu": {parameter path: AdamW's first/second moment}} of optax's state.\"\"\"
+        out = {"mu": {}, "nu": {}}
+        for key, value in flat(opt_state).items():
+            for name in out:
+                if "." + name + "[" in key:
+                    out[name][key.split("." + name, 1)[1]] = value
+        assert out["mu"] and out["mu"].keys() == out["nu"].keys(), list(flat(opt_state))[:5]
+        return out
+
+    def well_conditioned(moments, b2, eps):
+        \"\"\"Elements whose AdamW update g/(sqrt(v)+eps) is well-conditioned at every step:
+        sqrt(v_hat) >= 10 eps, or exactly 0 (no gradient yet: the update is weight decay).\"\"\"
+        mask = {}
+        for name in moments[0]["nu"]:
+            ok = True
+            for t, m in enumerate(moments, start=1):
+                root = np.sqrt(m["nu"][name] / (1 - b2**t))
+                ok = ok & ((root == 0) | (root >= 10 * eps))
+            mask[name] = ok
+        return mask
+
+    def compare(run, reference, conditioned):
+        mu, ref_mu = run["moments"][0]["mu"], reference["moments"][0]["mu"]
+        floor = 1e-3 * max(np.abs(v).max() for v in ref_mu.values())
+        params, ref = run["params"], reference["params"]
+        assert params.keys() == ref.keys() == conditioned.keys()
+        return {
+            # the first gradient (mu = (1 - b1) g), at its leaf's scale
+            "gradient_diff": max(float(np.abs(mu[k] - ref_mu[k]).max()
+                                       / max(np.abs(ref_mu[k]).max(), floor)) for k in mu),
+            "conditioned_diff": max(float(np.abs(params[k] - ref[k])[conditioned[k]].max(
+                initial=0.0)) for k in params),
+            "conditioned_share": float(sum(m.sum() for m in conditioned.values())
+                                       / sum(m.size for m in conditioned.values())),
+            "diff": max(float(np.abs(params[k] - ref[k]).max()) for k in params),
+        }
+    """
+)

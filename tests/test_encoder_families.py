@@ -462,54 +462,6 @@ SCRIPT = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
-# What SCRIPT compares (see test_two_steps_on_8_devices_match_one_device's docstring).
-COMPARE = textwrap.dedent(
-    """
-    import jax, numpy as np
-
-    def flat(tree):
-        return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
-                for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-    def adam_moments(opt_state):
-        \"\"\"{"mu"/"nu": {parameter path: AdamW's first/second moment}} of optax's state.\"\"\"
-        out = {"mu": {}, "nu": {}}
-        for key, value in flat(opt_state).items():
-            for name in out:
-                if "." + name + "[" in key:
-                    out[name][key.split("." + name, 1)[1]] = value
-        assert out["mu"] and out["mu"].keys() == out["nu"].keys(), list(flat(opt_state))[:5]
-        return out
-
-    def well_conditioned(moments, b2, eps):
-        \"\"\"Elements whose AdamW update g/(sqrt(v)+eps) is well-conditioned at every step:
-        sqrt(v_hat) >= 10 eps, or exactly 0 (no gradient yet: the update is weight decay).\"\"\"
-        mask = {}
-        for name in moments[0]["nu"]:
-            ok = True
-            for t, m in enumerate(moments, start=1):
-                root = np.sqrt(m["nu"][name] / (1 - b2**t))
-                ok = ok & ((root == 0) | (root >= 10 * eps))
-            mask[name] = ok
-        return mask
-
-    def compare(run, reference, conditioned):
-        mu, ref_mu = run["moments"][0]["mu"], reference["moments"][0]["mu"]
-        floor = 1e-3 * max(np.abs(v).max() for v in ref_mu.values())
-        params, ref = run["params"], reference["params"]
-        assert params.keys() == ref.keys() == conditioned.keys()
-        return {
-            # the first gradient (mu = (1 - b1) g), at its leaf's scale
-            "gradient_diff": max(float(np.abs(mu[k] - ref_mu[k]).max()
-                                       / max(np.abs(ref_mu[k]).max(), floor)) for k in mu),
-            "conditioned_diff": max(float(np.abs(params[k] - ref[k])[conditioned[k]].max(
-                initial=0.0)) for k in params),
-            "conditioned_share": float(sum(m.sum() for m in conditioned.values())
-                                       / sum(m.size for m in conditioned.values())),
-            "diff": max(float(np.abs(params[k] - ref[k]).max()) for k in params),
-        }
-    """
-)
 # Widths every mesh axis of 8 divides: hidden 64, 8 heads of 8, FFN 128, vocab 8192.
 WIDE = ["model.hidden_size=64", "model.num_heads=8", "model.intermediate_size=128"]
 
@@ -525,8 +477,8 @@ def eight_devices(families: tuple[str, ...]) -> dict:
         extra = WIDE + ["objective.static_masking=True", "optimizer.warmup_steps=0"]
         runs = {family: (f"{CONFIGS[family]}:tiny", overrides(family) + extra)
                 for family in families}
-        _EIGHT[families] = family_runs.on_8_devices(f"RUNS = {runs!r}\n" + COMPARE + SCRIPT,
-                                                    ROOT)
+        script = f"RUNS = {runs!r}\n" + family_runs.COMPARE + SCRIPT
+        _EIGHT[families] = family_runs.on_8_devices(script, ROOT)
     return _EIGHT[families]
 
 

@@ -392,20 +392,21 @@ SCRIPT = textwrap.dedent(
                 initial = jax.device_get(exp.init_state())
             state = jax.device_put(initial, exp.state_shardings)
             step = make_train_step(exp)
-            losses = []
+            losses, moments = [], []
             for _ in range(2):
                 state, metrics = step(state, {"tokens": jax.device_put(tokens,
                                                                        exp.batch_sharding)})
                 losses.append(float(metrics["loss"]))
-            host = jax.device_get(state["params"])
+                moments.append(adam_moments(jax.device_get(state["opt_state"])))
+            run = {"params": flat(jax.device_get(state["params"])), "moments": moments}
             if reference is None:
-                reference = host
-            diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
-                       for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(reference)))
+                reference = run
+                opt = config.optimizer
+                conditioned = well_conditioned(moments, opt.b2, opt.eps)
             sharded = sum(not x.sharding.is_fully_replicated
                           for x in jax.tree.leaves(state["params"]))
-            out[f"{family}/{name}"] = {"losses": losses, "diff": diff, "sharded": sharded,
-                                       "leaves": len(jax.tree.leaves(host))}
+            out[f"{family}/{name}"] = {"losses": losses, "sharded": sharded,
+                                       **compare(run, reference, conditioned)}
     print("RESULT" + json.dumps(out))
     """
 )
@@ -425,7 +426,8 @@ def eight_devices(families: tuple[str, ...]) -> dict:
             # No warmup: the schedules start at 0, so a first update would change nothing.
             runs[family] = (f"{CONFIGS[family]}:tiny",
                             overrides(family) + extra + ["optimizer.warmup_steps=0"])
-        _EIGHT[families] = family_runs.on_8_devices(f"RUNS = {runs!r}\n" + SCRIPT, ROOT)
+        script = f"RUNS = {runs!r}\n" + family_runs.COMPARE + SCRIPT
+        _EIGHT[families] = family_runs.on_8_devices(script, ROOT)
     return _EIGHT[families]
 
 
@@ -445,7 +447,15 @@ def test_two_steps_on_8_devices_match_one_device(family, mesh):
     one, run = runs[f"{family}/one"], runs[f"{family}/{mesh}"]
     np.testing.assert_allclose(run["losses"], one["losses"], rtol=0, atol=1e-5)
     assert run["losses"][1] < run["losses"][0]
-    assert run["diff"] <= 1e-5  # every parameter after two AdamW updates
+    print(f"{family}/{mesh}: gradient {run['gradient_diff']:.1e} of scale, parameters "
+          f"{run['conditioned_diff']:.1e} on {run['conditioned_share']:.0%} of elements "
+          f"({run['diff']:.1e} on all)")
+    # As the encoder families' check (its docstring says why not every parameter): since the
+    # embedding's gradient became a one-hot matmul on several devices, MASS's rare-token rows,
+    # whose AdamW update is ill-conditioned, moved by 1.4e-5 on fsdp 8.
+    assert run["gradient_diff"] <= 2e-6, run
+    assert run["conditioned_share"] >= 0.1, run
+    assert run["conditioned_diff"] <= 1e-5, run
     assert one["sharded"] == 0
     # The embedding, attention and MLP kernels (at least) are split over the 8 devices.
     assert run["sharded"] >= 6, run
