@@ -210,10 +210,12 @@ COMPARE = textwrap.dedent(
         floor = 1e-3 * max(np.abs(v).max() for v in ref_mu.values())
         params, ref = run["params"], reference["params"]
         assert params.keys() == ref.keys() == conditioned.keys()
+        # the first gradient (mu = (1 - b1) g), at its leaf's scale
+        grad = {k: float(np.abs(mu[k] - ref_mu[k]).max() / max(np.abs(ref_mu[k]).max(), floor))
+                for k in mu}
         return {
-            # the first gradient (mu = (1 - b1) g), at its leaf's scale
-            "gradient_diff": max(float(np.abs(mu[k] - ref_mu[k]).max()
-                                       / max(np.abs(ref_mu[k]).max(), floor)) for k in mu),
+            "gradient_diff": max(grad.values()),
+            "gradient_worst_leaf": max(grad, key=grad.get),
             "conditioned_diff": max(float(np.abs(params[k] - ref[k])[conditioned[k]].max(
                 initial=0.0)) for k in params),
             "conditioned_share": float(sum(m.sum() for m in conditioned.values())
