@@ -172,6 +172,13 @@ def step_zero_workdir(config, workdir: Path) -> Path:
     return workdir
 
 
+# How far the first gradient on 8 devices may move from the one-device one, at its leaf's
+# scale: reordering a float32 sum of n = 256 token terms moves it by ~sqrt(n) eps = 1.9e-6 of
+# the terms' magnitude, more where they cancel (measured 6e-7 to 2.8e-6 on fsdp 8, the largest
+# RoBERTa's MLM transform kernel: ~40 masked tokens' outer products). A wrong reduction or a
+# misplaced shard moves a gradient by its own scale (1), five orders of magnitude above.
+GRADIENT_BOUND = 5e-6
+
 # What the 8-device family scripts compare against the one-device run: the first gradient at
 # its leaf's scale and the parameters where AdamW's update is well-conditioned (see
 # test_encoder_families.test_two_steps_on_8_devices_match_one_device's docstring).

@@ -516,9 +516,10 @@ def test_two_steps_on_8_devices_match_one_device(family, mesh):
     # float32 sums in another order (measured: <= 8e-6 on ELECTRA's 43-nat loss, 4 ulp).
     np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-6, atol=1e-5)
     assert run["losses"][1] < run["losses"][0]
-    # Measured on fsdp=8: gradients 9.1e-7 (BERT), 6.0e-7 (ELECTRA) of their scale;
-    # parameters 1.0e-6 (BERT: 1.04e-5 with the ill-conditioned elements), 6.9e-8 (ELECTRA).
-    assert run["gradient_diff"] <= 2e-6, run
+    # Measured on fsdp=8: gradients 9.1e-7 (BERT), 6.0e-7 (ELECTRA), 2.8e-6 (RoBERTa) of
+    # their scale; parameters 1.0e-6 (BERT: 1.04e-5 with the ill-conditioned elements),
+    # 6.9e-8 (ELECTRA).
+    assert run["gradient_diff"] <= family_runs.GRADIENT_BOUND, run
     # Not a vacuous check (measured: BERT 67% of elements, ELECTRA 18%: its small
     # generator's first gradients are mostly near eps).
     assert run["conditioned_share"] >= 0.1, run

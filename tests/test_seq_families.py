@@ -453,7 +453,7 @@ def test_two_steps_on_8_devices_match_one_device(family, mesh):
     # As the encoder families' check (its docstring says why not every parameter): since the
     # embedding's gradient became a one-hot matmul on several devices, MASS's rare-token rows,
     # whose AdamW update is ill-conditioned, moved by 1.4e-5 on fsdp 8.
-    assert run["gradient_diff"] <= 2e-6, run
+    assert run["gradient_diff"] <= family_runs.GRADIENT_BOUND, run
     assert run["conditioned_share"] >= 0.1, run
     assert run["conditioned_diff"] <= 1e-5, run
     assert one["sharded"] == 0
