@@ -140,7 +140,8 @@ def compile_lowered(lowered, name: str, exp=None) -> tuple:
 
 
 def compile_experiment(exp, *, eval_step: bool = True) -> dict:
-    """``{'train': (compiled, hlo_text, seconds), 'eval': ...}`` for the experiment's steps."""
+    """``{'train': (compiled, hlo_text, seconds, arguments), 'eval': ...}`` for the
+    experiment's steps (``arguments``: the abstract values each was compiled for)."""
     from t5x_like import train
 
     state = exp.abstract_state()
@@ -150,15 +151,14 @@ def compile_experiment(exp, *, eval_step: bool = True) -> dict:
         start = time.perf_counter()
         compiled = _compile(train.make_train_step(exp).lower(state, batch), dump, exp)
         out["train"] = (compiled, _optimized_hlo(dump, "train_step"),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, (state, batch))
         if eval_step:
             key = jax.eval_shape(lambda: jax.random.key(0))
             start = time.perf_counter()
-            lowered = train.make_eval_step(exp).lower(state["params"], batch, key,
-                                                      state.get("carry"))
-            compiled = _compile(lowered, dump, exp)
+            arguments = (state["params"], batch, key, state.get("carry"))
+            compiled = _compile(train.make_eval_step(exp).lower(*arguments), dump, exp)
             out["eval"] = (compiled, _optimized_hlo(dump, "eval_step"),
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, arguments)
     return out
 
 
@@ -435,6 +435,33 @@ def _memory(compiled) -> dict:
     return out
 
 
+def tiled_bytes(shard_shape: tuple[int, ...], itemsize: int, layout) -> int:
+    """Bytes of one shard as the device lays it out: its dimensions in ``layout``'s
+    major-to-minor order, the most minor ones rounded up to the first tile (a TPU keeps f32
+    in (8, 128) tiles, so a (64, 6, 64) shard takes twice its size)."""
+    if layout is None:
+        return math.prod(shard_shape) * itemsize
+    dims = [shard_shape[d] for d in layout.major_to_minor] or [1]  # a scalar fills a tile too
+    tile = layout.tiling[0] if layout.tiling else ()
+    for i, t in enumerate(reversed(tile), start=1):
+        if i <= len(dims):
+            dims[-i] = -(-dims[-i] // t) * t
+    return math.prod(dims) * itemsize
+
+
+def argument_tiling(compiled, args) -> dict:
+    """{"shards": bytes of the arguments' shards on one chip, "tiled": the same in the
+    compiled layouts}: what the compiler's argument bytes hold beyond the sharding rules."""
+    leaves = jax.tree.leaves(args)
+    formats = jax.tree.leaves(compiled.input_formats[0], is_leaf=lambda x: hasattr(x, "layout"))
+    shards = tiled = 0
+    for leaf, fmt in zip(leaves, formats, strict=True):
+        shape = fmt.sharding.shard_shape(leaf.shape)
+        shards += math.prod(shape) * leaf.dtype.itemsize
+        tiled += tiled_bytes(shape, leaf.dtype.itemsize, getattr(fmt, "layout", None))
+    return {"shards": shards, "tiled": tiled}
+
+
 def _param_bytes_per_chip(exp) -> tuple[int, int]:
     """(bytes of all parameters, bytes of one chip's shards of them)."""
     whole = chip = 0
@@ -502,7 +529,7 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
     }
     if report["links"]["ICI"] == "NVLink":
         report["hosts"] = len(set(slice_of.tolist()))
-    for name, (compiled, hlo, seconds) in steps.items():
+    for name, (compiled, hlo, seconds, arguments) in steps.items():
         cost, memory = _cost(compiled), _memory(compiled)
         rows = collectives(hlo, slice_of)
         xla_flops = None if cost is None else float(cost.get("flops", 0.0))
@@ -510,6 +537,7 @@ def rehearse(config: ml_collections.ConfigDict, topology: str, num_slices: int =
         model = ours if name == "train" else None
         report["steps"][name] = {
             "compile_s": seconds, "memory": memory,
+            "argument_tiling": argument_tiling(compiled, arguments),
             "fits": None if chip is None else memory["total"] <= chip.hbm_bytes,
             "xla_flops_per_chip": xla_flops, "model_flops_per_chip": model,
             "bytes_accessed_per_chip": accessed,
@@ -555,6 +583,13 @@ def format_report(r: dict) -> str:
         lines.append(f"  memory per chip: arguments {_gib(m['arguments'])}, outputs "
                      f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries "
                      f"{_gib(m['temporaries'])}; total {_gib(m['total'])}{of}")
+        tiling = s["argument_tiling"]
+        if tiling["tiled"] > 1.1 * tiling["shards"]:
+            lines.append(
+                f"  tile padding: the arguments' shards hold {_gib(tiling['shards'])} but take "
+                f"{_gib(tiling['tiled'])} in the device's tiles (a TPU rounds a shard's two "
+                "minor dimensions up to 8 x 128): a mesh axis that cuts a dimension below 128 "
+                "buys less memory than its size says")
         ours = s["model_flops_per_chip"]
         xla = s["xla_flops_per_chip"]
         lines.append("  FLOPs per chip per step: XLA "
