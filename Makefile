@@ -46,6 +46,7 @@ test-all: $(VENV)/.installed-test
 BENCH_FLAGS ?= --steps 3 --warmup 1 --batch 8 --remat none,full --peak-tflops measure
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/t5_peers.py
+	$(BIN)/python benchmarks/scan_overhead.py --rounds 3
 	$(BIN)/python benchmarks/bert_peers.py
 	$(BIN)/t5x-like bench --config configs/t5_span_corruption.py:tiny $(BENCH_FLAGS) \
 		--json benchmarks/bench_tiny.json
