@@ -37,12 +37,8 @@ def build_call(overrides: list[str]):
     from t5x_like.bench import compile_trainer_call
     from t5x_like.experiment import build
 
-    base = [f"model.{k}={v}" for k, v in t5_peers.MODEL.items()] + [
-        f"data.inputs_length={t5_peers.INPUTS_LENGTH}", f"data.batch_size={t5_peers.BATCH}",
-        "optimizer.name=adamw", f"optimizer.learning_rate={t5_peers.LEARNING_RATE}",
-        "optimizer.schedule=constant", "loss.z_loss=0.0", "model.dropout_rate=0.0"]
     config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"),
-                                    base + overrides)
+                                    t5_peers.our_overrides(overrides))
     exp = build(config)
     tokens = t5_peers.synthetic_batch((t5_peers.BATCH, t5_peers.RAW_LENGTH), salt=1)
     batch = jax.device_put({"tokens": tokens}, exp.batch_sharding)

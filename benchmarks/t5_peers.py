@@ -125,6 +125,14 @@ def stub_missing_modules() -> list[str]:
     return stubbed
 
 
+def our_overrides(extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The ``small`` preset's overrides that give this benchmark's model, batch and optimizer."""
+    return [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        f"data.inputs_length={INPUTS_LENGTH}", f"data.batch_size={BATCH}",
+        "optimizer.name=adamw", f"optimizer.learning_rate={LEARNING_RATE}",
+        "optimizer.schedule=constant", "loss.z_loss=0.0", "model.dropout_rate=0.0", *extra]
+
+
 def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     import jax
     import numpy as np
@@ -133,13 +141,8 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     from t5x_like import config as config_lib
     from t5x_like.experiment import build
 
-    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"data.inputs_length={INPUTS_LENGTH}", f"data.batch_size={BATCH}",
-        "optimizer.name=adamw", f"optimizer.learning_rate={LEARNING_RATE}",
-        "optimizer.schedule=constant", "loss.z_loss=0.0", "model.dropout_rate=0.0",
-        *extra_overrides,
-    ]
-    config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"), overrides)
+    config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"),
+                                    our_overrides(extra_overrides))
     tokens = synthetic_batch((BATCH, RAW_LENGTH), salt=1)
     rss_before = our_rss_baseline(config)
 
