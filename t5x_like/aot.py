@@ -440,8 +440,7 @@ def tiled_bytes(shard_shape: tuple[int, ...], itemsize: int, layout) -> int:
     major-to-minor order, the most minor ones rounded up to the first tile (a TPU keeps f32
     in (8, 128) tiles, so a (64, 6, 64) shard takes twice its size)."""
     if layout is None or len(layout.major_to_minor) != len(shard_shape):
-        # no layout, or a PRNG key's: its uint32 words are a dimension the shape does not show
-        return math.prod(shard_shape) * itemsize
+        return math.prod(shard_shape) * itemsize  # no layout to apply
     dims = [shard_shape[d] for d in layout.major_to_minor] or [1]  # a scalar fills a tile too
     tile = layout.tiling[0] if layout.tiling else ()
     for i, t in enumerate(reversed(tile), start=1):
@@ -459,7 +458,12 @@ def argument_tiling(compiled, args) -> dict:
     for leaf, fmt in zip(leaves, formats, strict=True):
         shape = fmt.sharding.shard_shape(leaf.shape)
         shards += math.prod(shape) * leaf.dtype.itemsize
-        tiled += tiled_bytes(shape, leaf.dtype.itemsize, getattr(fmt, "layout", None))
+        itemsize = leaf.dtype.itemsize
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            # a key is laid out as its uint32 words: a minor dimension its shape does not show
+            words = jax.eval_shape(jax.random.key_data, leaf)
+            shape, itemsize = (*shape, *words.shape[leaf.ndim:]), words.dtype.itemsize
+        tiled += tiled_bytes(shape, itemsize, getattr(fmt, "layout", None))
     return {"shards": shards, "tiled": tiled}
 
 

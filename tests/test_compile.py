@@ -118,10 +118,27 @@ ACTIVATION_HEAVY = [*MICRO[:-2], "data.inputs_length=128", "data.batch_size=64"]
 @pytest.fixture(scope="module")
 def fsdp_reports():
     """The same step compiled for v5p:2x2x2 as 8-way data parallelism and as 8-way ZeRO-3
-    (rules fsdp: data 8 x fsdp 1, data 1 x fsdp 8); each chip holds 8 of the 64 sequences."""
+    (rules fsdp: data 8 x fsdp 1, data 1 x fsdp 8); each chip holds 8 of the 64 sequences.
+    The fsdp 8 one compiles the eval step too."""
     return {fsdp: _rehearse(TINY_CONFIG, [*ACTIVATION_HEAVY, "mesh.rules=fsdp", "mesh.data=-1",
-                                          f"mesh.fsdp={fsdp}"], "v5p:2x2x2")
+                                          f"mesh.fsdp={fsdp}"], "v5p:2x2x2",
+                            eval_step=fsdp == 8)
             for fsdp in (1, 8)}
+
+
+def test_the_eval_step_is_rehearsed_with_its_own_report(fsdp_reports):
+    """The eval step takes a PRNG key, whose compiled layout has a dimension its shape lacks
+    (its uint32 words): the tiled-bytes count once raised IndexError on it, then counted it
+    untiled (504 bytes short), and only the slow eval-step cases saw the first."""
+    steps = fsdp_reports[8]["steps"]
+    assert set(steps) == {"train", "eval"}
+    train, evaluate = steps["train"], steps["eval"]
+    assert evaluate["fits"] and 0 < evaluate["xla_flops_per_chip"] < train["xla_flops_per_chip"]
+    tiling = evaluate["argument_tiling"]
+    # to the byte (389,120 here): the key's two words fill a 512-byte tile
+    assert tiling["tiled"] == evaluate["memory"]["arguments"], tiling
+    # the eval step's arguments are the parameters and a batch, not the optimizer state
+    assert evaluate["memory"]["arguments"] < train["memory"]["arguments"]
 
 
 def test_fsdp_shards_the_state_and_gathers_the_weights(fsdp_reports):
