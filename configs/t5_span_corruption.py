@@ -11,10 +11,10 @@ rsqrt schedule, z-loss 1e-4, no dropout in pretraining).
 Stacks of up to 12 layers are unrolled, as T5X's T5 is. ``large`` scans its 24 + 24 layers,
 which keeps its compile time short, and keeps only the matmul outputs and attention's softmax
 probabilities for the backward pass (``remat_policy="dots"``; GELU and norms are recomputed): a
-scanned stack zero-fills and copies a stacked buffer for every activation it keeps. On the
-``make bench`` config at 10 steps a call, scanned stacks cost 11.0% of a step on CPU with the
-matmul outputs alone (``make bench``, quiet machine, 2026-12-04) and 8.0% with the
-probabilities kept too (one process, interleaved; keeping every activation: 15.8%)
+scanned stack zero-fills, writes and reads back a stacked buffer for every activation it
+keeps. On the ``make bench`` config at 10 steps a call that costs 7-10% of a step on CPU
+(``benchmarks/scan_overhead.py``, one process, 2026-12-04). In one earlier process, this
+policy 1.080x the unrolled step, the matmul outputs alone 1.101x, every activation 1.158x
 (benchmarks/RESULTS.md).
 ``--config.model.scan_layers`` and ``--config.model.remat_policy`` override.
 """
