@@ -39,7 +39,7 @@ def get_config(arg=None):
                         num_encoder_layers=enc, num_decoder_layers=dec))
     if preset == "tiny":
         # Sized for `make demo`: ~0.3 s a step on 2 CPU cores. tiny_run unrolls the layers: on
-        # CPU a scanned stack is ~20% slower per step (benchmarks/RESULTS.md).
+        # CPU a scanned stack costs more per step (above; benchmarks/RESULTS.md).
         c.data.inputs_length = 128
         presets.tiny_run(c, batch_size=16, learning_rate=0.01, warmup_steps=200)
     else:
