@@ -439,8 +439,8 @@ def tiled_bytes(shard_shape: tuple[int, ...], itemsize: int, layout) -> int:
     """Bytes of one shard as the device lays it out: its dimensions in ``layout``'s
     major-to-minor order, the most minor ones rounded up to the first tile (a TPU keeps f32
     in (8, 128) tiles, so a (64, 6, 64) shard takes twice its size)."""
-    if layout is None or len(layout.major_to_minor) != len(shard_shape):
-        return math.prod(shard_shape) * itemsize  # no layout to apply
+    if layout is None:
+        return math.prod(shard_shape) * itemsize
     dims = [shard_shape[d] for d in layout.major_to_minor] or [1]  # a scalar fills a tile too
     tile = layout.tiling[0] if layout.tiling else ()
     for i, t in enumerate(reversed(tile), start=1):
