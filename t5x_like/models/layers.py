@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5x_like.models import cpu_matmul
 from t5x_like.models.activation_sharding import step_devices
 from t5x_like.models.softmax_attention import masked_logits, softmax_attention
 
@@ -84,8 +85,7 @@ def dense(x: jax.Array, kernel: jax.Array, *, contract: int = 1, kernel_transpos
                                 preferred_element_type=preferred_element_type)
         out_shape = kernel.shape[:1]
     else:
-        y = jnp.dot(rows, kernel.reshape(rows.shape[1], -1),
-                    preferred_element_type=preferred_element_type)
+        y = cpu_matmul.matmul(rows, kernel.reshape(rows.shape[1], -1), preferred_element_type)
         out_shape = kernel.shape[contract:]
     return y.reshape(*lead, *out_shape)
 

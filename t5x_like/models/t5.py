@@ -19,7 +19,6 @@ from flax import nnx
 from t5x_like.models import layers as L
 from t5x_like.models.activation_sharding import constrain
 from t5x_like.models.config_checks import check_choices, strict_from_dict
-from t5x_like.models.vocab_logits import vocab_logits
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 # Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
@@ -184,7 +183,7 @@ class T5(nnx.Module):
         if c.tie_word_embeddings:
             return constrain(self.token_embedder.attend(y * c.d_model**-0.5), LOGITS)
         kernel = self.lm_head[...].astype(L.dtype_of(c.dtype))
-        return constrain(vocab_logits(y, kernel), LOGITS)
+        return constrain(L.dense(y, kernel, preferred_element_type=jnp.float32), LOGITS)
 
     # ------------------------------------------------------------------ public API
     def encode(self, encoder_input_tokens: jax.Array, *, enable_dropout: bool = False,

@@ -1,0 +1,77 @@
+"""The dense matmul's CPU backward (kernel gradient as transposed rows times dy, row-major)
+gives the plain matmul's values and gradients, and runs only where it was measured to help."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_like.models import activation_sharding, cpu_matmul
+from t5x_like.models.layers import dense
+
+
+def _inputs(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((16, 40)) * 0.3, dtype)
+    weights = jnp.asarray(rng.standard_normal((3, 5, 40)), jnp.float32)
+    return x, kernel, weights
+
+
+def _loss(matmul):
+    return lambda x, kernel, w: jnp.sum(matmul(x, kernel) * w)
+
+
+def _ours(x, kernel):
+    return dense(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _plain(x, kernel):
+    return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+
+
+def _kernel_gradient_hlo(x, kernel, w) -> str:
+    return jax.jit(jax.grad(_loss(_ours), argnums=1)).lower(x, kernel, w).compile().as_text()
+
+
+# autodiff's kernel gradient: rows^T dy, both operands contracted over their leading (token) axis
+_TOKEN_CONTRACTING_DOT = re.compile(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dims=\{0\}, "
+                                    r"rhs_contracting_dims=\{0\}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_values_and_gradients_equal_the_plain_matmul(dtype):
+    x, kernel, w = _inputs(dtype)
+    assert cpu_matmul.rows_t_gradient_helps(x, kernel, None) == (dtype == jnp.float32)
+    value_and_grads = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1)))  # noqa: E731
+    ours = value_and_grads(_ours)(x, kernel, w)
+    ref = value_and_grads(_plain)(x, kernel, w)
+    assert ours[1][0].dtype == dtype and ours[1][1].dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(ours[0], ref[0], rtol=tol)
+    for a, b in zip(ours[1], ref[1], strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+
+
+def test_the_cpu_backward_multiplies_transposed_rows_row_major():
+    hlo = _kernel_gradient_hlo(*_inputs())
+    assert not _TOKEN_CONTRACTING_DOT.search(hlo)
+    assert re.search(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dims=\{1\}, "
+                     r"rhs_contracting_dims=\{0\}", hlo)
+
+
+def test_a_multi_device_step_gets_the_plain_matmul():
+    """Inside a step traced over several devices (the resolver's shardings span two), the
+    backward is autodiff's own: the barrier could disturb sharding propagation."""
+
+    class TwoDeviceSharding:
+        device_set = frozenset({0, 1})
+
+    x, kernel, w = _inputs()
+    with activation_sharding.resolving(lambda names, shape: TwoDeviceSharding()):
+        assert not cpu_matmul.rows_t_gradient_helps(x, kernel, None)
+        hlo = _kernel_gradient_hlo(x, kernel, w)
+    assert _TOKEN_CONTRACTING_DOT.search(hlo)
