@@ -75,3 +75,15 @@ def test_a_multi_device_step_gets_the_plain_matmul():
         assert not cpu_matmul.rows_t_gradient_helps(x, kernel, None)
         hlo = _kernel_gradient_hlo(x, kernel, w)
     assert _TOKEN_CONTRACTING_DOT.search(hlo)
+
+
+def test_a_rematerialised_layer_gets_the_plain_matmul():
+    """Under ``run_stack``'s remat the rows are recomputed in the backward pass, where XLA:CPU
+    would fuse the recomputation into the transpose; those layers keep autodiff's gradient."""
+    x, kernel, w = _inputs()
+    inside = cpu_matmul.autodiff_gradients(
+        lambda: cpu_matmul.rows_t_gradient_helps(x, kernel, None))
+    assert not inside() and cpu_matmul.rows_t_gradient_helps(x, kernel, None)
+    remat = jax.checkpoint(cpu_matmul.autodiff_gradients(_ours))
+    hlo = jax.jit(jax.grad(_loss(remat), argnums=1)).lower(x, kernel, w).compile().as_text()
+    assert _TOKEN_CONTRACTING_DOT.search(hlo)

@@ -503,6 +503,7 @@ def run_stack(
     if remat_policy != "none":
         # Inside a scan no CSE across iterations can happen, so prevent_cse would only cost.
         apply = jax.checkpoint(apply, policy=policy, prevent_cse=not scan, static_argnums=0)
+        apply = cpu_matmul.autodiff_gradients(apply)  # its rows are recomputed: see cpu_matmul
     if scan:
         graphdef, state = nnx.split(layers)
         return jax.lax.scan(lambda c, xs: apply(graphdef, xs[0], c, xs[1]), carry,
