@@ -22,6 +22,8 @@ import time
 import t5_peers
 from common import ROOT, wait_for_quiet
 
+import t5x_like  # noqa: F401  before JAX loads: it picks the CPU backend (t5x_like/platforms.py)
+
 DEFAULT_VARIANTS = {
     "unrolled": [],
     "scanned_dots": ["model.scan_layers=True", "model.remat_policy=dots"],
