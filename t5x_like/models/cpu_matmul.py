@@ -5,11 +5,11 @@ axis. XLA:CPU hands that form to Eigen rather than YNNPACK, which ran it well be
 plain row-major product on the 2-core bench machine: for T5's MLP output projection
 (4096 tokens, 1024 -> 256) 31.5 ms against 18.4 ms for transposing ``rows`` first and
 multiplying, for the LM head (912 tokens, 256 -> 32128) 118 against 99 ms (same process,
-9 interleaved rounds, 2026-12-04). So on one CPU device the backward transposes ``rows``
-(the smaller operand: tokens x features) and multiplies row-major; an optimization barrier
-keeps XLA's simplifier from folding the transpose back into the dot. Elsewhere (TPU, GPU,
-any multi-device step, where layout assignment chooses freely and a barrier could disturb
-sharding propagation), and for mixed precision, it is the plain matmul.
+9 interleaved rounds, 2026-12-04). So on one CPU device the backward transposes ``rows`` and
+multiplies row-major; an optimization barrier keeps XLA's simplifier from folding the
+transpose back into the dot. The T5 bench step ran 0.940x as long (benchmarks/RESULTS.md).
+Elsewhere (TPU, GPU, any multi-device step, where layout assignment chooses freely and a
+barrier could disturb sharding propagation), and for mixed precision, it is the plain matmul.
 
 Nor inside a rematerialised layer (``autodiff_gradients``): there ``rows`` is often recomputed
 in the backward pass (a norm's output, the gated GELU's product), and XLA:CPU fuses that
@@ -19,9 +19,8 @@ a layer for T5's [4096, 1024] MLP activations, and the scanned bench step ran 1.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,21 +31,15 @@ from t5x_like.models.activation_sharding import step_devices
 _AUTODIFF_GRADIENTS = contextvars.ContextVar("autodiff_gradients", default=False)
 
 
-@contextlib.contextmanager
-def _autodiff_gradients() -> Iterator[None]:
-    token = _AUTODIFF_GRADIENTS.set(True)
-    try:
-        yield
-    finally:
-        _AUTODIFF_GRADIENTS.reset(token)
-
-
 def autodiff_gradients(fn: Callable) -> Callable:
     """``fn`` with every ``matmul`` it traces taking autodiff's plain gradient."""
 
     def traced(*args, **kwargs):
-        with _autodiff_gradients():
+        token = _AUTODIFF_GRADIENTS.set(True)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _AUTODIFF_GRADIENTS.reset(token)
 
     return traced
 
