@@ -1,8 +1,8 @@
 """``rows [m, k] @ kernel [k, n]`` with a weight gradient that XLA:CPU runs at matmul speed.
 
 Autodiff's kernel gradient is ``rows^T dy``, a dot that contracts both operands' leading
-axis. XLA:CPU hands that form to Eigen rather than YNNPACK, which ran it well below the
-plain row-major product on the 2-core bench machine: for T5's MLP output projection
+axis. XLA:CPU hands that form to Eigen rather than YNNPACK, and Eigen ran it well below
+YNNPACK's plain row-major product on the 2-core bench machine: for T5's MLP output projection
 (4096 tokens, 1024 -> 256) 31.5 ms against 18.4 ms for transposing ``rows`` first and
 multiplying, for the LM head (912 tokens, 256 -> 32128) 118 against 99 ms (same process,
 9 interleaved rounds, 2026-12-04). So on one CPU device the backward transposes ``rows`` and
