@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from t5x_like.models import activation_sharding, cpu_matmul
-from t5x_like.models.layers import dense
+from t5x_like.models.layers import dense, rematerialise
 
 
 def _inputs(dtype=jnp.float32):
@@ -78,12 +78,13 @@ def test_a_multi_device_step_gets_the_plain_matmul():
 
 
 def test_a_rematerialised_layer_gets_the_plain_matmul():
-    """Under ``run_stack``'s remat the rows are recomputed in the backward pass, where XLA:CPU
-    would fuse the recomputation into the transpose; those layers keep autodiff's gradient."""
+    """Under ``layers.rematerialise`` (``run_stack``'s and ALBERT's shared-layer remat) the rows
+    are recomputed in the backward pass, where XLA:CPU would fuse the recomputation into the
+    transpose; those layers keep autodiff's gradient."""
     x, kernel, w = _inputs()
     inside = cpu_matmul.autodiff_gradients(
         lambda: cpu_matmul.rows_t_gradient_helps(x, kernel, None))
     assert not inside() and cpu_matmul.rows_t_gradient_helps(x, kernel, None)
-    remat = jax.checkpoint(cpu_matmul.autodiff_gradients(_ours))
+    remat = rematerialise(_ours, "full", prevent_cse=True)
     hlo = jax.jit(jax.grad(_loss(remat), argnums=1)).lower(x, kernel, w).compile().as_text()
     assert _TOKEN_CONTRACTING_DOT.search(hlo)

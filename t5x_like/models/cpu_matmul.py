@@ -46,7 +46,7 @@ def autodiff_gradients(fn: Callable) -> Callable:
 
 @jax.custom_vjp
 def _rows_t_gradient_matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.dot(rows, kernel)
+    return _fwd(rows, kernel)[0]
 
 
 def _fwd(rows, kernel):

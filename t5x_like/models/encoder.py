@@ -308,10 +308,8 @@ class Transformer(nnx.Module):
                 y, out = run_one(layer, x, at(0))
                 return y, jax.tree.map(lambda a: a[None], out)
             # A shared layer runs `repeats` times; remat each run, not the whole unit.
-            step = lambda x, inputs: run_one(layer, x, inputs)  # noqa: E731
-            if c.remat_policy != "none":
-                step = jax.checkpoint(step, policy=L.REMAT_POLICIES[c.remat_policy],
-                                      prevent_cse=not c.scan_layers)
+            step = L.rematerialise(lambda x, inputs: run_one(layer, x, inputs), c.remat_policy,
+                                   prevent_cse=not c.scan_layers)
             if c.scan_layers:
                 return jax.lax.scan(step, x, per_unit, length=repeats)
             outs = []

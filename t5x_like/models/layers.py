@@ -477,6 +477,17 @@ def make_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rn
     return create(jax.random.split(rngs.params(), num_layers))
 
 
+def rematerialise(fn: Callable, remat_policy: str, *, prevent_cse: bool,
+                  static_argnums: int | tuple[int, ...] = ()) -> Callable:
+    """``fn`` under ``jax.checkpoint`` with the named policy (unchanged for "none"). Its dense
+    layers keep autodiff's kernel gradient: their rows are recomputed (see cpu_matmul)."""
+    if remat_policy == "none":
+        return fn
+    fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=prevent_cse,
+                        static_argnums=static_argnums)
+    return cpu_matmul.autodiff_gradients(fn)
+
+
 def run_stack(
     layers: nnx.Module,
     carry: Any,
@@ -495,15 +506,11 @@ def run_stack(
     back into a module: unlike ``nnx.scan``/``nnx.remat``, this also works when the model was
     merged outside an enclosing ``lax`` loop (NNX refuses Variables from an outer trace).
     """
-    policy = REMAT_POLICIES[remat_policy]
-
     def apply(graphdef, layer_state, carry, xs):
         return body(nnx.merge(graphdef, layer_state), carry, xs)
 
-    if remat_policy != "none":
-        # Inside a scan no CSE across iterations can happen, so prevent_cse would only cost.
-        apply = jax.checkpoint(apply, policy=policy, prevent_cse=not scan, static_argnums=0)
-        apply = cpu_matmul.autodiff_gradients(apply)  # its rows are recomputed: see cpu_matmul
+    # Inside a scan no CSE across iterations can happen, so prevent_cse would only cost.
+    apply = rematerialise(apply, remat_policy, prevent_cse=not scan, static_argnums=0)
     if scan:
         graphdef, state = nnx.split(layers)
         return jax.lax.scan(lambda c, xs: apply(graphdef, xs[0], c, xs[1]), carry,
