@@ -385,12 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notices; our own lines are printed
-    from t5x_like.errors import UserError
+    from t5x_like.errors import UserError, print_error
 
     try:
         args.run(args, overrides)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last completed checkpoint is kept", file=sys.stderr)

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from t5x_like.errors import UserError, check
+from t5x_like.errors import UserError, check, print_error
 
 ENV_COORDINATOR = "T5X_LIKE_COORDINATOR"
 ENV_NUM_PROCESSES = "T5X_LIKE_NUM_PROCESSES"
@@ -502,8 +502,7 @@ class _Watchdog:
 def _stop_process(sentence: str) -> None:
     """Ends the process at once: the main thread may be blocked in a collective that will
     never return, so no exception could reach it. Checkpoints already written are intact."""
-    newline = "\n" if os.isatty(2) else ""  # past a progress bar
-    os.write(2, f"{newline}error: {sentence}\n".encode())
+    print_error(sentence)
     os._exit(PEER_LOST_EXIT)
 
 
