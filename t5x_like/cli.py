@@ -37,6 +37,34 @@ def _quiet_backends() -> None:
         os.close(devnull)
 
 
+def _quiet_library_failures() -> None:
+    """A failed checkpoint write reaches the user as one ``error:`` sentence that carries
+    orbax's reason. Orbax's own copies of that failure stay off stderr: its ERROR records (each
+    with a traceback), asyncio's "exception was never retrieved" for its abandoned write tasks,
+    and the "Event loop is closed" that tensorstore's late callbacks raise into the event loop
+    orbax closed. Other libraries' records and other exceptions pass as before."""
+    import logging
+    import traceback
+
+    def from_orbax(record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname:
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        return any("orbax" in frame.filename for frame in traceback.extract_tb(tb))
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(lambda record: not from_orbax(record))
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        late_callback = (unraisable.exc_type is RuntimeError
+                         and str(unraisable.exc_value) == "Event loop is closed")
+        if not late_callback:
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def _cmd_train(args, overrides):
     from t5x_like import distributed
 
@@ -385,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notices; our own lines are printed
+    _quiet_library_failures()
     from t5x_like.errors import UserError, print_error
 
     try:
