@@ -414,11 +414,13 @@ def main(argv: list[str] | None = None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notices; our own lines are printed
     _quiet_library_failures()
+    from t5x_like import distributed
     from t5x_like.errors import UserError, print_error
 
     try:
         args.run(args, overrides)
     except UserError as e:
+        distributed.wait_for_watchdog(e)  # a peer's death, if that is what caused it
         print_error(str(e))
         return 2
     except KeyboardInterrupt:

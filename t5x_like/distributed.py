@@ -352,27 +352,6 @@ def _jax_heartbeat_s(heartbeat_s: int) -> int:
     return int(2 * (heartbeat_s + _interval_s(heartbeat_s)) + 10)
 
 
-# XLA status codes that start the message of an error raised by a collective or by the
-# coordination service (e.g. "UNKNOWN: Gloo AllGather failed: ... Connection closed by peer").
-_RUNTIME_CODES = ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED",
-                  "CANCELLED", "FAILED_PRECONDITION", "DATA_LOSS")
-
-
-def _from_runtime(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what caused it) came from a collective or the coordination
-    service: the usual first symptom of another process dying."""
-    import jax
-
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, jax.errors.JaxRuntimeError):
-            return True
-        if str(exc).split(":", 1)[0] in _RUNTIME_CODES:
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
 class _Watchdog:
     """Stops this process, in one sentence, when another process of the run goes silent.
 
@@ -404,28 +383,23 @@ class _Watchdog:
         others = set(range(cluster.num_processes)) - {cluster.process_id}
         self.last_value: dict[int, str | None] = dict.fromkeys(others)
         self.last_change = dict.fromkeys(others, now)
+        self.last_read: tuple[float, dict[str, str]] = (-float("inf"), {})  # (began, values)
         self.last_tick = now
         self.failing_since: float | None = None
 
     def start(self) -> None:
+        global _running
         atexit.register(self._at_exit)  # after jax's own atexit, so it runs before shutdown
         previous = sys.excepthook
 
         def hook(kind, exc, tb):
-            # A collective that failed because a peer died: give the watchdog the time it
-            # needs to name that peer (it ends the process, so this never returns) instead of
-            # a traceback. Other runtime errors keep their traceback, this much later.
-            if not issubclass(kind, KeyboardInterrupt) and _from_runtime(exc):
-                late = _gloo_connect_failure(exc, self.cluster)
-                if late:  # a dead peer is named by the watchdog within two rounds
-                    threading.Event().wait(2 * self.interval)
-                    _stop_process(late)
-                threading.Event().wait(self.timeout + 3 * self.interval)
+            wait_for_watchdog(exc)  # a dead peer's sentence, not this error's traceback
             previous(kind, exc, tb)
 
         sys.excepthook = hook
         self._thread = threading.Thread(target=self._run, name="t5x_like-watchdog", daemon=True)
         self._thread.start()
+        _running = self
 
     def _at_exit(self) -> None:
         """A process that is exiting waits in JAX's shutdown barrier: not a dead one.
@@ -481,6 +455,7 @@ class _Watchdog:
             )
         self.failing_since = None
         values = {key.rsplit("/", 1)[-1]: value for key, value in entries}
+        self.last_read = (now, values)
         for j in list(self.last_change):
             value = values.get(str(j))
             if value == "exit":  # finished, waiting for the others in JAX's shutdown
@@ -497,6 +472,42 @@ class _Watchdog:
             f"{self.timeout} s); this run is stopping: restart all processes with the same "
             f"command to resume from the last checkpoint"
         )
+
+
+_running: _Watchdog | None = None  # this process's watchdog, once a multi-process run started
+
+
+def wait_for_watchdog(exc: BaseException | None) -> None:
+    """Before ``exc`` is reported, lets the watchdog name a dead peer instead.
+
+    In a multi-process run the first symptom of another process dying is often an error in
+    this one: a collective's "connection reset" inside a step or a checkpoint save. Reporting
+    that error would blame the wrong thing, and a normal exit would then abort in JAX's
+    shutdown barrier. So this returns once every other process has been heard from after the
+    error (the error is this process's own), or never: the watchdog, which judges a silent
+    peer within ``heartbeat_s`` and a round, ends the process with the peer-lost sentence.
+    Returns at once in a single-process run and for Ctrl-C.
+    """
+    dog = _running
+    if dog is None or isinstance(exc, KeyboardInterrupt):
+        return
+    late = _gloo_connect_failure(exc, dog.cluster)
+    if late:  # a dead peer would be named by the watchdog within two rounds
+        threading.Event().wait(2 * dog.interval)
+        _stop_process(late)
+    # Alive: a counter that moved between two of the watchdog's reads that both began after
+    # the error (the first read after a peer's death may still show its last bump as new).
+    since = dog.clock()
+    deadline, first = since + dog.timeout + 3 * dog.interval, None
+    while dog.clock() < deadline:
+        began, values = dog.last_read
+        if began > since and first is None:
+            first = values
+        elif began > since and all(values.get(str(j)) == "exit" or
+                                   values.get(str(j)) != first.get(str(j))
+                                   for j in dog.last_value):
+            return
+        threading.Event().wait(min(0.1, dog.interval / 4))
 
 
 def _stop_process(sentence: str) -> None:
