@@ -27,6 +27,11 @@ process with one sentence and exit status 75. JAX's heartbeat timeout is set wel
 (``_jax_heartbeat_s``): it remains the backstop, e.g. when the coordinator (process 0) itself
 dies, which JAX reports at once from C++.
 
+A peer's death often shows first as an error in a survivor (a collective inside a step or a
+checkpoint save fails with "connection reset"). Before any error is reported, the survivor
+waits (``wait_for_watchdog``) until the watchdog has seen every other process alive after it,
+so a dead peer is named, with status 75, instead of the error it caused.
+
 On CPU, gloo connects each group of devices the first time a program uses it and waits a fixed
 30 s (jaxlib 0.10 has no setting for it; ``--xla_cpu_collective_timeout_seconds`` does not
 change it) for every process to arrive, so a process that compiles its first step later than
