@@ -372,6 +372,7 @@ DIES_IN_SAVE = textwrap.dedent(
     save = checkpoints.Checkpoints.save
     def save_or_die(self, step, state, meta):
         if step == 4:
+            self.wait()  # checkpoint 2 complete on both processes, then die in 4's save
             os.kill(os.getpid(), signal.SIGKILL)
         return save(self, step, state, meta)
     checkpoints.Checkpoints.save = save_or_die
@@ -383,15 +384,16 @@ DIES_IN_SAVE = textwrap.dedent(
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_peer_killed_during_a_save_is_named_not_the_save(tmp_path):
-    """Process 1 dies as it enters checkpoint 4's save, so process 0's save is what fails
-    first (a collective of orbax's or of our fingerprint, with gloo's "connection reset"):
-    process 0 must still stop with the peer-lost sentence and status, not the save's error
-    and an abort in JAX's shutdown barrier (a CI failure where the kill fell in a save)."""
+    """Process 1 dies in checkpoint 4's save (once checkpoint 2 is complete), so process 0's
+    save is what fails first (a collective of orbax's or of our fingerprint, with gloo's
+    "connection reset"): process 0 must still stop with the peer-lost sentence and status,
+    not the save's error and an abort in JAX's shutdown barrier (a CI failure where the kill
+    fell in a save)."""
     procs = _start_pair(tmp_path / "run", 100_000, f"{tmp_path}/", program1=["-c", DIES_IN_SAVE])
     run = _survivor_of_a_kill(procs)
     assert procs[1][0].returncode == -signal.SIGKILL, _read(procs[1][2])[-3000:]
     _assert_stopped_in_one_sentence(run)
-    assert max(_complete_steps(tmp_path / "run")) == 2
+    assert _complete_steps(tmp_path / "run") == [2], run["stderr"][-3000:]
 
 
 @pytest.mark.slow
