@@ -406,6 +406,11 @@ class _Watchdog:
         self._thread.start()
         _running = self
 
+    def all_moved(self, before: dict[str, str], after: dict[str, str]) -> bool:
+        """Whether every other process's counter differs between two reads (or it exited)."""
+        return all(after.get(str(j)) == "exit" or after.get(str(j)) != before.get(str(j))
+                   for j in self.last_value)
+
     def _at_exit(self) -> None:
         """A process that is exiting waits in JAX's shutdown barrier: not a dead one.
 
@@ -506,12 +511,11 @@ def wait_for_watchdog(exc: BaseException | None) -> None:
     deadline, first = since + dog.timeout + 3 * dog.interval, None
     while dog.clock() < deadline:
         began, values = dog.last_read
-        if began > since and first is None:
-            first = values
-        elif began > since and all(values.get(str(j)) == "exit" or
-                                   values.get(str(j)) != first.get(str(j))
-                                   for j in dog.last_value):
-            return
+        if began > since:
+            if first is None:
+                first = values
+            elif dog.all_moved(first, values):
+                return
         threading.Event().wait(min(0.1, dog.interval / 4))
 
 
