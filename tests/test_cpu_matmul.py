@@ -12,11 +12,11 @@ from t5x_like.models import activation_sharding, cpu_matmul
 from t5x_like.models.layers import dense, rematerialise
 
 
-def _inputs(dtype=jnp.float32):
+def _inputs(dtype=jnp.float32, k=16, n=40):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, 5, 16)), dtype)
-    kernel = jnp.asarray(rng.standard_normal((16, 40)) * 0.3, dtype)
-    weights = jnp.asarray(rng.standard_normal((3, 5, 40)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 5, k)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((k, n)) * 0.3, dtype)
+    weights = jnp.asarray(rng.standard_normal((3, 5, n)), jnp.float32)
     return x, kernel, weights
 
 
@@ -41,9 +41,10 @@ _TOKEN_CONTRACTING_DOT = re.compile(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dim
                                     r"rhs_contracting_dims=\{0\}")
 
 
+@pytest.mark.parametrize("k, n", [(16, 40), (40, 16)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_values_and_gradients_equal_the_plain_matmul(dtype):
-    x, kernel, w = _inputs(dtype)
+def test_values_and_gradients_equal_the_plain_matmul(dtype, k, n):
+    x, kernel, w = _inputs(dtype, k, n)
     assert cpu_matmul.rows_t_gradient_helps(x, kernel, None) == (dtype == jnp.float32)
     value_and_grads = lambda f: jax.jit(jax.value_and_grad(_loss(f), argnums=(0, 1)))  # noqa: E731
     ours = value_and_grads(_ours)(x, kernel, w)
@@ -59,6 +60,15 @@ def test_values_and_gradients_equal_the_plain_matmul(dtype):
 def test_the_cpu_backward_multiplies_transposed_rows_row_major():
     hlo = _kernel_gradient_hlo(*_inputs())
     assert not _TOKEN_CONTRACTING_DOT.search(hlo)
+    assert re.search(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dims=\{1\}, "
+                     r"rhs_contracting_dims=\{0\}", hlo)
+
+
+def test_where_rows_are_wider_the_backward_transposes_dy_instead():
+    """rows [15, 40] against dy [15, 16]: dy^T rows is the row-major product, [16, 40],
+    transposed back to the kernel's [40, 16]."""
+    hlo = _kernel_gradient_hlo(*_inputs(k=40, n=16))
+    assert not re.search(r"dot\(.*lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}", hlo)
     assert re.search(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dims=\{1\}, "
                      r"rhs_contracting_dims=\{0\}", hlo)
 

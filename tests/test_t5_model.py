@@ -173,7 +173,7 @@ def test_dots_policy_keeps_attention_probabilities_not_the_logits(capsys):
         probs = [line for line in saved if "f32[1,2,5,5]" in line]
         if policy == "dots":
             assert len(probs) == 1 and "named 'attention_probs'" in probs[0], saved
-            assert any("f32[1,2,3,5] output of dot_general" in line for line in saved), saved
+            assert any("f32[1,2,5,3] output of dot_general" in line for line in saved), saved
         else:
             assert probs == [] and len(saved) == 3, saved
 

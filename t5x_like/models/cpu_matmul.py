@@ -5,9 +5,10 @@ axis. XLA:CPU hands that form to Eigen rather than YNNPACK, and Eigen ran it wel
 YNNPACK's plain row-major product on the 2-core bench machine: for T5's MLP output projection
 (4096 tokens, 1024 -> 256) 31.5 ms against 18.4 ms for transposing ``rows`` first and
 multiplying, for the LM head (912 tokens, 256 -> 32128) 118 against 99 ms (same process,
-9 interleaved rounds, 2026-12-04). So on one CPU device the backward transposes ``rows`` and
-multiplies row-major; an optimization barrier keeps XLA's simplifier from folding the
-transpose back into the dot. The T5 bench step ran 0.940x as long (benchmarks/RESULTS.md).
+9 interleaved rounds, 2026-12-04). So on one CPU device the backward transposes ``rows`` (or
+``dy``, where that is narrower) and multiplies row-major; optimization barriers keep XLA's
+simplifier from folding the transpose back into the dot. The T5 bench step ran 0.940x as long
+(benchmarks/RESULTS.md).
 Elsewhere (TPU, GPU, any multi-device step, where layout assignment chooses freely and a
 barrier could disturb sharding propagation), and for mixed precision, it is the plain matmul.
 
@@ -56,8 +57,18 @@ def _fwd(rows, kernel):
 def _bwd(residuals, dy):
     rows, kernel = residuals
     drows = jax.lax.dot_general(dy, kernel, (((1,), (1,)), ((), ())))
-    dkernel = jnp.dot(jax.lax.optimization_barrier(rows.T), dy)
-    return drows, dkernel
+    return drows, kernel_gradient(rows, dy)
+
+
+def kernel_gradient(rows: jax.Array, dy: jax.Array) -> jax.Array:
+    """``rows^T dy`` [k, n], transposing whichever of ``rows`` [m, k] and ``dy`` [m, n] is
+    narrower: for T5's MLP output projection (1024 -> 256) that is ``dy``, a quarter of the
+    bytes, and the [n, k] product is transposed back. Barriers on both sides keep XLA's
+    simplifier from folding either transpose into the dot."""
+    if rows.shape[1] <= dy.shape[1]:
+        return jnp.dot(jax.lax.optimization_barrier(rows.T), dy)
+    product = jnp.dot(jax.lax.optimization_barrier(dy.T), rows)
+    return jax.lax.optimization_barrier(product).T
 
 
 _rows_t_gradient_matmul.defvjp(_fwd, _bwd)

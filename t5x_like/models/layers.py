@@ -394,10 +394,16 @@ class RelativePositionBias(nnx.Module):
                                          max_distance=self.max_distance)
 
     def __call__(self, query_length: int, key_length: int) -> jax.Array:
-        """Float32 bias [1, heads, query_length, key_length]."""
+        """Float32 bias [1, heads, query_length, key_length].
+
+        Gathered from the [heads, buckets] table so that the gradient's scatter reads the
+        summed [heads, T, S] bias gradient as it lies: gathering rows of [buckets, heads] and
+        transposing made XLA:CPU transpose that gradient to heads-minor first, a copy with
+        4-float rows (11.7 ms a step for T5's 512-token encoder on the bench machine).
+        """
         rel = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
-        values = jnp.take(self.embedding[...].astype(jnp.float32), self._buckets(rel), axis=0)
-        return jnp.transpose(values, (2, 0, 1))[None]
+        table = jnp.transpose(self.embedding[...].astype(jnp.float32))
+        return jnp.take(table, self._buckets(rel), axis=1)[None]
 
     def at_position(self, position: jax.Array, key_length: int) -> jax.Array:
         """Bias [1, heads, 1, key_length] for one query at a traced ``position`` (decoding)."""

@@ -50,6 +50,17 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
+def _weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """``p [B, N, T, S]`` times ``v [B, S, N, H]`` -> [B, T, N, H], with ``p`` as the dot's lhs.
+
+    ``jnp.einsum`` puts ``v`` first, and XLA:CPU then computes ``v^T p^T``, transposing every
+    [T, S] matrix inside YNNPACK; with ``p`` first, both operands are in the layout the
+    matmul wants and only the small [S, H] and [T, H] blocks are transposed.
+    """
+    o = jax.lax.dot_general(p, v, (((3,), (1,)), ((0, 1), (0, 2))))
+    return jnp.transpose(o, (0, 2, 1, 3))
+
+
 @jax.custom_vjp
 def _attention(q, k, v, bias, mask):
     return _attention_fwd(q, k, v, bias, mask)[0]
@@ -57,7 +68,7 @@ def _attention(q, k, v, bias, mask):
 
 def _attention_fwd(q, k, v, bias, mask):
     p = _probabilities(q, k, bias, mask)
-    o = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v)
+    o = _weighted_values(p.astype(v.dtype), v)
     # The named copy is only a residual: a kept value the forward also reads gets an identity
     # reduce_precision from jax.checkpoint, which XLA:CPU keeps as a copy (7.6 ms a step of
     # the bench config's scanned stack). p is float32 either way.
@@ -69,7 +80,7 @@ def _attention_bwd(residuals, do):
     d = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
     dp = jnp.einsum("btnh,bsnh->bnts", do, v, preferred_element_type=jnp.float32)
     ds = p * (dp - d[..., None])
-    dq = jnp.einsum("bnts,bsnh->btnh", ds.astype(q.dtype), k)
+    dq = _weighted_values(ds.astype(q.dtype), k)
     dk = jnp.einsum("bnts,btnh->bsnh", ds.astype(q.dtype), q)
     dv = jnp.einsum("bnts,btnh->bsnh", p.astype(do.dtype), do)
     dbias = None if bias is None else _sum_to_shape(ds, bias.shape).astype(bias.dtype)
