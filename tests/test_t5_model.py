@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 
 os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (seconds) for nothing
 
@@ -252,6 +253,22 @@ def test_explicit_attention_path_equals_dot_product_attention():
                                layers.attention(*a[:3], bias=a[3], mask=a[4])))
     explicit, fused = both(q, k, v, bias, mask)
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
+
+
+def test_attention_matmuls_take_the_probabilities_in_their_own_layout():
+    """In the compiled CPU forward and backward, every product with the [B, N, T, S]
+    probabilities (or their gradient) as its right operand contracts their T axis, as laid
+    out; contracting S, their minor axis, made YNNPACK transpose each [T, S] block (the
+    ``jnp.einsum`` form of ``P V`` and ``dS K``)."""
+    from t5x_like.models.softmax_attention import softmax_attention
+
+    q, k, v = (jnp.ones((2, 16, 3, 8)) for _ in range(3))
+    loss = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, bias=None, mask=None) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    shapes = dict(re.findall(r"%([\w.-]+) = (f32\[[\d,]+\])", hlo))
+    dots = re.findall(r"dot\(%([\w.-]+), %([\w.-]+)\).*?rhs_contracting_dims=\{(\d)\}", hlo)
+    on_probabilities = [int(axis) for _, rhs, axis in dots if shapes.get(rhs) == "f32[2,3,16,16]"]
+    assert on_probabilities and set(on_probabilities) == {2}, (on_probabilities, dots)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
