@@ -128,7 +128,7 @@ def run_worker(script: Path, name: str, worker_args: list[str], *, prefix: str,
                timeout: float) -> dict:
     """Runs ``script --worker NAME ARGS`` in a fresh process; its last ``prefix`` line."""
     command = [sys.executable, str(script), "--worker", name, *worker_args]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = worker_environment(name)
     load_before = os.getloadavg()
     start = time.perf_counter()
     try:
@@ -145,6 +145,18 @@ def run_worker(script: Path, name: str, worker_args: list[str], *, prefix: str,
     result["wall_s"] = time.perf_counter() - start
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     return result
+
+
+def worker_environment(name: str) -> dict[str, str]:
+    """The environment a row runs in: ours rows as the ``t5x-like`` command runs (glibc advising
+    huge pages for its large blocks, ``t5x_like/host_memory.py``), except ``*_small_pages``
+    (the A/B without them); the peers as their users run them."""
+    from t5x_like.host_memory import huge_pages_environment
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if name.startswith("ours") and not name.endswith("_small_pages"):
+        env = huge_pages_environment(env) or env
+    return env
 
 
 def environment() -> dict:
@@ -390,17 +402,17 @@ def report_worker(runner: Callable[[argparse.Namespace], dict], args: argparse.N
     """One implementation in this process; prints one JSON line (or the error) at the end, for
     ``run_worker`` in the driver to read.
 
-    Every row runs as its users run it: ours as the ``t5x-like`` command does, with glibc's
-    allocator as it is, except rows named ``*_keep_freed`` (``T5X_LIKE_KEEP_FREED_MEMORY=1``,
-    ``t5x_like/host_memory.py``: the allocator's A/B).
+    Every row runs as its users run it: ours as the ``t5x-like`` command does (huge pages from
+    ``worker_environment``), rows named ``*_keep_freed`` also keeping freed memory
+    (``T5X_LIKE_KEEP_FREED_MEMORY=1``, ``t5x_like/host_memory.py``: the allocator's A/B).
     """
-    kept = False
-    if args.worker.endswith("_keep_freed"):
-        from t5x_like import host_memory
+    from t5x_like import host_memory
 
-        kept = host_memory.keep_freed_memory()
+    kept = args.worker.endswith("_keep_freed") and host_memory.keep_freed_memory()
+    huge_pages = host_memory.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
     try:
-        result = {"ok": True, **runner(args), "keeps_freed_memory": kept}
+        result = {"ok": True, **runner(args), "keeps_freed_memory": kept,
+                  "glibc_huge_pages": huge_pages}
     except Exception as e:  # reported in the table, not hidden
         result = {"ok": False, "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()}

@@ -11,10 +11,11 @@ computes eagerly on CPU anyway). The JAX steps are timed through the executable 
 ``jitted.lower(...).compile()`` returns (the same one a call would build; calling the jitted
 function after ``compile()`` would compile it a second time).
 
-Rows: ``ours`` (the ``small`` preset's layout: layers unrolled, ``train.steps_per_call=4``
-steps a compiled call, glibc's allocator as it is: what ``t5x-like train`` runs),
-``ours_keep_freed`` (the same keeping freed memory, ``T5X_LIKE_KEEP_FREED_MEMORY=1``: the
-allocator's A/B), ``ours_one_step_a_call`` (``train.steps_per_call=1``), ``flax``, ``torch``,
+Rows: ``ours`` (the ``small`` preset's layout: layers unrolled, ``train.steps_per_call=10``
+steps a compiled call, glibc advising huge pages for its large blocks: what ``t5x-like train``
+runs), ``ours_small_pages`` (the same with glibc as it is, ``T5X_LIKE_HUGE_PAGES=0``: the
+huge pages' A/B), ``ours_keep_freed`` (keeping freed memory, ``T5X_LIKE_KEEP_FREED_MEMORY=1``:
+the allocator's A/B), ``ours_one_step_a_call`` (``train.steps_per_call=1``), ``flax``, ``torch``,
 and ``ours_scanned``, a diagnostic: ours with its layers scanned and ``remat_policy=dots``,
 as the ``large`` preset runs them. ``--repeats``
 rounds (default 3) run every row in turn
@@ -67,11 +68,13 @@ from common import (
 
 RESULT_PREFIX = "T5_PEERS_RESULT "
 # ours_scanned and ours_one_step_a_call are diagnostic rows (layers scanned; one step a call);
-# ours_keep_freed is ours keeping freed memory (the allocator's A/B).
-IMPLEMENTATIONS = ("ours", "ours_keep_freed", "ours_one_step_a_call", "flax", "torch",
-                   "ours_scanned")
+# ours_keep_freed and ours_small_pages are the allocator's A/Bs (keeping freed memory; no huge
+# pages).
+IMPLEMENTATIONS = ("ours", "ours_small_pages", "ours_keep_freed", "ours_one_step_a_call", "flax",
+                   "torch", "ours_scanned")
 TITLES = {
     "ours": "t5x_like (NNX, span corruption in step; the small preset's steps a call)",
+    "ours_small_pages": "t5x_like, without huge pages (T5X_LIKE_HUGE_PAGES=0)",
     "ours_keep_freed": "t5x_like, keeping freed memory (T5X_LIKE_KEEP_FREED_MEMORY=1)",
     "ours_one_step_a_call": "t5x_like, train.steps_per_call=1 (diagnostic)",
     "ours_scanned": "t5x_like, layers scanned with remat dots, as large (diagnostic)",
@@ -278,6 +281,7 @@ RUNNERS = {
     "ours_scanned": lambda args: run_ours(args, ("model.scan_layers=True",
                                                  "model.remat_policy=dots")),
     "ours_keep_freed": run_ours,  # report_worker applies host_memory.keep_freed_memory()
+    "ours_small_pages": run_ours,  # common.worker_environment leaves glibc's tunables alone
     "ours_one_step_a_call": lambda args: run_ours(args, ("train.steps_per_call=1",)),
 }
 
@@ -305,9 +309,11 @@ def main(argv=None) -> None:
                        "--corruption-calls", str(args.corruption_calls)],
                       prefix=RESULT_PREFIX, quiet_wait=args.quiet_wait, timeout=args.timeout,
                       repeats=args.repeats)
-    summary = print_summary(results, TITLES, ("ours", "ours_keep_freed", "ours_one_step_a_call",
-                                              "ours_scanned"))
+    summary = print_summary(results, TITLES, ("ours", "ours_small_pages", "ours_keep_freed",
+                                              "ours_one_step_a_call", "ours_scanned"))
     for label, (a, b) in {"ours_keep_freed / ours (allocator A/B)": ("ours_keep_freed", "ours"),
+                          "ours_small_pages / ours (huge pages A/B)": ("ours_small_pages",
+                                                                       "ours"),
                           "ours / ours_one_step_a_call (steps a call)": (
                               "ours", "ours_one_step_a_call"),
                           "ours / ours_scanned (scan overhead)": ("ours", "ours_scanned")}.items():

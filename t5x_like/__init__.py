@@ -4,9 +4,11 @@ import os
 import sys
 
 if sys.argv and os.path.basename(sys.argv[0]) == "t5x-like":
-    # Opt-in: the command keeps freed memory for reuse (host_memory.py); before JAX's threads.
+    # The command restarts itself with huge pages for glibc's large blocks (on by default), and
+    # keeps freed memory for reuse if asked (host_memory.py); both before JAX's threads.
     from t5x_like import host_memory
 
+    host_memory.restart_with_huge_pages()
     if host_memory.opted_in():
         host_memory.keep_freed_memory()
 
