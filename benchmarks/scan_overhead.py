@@ -9,7 +9,7 @@ once in the same process and the variants' calls are interleaved (A B C, A B C, 
 ``--rounds`` rounds; each round's time is one compiled call of ``train.steps_per_call`` steps,
 and each variant's ratio to the first is the median of the per-round ratios with their min and
 max. Same config, batch and synthetic data as ``t5_peers.py`` (the ``small`` preset's layout,
-10 steps a call).
+10 steps a call), and the same huge pages as the ``t5x-like`` command (``host_memory.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import time
 import t5_peers
 from common import ROOT, wait_for_quiet
 
-import t5x_like  # noqa: F401  before JAX loads: it picks the CPU backend (t5x_like/platforms.py)
+# Before JAX loads: importing t5x_like picks the CPU backend (t5x_like/platforms.py).
+from t5x_like import host_memory
 
 DEFAULT_VARIANTS = {
     "unrolled": [],
@@ -89,4 +90,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()  # as the t5x-like command runs (host_memory.py)
     sys.exit(main())

@@ -1,36 +1,32 @@
 """Host memory for XLA:CPU's step buffers: huge pages by default, keeping freed memory on request.
 
-XLA:CPU allocates a step's temporaries afresh at every execution (1.3 GB for the T5
-``make bench`` config). glibc serves blocks that large with ``mmap`` and unmaps them on free,
-so the kernel maps and zeroes every page again on the next step: 410,000 minor page faults a
-step there, ~20% of the step time on a 2-core VM. Turning off glibc's ``mmap`` path, keeping
-up to 2 GiB of free heap and using one arena (a thread other than the main one would still
-``mmap`` large blocks from its own arena) brings the faults to zero after the first step.
+XLA:CPU allocates a compiled call's temporaries afresh at every execution (1.3 GB for the T5
+``make bench`` config), and YNNPACK its 32 MiB scratch buffers at every matmul that needs one.
+glibc serves blocks that large with ``mmap`` and unmaps them on free, so the kernel maps and
+zeroes every page again: 66,000 minor page faults a step at 10 steps a call (``getrusage``).
 
-The price is memory, and it is why this is opt-in: the process keeps what it frees, and
-XLA:CPU's next temporary block does not always fit where the last one was freed, so the
-heap grows by whole blocks (RSS read after each step rose in steps of 1.26 GB, the
-executable's temporary allocation): on that config the peak RSS rose
-from 2.2 to 7.1 GB (3.8x PyTorch's), for a 1.225x faster step (median of 5 interleaved
-runs, 0.958-1.379x; benchmarks/RESULTS.md). glibc's ``glibc.malloc.hugetlb=1`` tunable (huge
-pages for those blocks) cost no memory, but some steps stalled 3-4x (the kernel
-compacting memory, presumably: transparent huge pages defrag on madvise here).
-``train.steps_per_call`` gets most of the gain at glibc's own memory: one call runs several
-steps and reuses its temporaries between them.
+**Huge pages (default for the command).** With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc
+advises transparent huge pages for the blocks it maps, and the kernel faults them in 2 MiB at
+a time: 2,250 faults a step, the same peak RSS. The T5 bench step ran 0.936x the time (5
+alternating process pairs, 0.879-0.985x, every pair faster; 2026-12-05), 0.833x at one step a
+call, and 0.994x (0.961-1.026x) when the page cache had taken the host's free memory: no gain
+there, and no stall. (At one step a call on an earlier host, 3 steps of 10 took 3-4x as long:
+the kernel compacting memory for huge pages, presumably; benchmarks/RESULTS.md has both.)
+glibc reads its tunables when a process starts, so the ``t5x-like`` command restarts itself
+(``os.execve``: same process id, arguments and interpreter options) with the tunable added,
+where transparent huge pages are ``madvise`` and glibc is 2.35 or newer. ``always`` needs no
+advice and ``never`` takes none. ``T5X_LIKE_HUGE_PAGES=0`` turns it off.
 
-At 10 steps a call the ``t5x-like`` command does use that tunable, by default: it restarts
-itself (``os.execve``, same process id) with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where
-transparent huge pages are ``madvise`` and glibc is 2.35 or newer. glibc then advises huge
-pages for the blocks it maps, which are XLA's temporaries and YNNPACK's 32 MiB scratch
-buffers: the T5 bench step ran 0.933x the time (median of 3 alternating process pairs,
-0.918-0.978x; page faults a step 66,000 -> ~10,000; same peak RSS), and on a host whose
-free memory the page cache had taken, 0.994x (0.961-1.026x): no gain, and no stall
-(benchmarks/RESULTS.md). ``T5X_LIKE_HUGE_PAGES=0`` turns it off.
-
-``T5X_LIKE_KEEP_FREED_MEMORY=1`` makes the ``t5x-like`` command apply this when ``t5x_like``
-is imported, before JAX starts its threads (each thread keeps the arena it first used). A
-program that imports ``t5x_like`` can call ``keep_freed_memory()`` first thing. Off Linux, or
-with another C library, it does nothing.
+**Keeping freed memory (opt-in).** Turning off glibc's ``mmap`` path, keeping up to 2 GiB of
+free heap and using one arena (a thread other than the main one would still ``mmap`` large
+blocks from its own arena) brings the faults to zero after the first step. The price is memory:
+XLA:CPU's next temporary block does not always fit where the last one was freed, so the heap
+grows by whole blocks (RSS rose in steps of 1.26 GB): at one step a call the peak RSS rose from
+2.2 to 7.1 GB (3.8x PyTorch's) for a 1.225x faster step (median of 5 interleaved runs,
+0.958-1.379x). ``T5X_LIKE_KEEP_FREED_MEMORY=1`` makes the command apply it when ``t5x_like`` is
+imported, before JAX starts its threads (each thread keeps the arena it first used); a program
+that imports ``t5x_like`` can call ``keep_freed_memory()`` first thing. Off Linux, or with
+another C library, neither does anything.
 """
 
 from __future__ import annotations
