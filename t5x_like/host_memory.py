@@ -7,15 +7,16 @@ zeroes every page again: 66,000 minor page faults a step at 10 steps a call (``g
 
 **Huge pages (default for the command).** With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc
 advises transparent huge pages for the blocks it maps, and the kernel faults them in 2 MiB at
-a time: 2,250 faults a step, the same peak RSS. The T5 bench step ran 0.936x the time (5
-alternating process pairs, 0.879-0.985x, every pair faster; 2026-12-05), 0.833x at one step a
-call, and 0.994x (0.961-1.026x) when the page cache had taken the host's free memory: no gain
-there, and no stall. (At one step a call on an earlier host, 3 steps of 10 took 3-4x as long:
-the kernel compacting memory for huge pages, presumably; benchmarks/RESULTS.md has both.)
-glibc reads its tunables when a process starts, so the ``t5x-like`` command restarts itself
-(``os.execve``: same process id, arguments and interpreter options) with the tunable added,
-where transparent huge pages are ``madvise`` and glibc is 2.35 or newer. ``always`` needs no
-advice and ``never`` takes none. ``T5X_LIKE_HUGE_PAGES=0`` turns it off.
+a time: 2,250 faults a step, for ~5% more peak RSS (2162 against 2062 MiB in the bench's
+A/B). The T5 bench step ran 0.936x the time (5 alternating process pairs, 0.879-0.985x, every
+pair faster; 2026-12-05), 0.833x at one step a call, and 0.994x (0.961-1.026x) when the page
+cache had taken the host's free memory: no gain there, and no stall. (At one step a call on
+an earlier host, 3 steps of 10 took 3-5x as long: the kernel compacting memory for huge
+pages, presumably; benchmarks/RESULTS.md has both.) glibc reads its tunables when a process
+starts, so the ``t5x-like`` command restarts itself (``os.execve``: same process id,
+arguments and interpreter options) with the tunable added, where transparent huge pages are
+``madvise`` and glibc is 2.35 or newer. ``always`` needs no advice and ``never`` takes none.
+``T5X_LIKE_HUGE_PAGES=0`` turns it off.
 
 **Keeping freed memory (opt-in).** Turning off glibc's ``mmap`` path, keeping up to 2 GiB of
 free heap and using one arena (a thread other than the main one would still ``mmap`` large
@@ -102,7 +103,11 @@ def restart_with_huge_pages() -> None:
     ``huge_pages_environment``; returns only where that is None. glibc reads its tunables when
     the process starts, so this must run before anything else has been done."""
     env = huge_pages_environment(os.environ)
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # an interpreter that cannot be started again runs on without huge pages
+        return
