@@ -56,12 +56,11 @@ def opted_in() -> bool:
 
 def keep_freed_memory() -> bool:
     """Apply the settings above; True if glibc accepted all of them."""
-    if not sys.platform.startswith("linux"):
-        return False
+    if not sys.platform.startswith("linux") or _glibc_version() is None:
+        return False  # glibc only: musl has no such mallopt params
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no such mallopt params)
-    except (OSError, AttributeError):
+    except OSError:
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREE_BYTES), (_M_ARENA_MAX, 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
@@ -100,8 +99,8 @@ def huge_pages_environment(env: Mapping[str, str]) -> dict[str, str] | None:
 
 def restart_with_huge_pages() -> None:
     """Re-executes this process (same id, arguments and interpreter options) with
-    ``huge_pages_environment``; returns only where that is None. glibc reads its tunables when
-    the process starts, so this must run before anything else has been done."""
+    ``huge_pages_environment``; returns only where that is None or the exec fails. glibc reads
+    its tunables when the process starts, so this must run before anything else has been done."""
     env = huge_pages_environment(os.environ)
     if env is None:
         return
