@@ -159,6 +159,31 @@ def test_remat_policies_give_same_logits_and_gradients():
         jax.tree.map(assert_close_at_scale, results[policy][1], ref_grads)
 
 
+def test_scan_unroll_changes_no_number():
+    """Two or three layers a trip of the scanned loop (three of three: fully unrolled; two of
+    three: a remainder trip) give the loss and gradients of one layer a trip, under remat."""
+    enc, _ = _batch(2, enc_len=12)
+    config = _config(num_encoder_layers=3, remat_policy="dots")
+    params = nnx.state(T5(config, rngs=nnx.Rngs(params=0)), nnx.Param)
+    results = []
+    for unroll in (1, 2, 3):
+        graphdef = nnx.graphdef(nnx.eval_shape(
+            lambda unroll=unroll: T5(_config(num_encoder_layers=3, remat_policy="dots",
+                                             scan_unroll=unroll), rngs=nnx.Rngs(0))))
+
+        def loss(p, graphdef=graphdef):
+            return jnp.sum(jnp.tanh(nnx.merge(graphdef, p).encode(enc)))
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        results.append((value, nnx.to_pure_dict(grads)))
+    assert float(jnp.abs(results[0][1]["encoder"]["layers"]["mlp"]["wo"][2]).max()) > 0
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
+        jax.tree.map(assert_close_at_scale, grads, results[0][1])
+    with pytest.raises(UserError, match="scan_unroll=0 must be a positive integer"):
+        _config(scan_unroll=0)
+
+
 def test_dots_policy_keeps_attention_probabilities_not_the_logits(capsys):
     """``dots`` keeps the softmax output for the backward pass (it is not recomputed from the
     logits' matmul); ``minimal`` keeps neither, only the inputs."""

@@ -18,7 +18,7 @@ from flax import nnx
 
 from t5x_like.models import layers as L
 from t5x_like.models.activation_sharding import constrain
-from t5x_like.models.config_checks import check_choices, strict_from_dict
+from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 # Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
@@ -45,6 +45,7 @@ class T5Config:
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
     remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full" (layers.REMAT_POLICIES)
+    scan_unroll: int = L.SCAN_UNROLL  # layers per trip of the scanned loop
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
@@ -55,6 +56,7 @@ class T5Config:
             "remat_policy": tuple(L.REMAT_POLICIES),
             "attention_implementation": tuple(L.ATTENTION_IMPLEMENTATIONS),
         })
+        check_sizes("T5", self, ("scan_unroll",), ())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> T5Config:
@@ -176,7 +178,7 @@ class T5(nnx.Module):
 
     def _run(self, layers, x, per_layer, body):
         return L.run_stack(layers, x, per_layer, body, scan=self.config.scan_layers,
-                           remat_policy=self.config.remat_policy)
+                           remat_policy=self.config.remat_policy, unroll=self.config.scan_unroll)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         c = self.config
