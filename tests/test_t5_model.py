@@ -180,8 +180,31 @@ def test_scan_unroll_changes_no_number():
     for value, grads in results[1:]:
         np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
         jax.tree.map(assert_close_at_scale, grads, results[0][1])
-    with pytest.raises(UserError, match="scan_unroll=0 must be a positive integer"):
-        _config(scan_unroll=0)
+    with pytest.raises(UserError, match="scan_unroll=-1 must be a non-negative integer"):
+        _config(scan_unroll=-1)
+
+
+def test_scan_unroll_default_is_two_on_one_cpu_device_and_one_on_a_sharded_step():
+    """Left open (0), a one-device XLA:CPU step runs two layers a trip (measured faster there);
+    a step traced over several devices one (with two, XLA all-reduces the shared position
+    bias's gradient inside the loop: layers.CPU_SCAN_UNROLL)."""
+    from t5x_like.models import activation_sharding
+
+    class TwoDeviceSharding:
+        device_set = frozenset({0, 1})
+
+    enc, _ = _batch(2, enc_len=12)
+    model = _small_model(scan_layers=True)
+
+    def unrolls():
+        jaxpr = jax.make_jaxpr(lambda e: model.encode(e))(enc)
+        return [eqn.params["unroll"] for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+
+    assert unrolls() == [2]
+    # step_devices asks for the layout of a scalar; every other activation is left to XLA
+    with activation_sharding.resolving(lambda names, shape: None if names else TwoDeviceSharding()):
+        assert unrolls() == [1]
+    assert layers.scan_unroll(3) == 3
 
 
 def test_dots_policy_keeps_attention_probabilities_not_the_logits(capsys):

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_like.errors import UserError
 from t5x_like.models import layers as L
 from t5x_like.models.activation_sharding import constrain
-from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.config_checks import check_choices, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 # Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
@@ -45,7 +46,7 @@ class T5Config:
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
     remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full" (layers.REMAT_POLICIES)
-    scan_unroll: int = L.SCAN_UNROLL  # layers per trip of the scanned loop
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
@@ -56,7 +57,9 @@ class T5Config:
             "remat_policy": tuple(L.REMAT_POLICIES),
             "attention_implementation": tuple(L.ATTENTION_IMPLEMENTATIONS),
         })
-        check_sizes("T5", self, ("scan_unroll",), ())
+        if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 0):
+            raise UserError(f"T5 config field scan_unroll={self.scan_unroll!r} must be a "
+                            "non-negative integer (0: the default for the step's devices)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> T5Config:
