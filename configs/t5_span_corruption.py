@@ -12,11 +12,12 @@ Stacks of up to 12 layers are unrolled, as T5X's T5 is. ``large`` scans its 24 +
 which keeps its compile time short, and keeps only the matmul outputs and attention's softmax
 probabilities for the backward pass (``remat_policy="dots"``; GELU and norms are recomputed): a
 scanned stack zero-fills, writes and reads back a stacked buffer for every activation it
-keeps. The loop runs two layers a trip (``model.scan_unroll=2``). On the ``make bench`` config
-at 10 steps a call that costs 2.1-2.5% of a step on CPU with the command's huge pages
-(``benchmarks/scan_overhead.py``, one process, three runs, 2026-12-05); one layer a trip cost
-4-6.5%, and 7-10% before huge pages. In one earlier process, this policy 1.080x the unrolled
-step, the matmul outputs alone 1.101x, every activation 1.158x (benchmarks/RESULTS.md).
+keeps. On one CPU device its loop runs two layers a trip (``model.scan_unroll``). On the
+``make bench`` config at 10 steps a call that costs 2.1-2.5% of a step with the command's
+huge pages (``benchmarks/scan_overhead.py``, one process, three runs, 2026-12-05); one layer
+a trip cost 4-6.5%, and 7-10% before huge pages. In one earlier process, this policy 1.080x
+the unrolled step, the matmul outputs alone 1.101x, every activation 1.158x
+(benchmarks/RESULTS.md).
 ``--config.model.scan_layers``, ``--config.model.remat_policy`` and
 ``--config.model.scan_unroll`` override.
 """
