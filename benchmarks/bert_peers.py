@@ -75,6 +75,27 @@ def synthetic_ids(salt: int):
 # --------------------------------------------------------------------------- ours
 
 
+def our_overrides(extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The ``mini`` preset's overrides that give this benchmark's model, batch and optimizer."""
+    return [
+        f"model.vocab_size={VOCAB}", "model.hidden_dropout_rate=0.0",
+        "model.attention_dropout_rate=0.0", "model.nsp_head=False", "model.pooler=False",
+        "objective.layout='full_sentences'", f"objective.max_predictions={PREDICTIONS}",
+        f"data.inputs_length={LENGTH}", f"data.batch_size={BATCH}", "optimizer.name=adamw",
+        f"optimizer.learning_rate={LEARNING_RATE}", "optimizer.schedule=constant",
+        "optimizer.weight_decay=0.0", "optimizer.grad_clip_norm=0.0", "loss.z_loss=0.0", *extra,
+    ]
+
+
+def our_batch() -> dict:
+    """The synthetic batch ours trains on (host arrays)."""
+    import numpy as np
+
+    ids = synthetic_ids(salt=1)
+    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids),
+            "attention_mask": np.ones_like(ids)}
+
+
 def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     import jax
     import numpy as np
@@ -82,29 +103,18 @@ def run_ours(args, extra_overrides: tuple[str, ...] = ()) -> dict:
     from t5x_like import config as config_lib
     from t5x_like.experiment import build
 
-    overrides = [
-        f"model.vocab_size={VOCAB}", "model.hidden_dropout_rate=0.0",
-        "model.attention_dropout_rate=0.0", "model.nsp_head=False", "model.pooler=False",
-        "objective.layout='full_sentences'", f"objective.max_predictions={PREDICTIONS}",
-        f"data.inputs_length={LENGTH}", f"data.batch_size={BATCH}", "optimizer.name=adamw",
-        f"optimizer.learning_rate={LEARNING_RATE}", "optimizer.schedule=constant",
-        "optimizer.weight_decay=0.0", "optimizer.grad_clip_norm=0.0", "loss.z_loss=0.0",
-        *extra_overrides,
-    ]
-    config = config_lib.load_config(str(ROOT / "configs/bert_mlm_nsp.py:mini"), overrides)
+    config = config_lib.load_config(str(ROOT / "configs/bert_mlm_nsp.py:mini"),
+                                    our_overrides(extra_overrides))
     m = config.model
     got = (m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
            m.max_position_embeddings)
     if got != (HIDDEN, LAYERS, HEADS, FFN, POSITIONS):
         raise RuntimeError(f"the mini preset is {got}, not the benchmark's config")
-    ids = synthetic_ids(salt=1)
     rss_before = our_rss_baseline(config)  # seqio + TensorFlow + vocabulary: imported before
 
     exp = build(config)
     state = exp.init_state()
-    host = {"input_ids": ids, "token_type_ids": np.zeros_like(ids),
-            "attention_mask": np.ones_like(ids)}
-    batch = jax.device_put(host, exp.batch_sharding)
+    batch = jax.device_put(our_batch(), exp.batch_sharding)
     timing, compiled = time_our_step(exp, state, batch, warmup=args.warmup, steps=args.steps,
                                      tokens_per_step=TOKENS_PER_STEP)
     features = jax.jit(exp.family.features)(batch, jax.random.key(SEED))

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/scan_overhead.py                 # unrolled vs scanned + dots
     .venv/bin/python benchmarks/scan_overhead.py --variant keep_all=model.scan_layers=True
+    .venv/bin/python benchmarks/scan_overhead.py --bench bert --variant scanned= \
+        --variant unrolled=model.scan_layers=False      # bert_peers.py's BERT mini instead
 
 ``t5_peers.py``'s ``ours_scanned`` row runs in its own process, so its ratio to ``ours`` also
 carries the process-to-process drift of this VM (a few percent). Here every variant is compiled
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 
+import bert_peers
 import t5_peers
 from common import ROOT, wait_for_quiet
 
@@ -31,7 +34,22 @@ DEFAULT_VARIANTS = {
 }
 
 
-def build_call(overrides: list[str]):
+def _t5(overrides: list[str]):
+    config = str(ROOT / "configs/t5_span_corruption.py:small"), t5_peers.our_overrides(overrides)
+    tokens = t5_peers.synthetic_batch((t5_peers.BATCH, t5_peers.RAW_LENGTH), salt=1)
+    return config, {"tokens": tokens}
+
+
+def _bert(overrides: list[str]):
+    config = str(ROOT / "configs/bert_mlm_nsp.py:mini"), bert_peers.our_overrides(overrides)
+    return config, bert_peers.our_batch()
+
+
+# Each bench's (config file, overrides) and host batch, as its peers script times ours.
+BENCHES = {"t5": _t5, "bert": _bert}
+
+
+def build_call(overrides: list[str], bench: str = "t5"):
     """(a function running one compiled call and returning its seconds, steps per call, XLA
     temporary bytes) for the bench config with ``overrides``."""
     import jax
@@ -40,11 +58,9 @@ def build_call(overrides: list[str]):
     from t5x_like.bench import compile_trainer_call
     from t5x_like.experiment import build
 
-    config = config_lib.load_config(str(ROOT / "configs/t5_span_corruption.py:small"),
-                                    t5_peers.our_overrides(overrides))
-    exp = build(config)
-    tokens = t5_peers.synthetic_batch((t5_peers.BATCH, t5_peers.RAW_LENGTH), salt=1)
-    batch = jax.device_put({"tokens": tokens}, exp.batch_sharding)
+    (config_file, all_overrides), host_batch = BENCHES[bench](overrides)
+    exp = build(config_lib.load_config(config_file, all_overrides))
+    batch = jax.device_put(host_batch, exp.batch_sharding)
     holder = {"state": exp.init_state()}
     compiled, args, per_call = compile_trainer_call(exp, holder["state"], batch)
 
@@ -60,6 +76,8 @@ def build_call(overrides: list[str]):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--bench", choices=tuple(BENCHES), default="t5",
+                        help="t5_peers.py's T5 config (default) or bert_peers.py's BERT mini")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=OVERRIDE[,OVERRIDE...] (replaces the default two)")
     parser.add_argument("--quiet-wait", type=float, default=0.0,
@@ -69,7 +87,7 @@ def main(argv=None) -> None:
                  (v.split("=", 1) for v in args.variant)} if args.variant else DEFAULT_VARIANTS)
     runs = {}
     for name, overrides in variants.items():
-        call, per_call, temp = build_call(overrides)
+        call, per_call, temp = build_call(overrides, args.bench)
         call()  # warm-up
         runs[name] = {"call": call, "per_call": per_call, "temp": temp, "seconds": []}
     for round_index in range(args.rounds):

@@ -59,6 +59,7 @@ def test_overrides_parse_python_literals_and_text():
         ("model.d_modle=64", ["unknown config key", "d_modle", "did you mean 'd_model'"]),
         ("model.d_model=wide", ["model.d_model must be int", "'wide'"]),
         ("model.d_model=-4", ["model.d_model must be positive"]),
+        ("model.scan_unroll=-1", ["scan_unroll=-1 must be a non-negative integer"]),
         ("optimizer.name=sgd", ["optimizer.name must be one of"]),
         ("data.batch_size=10", ["not divisible by optimizer.grad_accum_steps"]),
         ("mesh.data=0", ["mesh.data must be positive or -1"]),

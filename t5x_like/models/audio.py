@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_sizes, strict_from_dict
+from t5x_like.models.config_checks import check_scan_unroll, check_sizes, strict_from_dict
 from t5x_like.models.encoder import Dense, Transformer, _layer_norm
 from t5x_like.models.encoder_config import EncoderConfig
 
@@ -41,8 +41,10 @@ class AudioConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("audio encoder", self)
         check_sizes("audio encoder", self, ("num_mel_bins", "downsample", "hidden_size",
                                             "num_layers", "num_heads", "intermediate_size"),
                     ("hidden_dropout_rate", "attention_dropout_rate"))
@@ -67,7 +69,7 @@ class AudioConfig:
             attention_dropout_rate=self.attention_dropout_rate,
             initializer_range=self.initializer_range, dtype=self.dtype,
             param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy)
+            remat_policy=self.remat_policy, scan_unroll=self.scan_unroll)
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

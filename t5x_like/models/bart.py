@@ -20,7 +20,12 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.config_checks import (
+    check_choices,
+    check_scan_unroll,
+    check_sizes,
+    strict_from_dict,
+)
 from t5x_like.models.decoder_lm import POSITION_AXIS
 
 POSITION_OFFSET = 2  # BART's learned position table has 2 extra rows; position p reads p + 2
@@ -48,8 +53,10 @@ class BartConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("BART", self)
         check_choices("BART", self, {
             "activation": tuple(L.ACTIVATIONS), "dtype": tuple(L.DTYPES),
             "param_dtype": tuple(L.DTYPES), "remat_policy": tuple(L.REMAT_POLICIES)})
@@ -196,7 +203,7 @@ class Bart(nnx.Module):
 
     def _run(self, layers, x, per_layer, body):
         return L.run_stack(layers, x, per_layer, body, scan=self.config.scan_layers,
-                           remat_policy=self.config.remat_policy)
+                           remat_policy=self.config.remat_policy, unroll=self.config.scan_unroll)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         table = self.token_embedding[...].astype(L.dtype_of(self.config.dtype))

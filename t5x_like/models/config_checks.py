@@ -33,6 +33,15 @@ def check_sizes(kind: str, config: Any, positive: tuple[str, ...], rates: tuple[
                             "[0, 1)")
 
 
+def check_scan_unroll(kind: str, config: Any) -> None:
+    """UserError unless ``scan_unroll`` (layers a trip of a scanned stack) is an int >= 0."""
+    value = config.scan_unroll
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise UserError(f"{kind} config field scan_unroll={value!r} must be a non-negative "
+                        "integer (layers a trip of the scanned stack; 0: the default for the "
+                        "step's devices)")
+
+
 def strict_from_dict(cls: type, kind: str, d: Mapping[str, Any]) -> Any:
     """Strict: an unknown key is a typo or a different architecture, so it is refused."""
     known = {f.name for f in dataclasses.fields(cls)}

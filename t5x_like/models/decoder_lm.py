@@ -26,7 +26,12 @@ from flax import nnx
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
 from t5x_like.models.activation_sharding import HIDDEN, LOGITS, constrain
-from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.config_checks import (
+    check_choices,
+    check_scan_unroll,
+    check_sizes,
+    strict_from_dict,
+)
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
@@ -57,8 +62,10 @@ class DecoderLMConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("decoder LM", self)
         check_choices("decoder LM", self, {
             "position_embedding": POSITION_EMBEDDINGS, "norm": NORMS,
             "activation": tuple(L.ACTIVATIONS), "dtype": tuple(L.DTYPES),
@@ -203,7 +210,7 @@ class DecoderLM(nnx.Module):
 
     def _run(self, x, per_layer, body):
         return L.run_stack(self.layers, x, per_layer, body, scan=self.config.scan_layers,
-                           remat_policy=self.config.remat_policy)
+                           remat_policy=self.config.remat_policy, unroll=self.config.scan_unroll)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits from final hidden states (tied: h @ E^T, no scaling, as GPT-2)."""

@@ -319,7 +319,7 @@ class Transformer(nnx.Module):
             return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x_final, outs = L.run_stack(self.layers, x, (keys, head_mask), body,
-                                    scan=c.scan_layers,
+                                    scan=c.scan_layers, unroll=c.scan_unroll,
                                     remat_policy=c.remat_policy if repeats == 1 else "none")
         extras = {}
         if output_hidden_states:

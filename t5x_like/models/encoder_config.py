@@ -12,7 +12,7 @@ from typing import Any
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, strict_from_dict
+from t5x_like.models.config_checks import check_choices, check_scan_unroll, strict_from_dict
 
 MODEL_TYPES = ("bert", "roberta", "albert", "electra")  # names the HF layout; math is by fields
 HIDDEN_ACTS = ("gelu", "gelu_new")  # exact erf GELU; tanh approximation (ALBERT's default)
@@ -50,10 +50,12 @@ class EncoderConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
     quantize: str = "none"  # see QUANTIZE and the module docstring
     layer_num_heads: tuple[int, ...] = ()  # per-layer heads after head removal; () = num_heads
 
     def __post_init__(self):
+        check_scan_unroll("encoder", self)
         object.__setattr__(self, "layer_num_heads", tuple(self.layer_num_heads))
         check_choices("encoder", self, {
             "model_type": MODEL_TYPES,

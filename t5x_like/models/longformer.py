@@ -34,7 +34,12 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.config_checks import (
+    check_choices,
+    check_scan_unroll,
+    check_sizes,
+    strict_from_dict,
+)
 from t5x_like.models.encoder import (
     Dense,
     Embeddings,
@@ -72,12 +77,14 @@ class LongformerConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     # What the shared encoder blocks read and Longformer does not vary.
     quantize: ClassVar[str] = "none"
     embedding_size: ClassVar[int] = 0
 
     def __post_init__(self):
+        check_scan_unroll("longformer", self)
         check_choices("longformer", self, {
             "model_type": ("longformer",), "hidden_act": HIDDEN_ACTS,
             "dtype": tuple(L.DTYPES), "param_dtype": tuple(L.DTYPES),
@@ -261,7 +268,8 @@ class LongformerStack(nnx.Module):
             return y, (y if output_hidden_states else None)
 
         return L.run_stack(self.layers, x, L.layer_keys(key, c.num_layers), body,
-                           scan=c.scan_layers, remat_policy=c.remat_policy)
+                           scan=c.scan_layers, remat_policy=c.remat_policy,
+                           unroll=c.scan_unroll)
 
 
 class LongformerModel(nnx.Module):

@@ -29,7 +29,7 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, strict_from_dict
+from t5x_like.models.config_checks import check_choices, check_scan_unroll, strict_from_dict
 
 NORMS = ("no_norm", "layer_norm")
 HIDDEN_ACTS = ("relu", "gelu", "gelu_new")
@@ -66,8 +66,10 @@ class MobileBertConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("mobilebert", self)
         check_choices("mobilebert", self, {
             "normalization_type": NORMS, "hidden_act": HIDDEN_ACTS,
             "dtype": tuple(L.DTYPES), "param_dtype": tuple(L.DTYPES),
@@ -379,7 +381,7 @@ class MobileBertModel(nnx.Module):
             return y, out
 
         hidden, outs = L.run_stack(self.layers, x, keys, body, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
+                                   remat_policy=c.remat_policy, unroll=c.scan_unroll)
         out = {"last_hidden_state": hidden}
         if output_hidden_states:
             out["hidden_states"] = jnp.concatenate([x[None], outs["hidden"]])

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5x_like.errors import UserError
 from t5x_like.models import layers as L
 from t5x_like.models.activation_sharding import constrain
-from t5x_like.models.config_checks import check_choices, strict_from_dict
+from t5x_like.models.config_checks import check_choices, check_scan_unroll, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 # Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
@@ -57,9 +56,7 @@ class T5Config:
             "remat_policy": tuple(L.REMAT_POLICIES),
             "attention_implementation": tuple(L.ATTENTION_IMPLEMENTATIONS),
         })
-        if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 0):
-            raise UserError(f"T5 config field scan_unroll={self.scan_unroll!r} must be a "
-                            "non-negative integer (0: the default for the step's devices)")
+        check_scan_unroll("T5", self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> T5Config:

@@ -30,7 +30,12 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, check_sizes, strict_from_dict
+from t5x_like.models.config_checks import (
+    check_choices,
+    check_scan_unroll,
+    check_sizes,
+    strict_from_dict,
+)
 
 NEG = -1e30
 
@@ -53,8 +58,10 @@ class TransformerXLConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("Transformer-XL", self)
         check_choices("Transformer-XL", self, {
             "dtype": tuple(L.DTYPES), "param_dtype": tuple(L.DTYPES),
             "remat_policy": tuple(L.REMAT_POLICIES)})
@@ -214,7 +221,8 @@ class TransformerXL(nnx.Module):
             return h, new_mem
 
         h, new_mems = L.run_stack(self.layers, h, (mems, L.layer_keys(k_layers, c.num_layers)),
-                                  body, scan=c.scan_layers, remat_policy=c.remat_policy)
+                                  body, scan=c.scan_layers, remat_policy=c.remat_policy,
+                                  unroll=c.scan_unroll)
         out = L.dropout(h, c.dropout_rate, k_out)
         logits = L.dense(out, table.astype(dt), kernel_transposed=True,
                          preferred_element_type=jnp.float32)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from t5x_like.errors import UserError
 from t5x_like.models import layers as L
-from t5x_like.models.config_checks import check_choices, strict_from_dict
+from t5x_like.models.config_checks import check_choices, check_scan_unroll, strict_from_dict
 from t5x_like.objectives.permutation import stream_masks
 
 FF_ACTIVATIONS = ("gelu", "gelu_new", "relu")  # transformers' XLNet's, as in L.ACTIVATIONS
@@ -54,8 +54,10 @@ class XLNetConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
 
     def __post_init__(self):
+        check_scan_unroll("XLNet", self)
         check_choices("XLNet", self, {
             "ff_activation": FF_ACTIVATIONS,
             "attn_type": ATTN_TYPES,
@@ -292,7 +294,8 @@ class XLNet(nnx.Module):
 
         (h, g), new_mems = L.run_stack(self.layers, (h, g),
                                        (mems, L.layer_keys(k_layers, c.num_layers)), body,
-                                       scan=c.scan_layers, remat_policy=c.remat_policy)
+                                       scan=c.scan_layers, remat_policy=c.remat_policy,
+                                       unroll=c.scan_unroll)
         out = L.dropout(h if g is None else g, c.dropout_rate, k_out)
         logits = L.dense(out, table.astype(dt), kernel_transposed=True,
                          preferred_element_type=jnp.float32)
