@@ -186,7 +186,7 @@ def test_scan_unroll_changes_no_number():
 def test_scan_unroll_default_is_two_on_one_cpu_device_and_one_on_a_sharded_step():
     """Left open (0), a one-device XLA:CPU step runs two layers a trip (measured faster there);
     a step traced over several devices one (with two, XLA all-reduces the shared position
-    bias's gradient inside the loop: layers.CPU_SCAN_UNROLL)."""
+    bias's gradient inside the loop: t5.T5_CPU_SCAN_UNROLL). Other families keep one."""
     from t5x_like.models import activation_sharding
 
     class TwoDeviceSharding:
@@ -203,7 +203,7 @@ def test_scan_unroll_default_is_two_on_one_cpu_device_and_one_on_a_sharded_step(
     # step_devices asks for the layout of a scalar; every other activation is left to XLA
     with activation_sharding.resolving(lambda names, shape: None if names else TwoDeviceSharding()):
         assert unrolls() == [1]
-    assert layers.scan_unroll(3) == 3
+    assert layers.scan_unroll(3) == 3 and layers.scan_unroll(0) == 1
 
 
 def test_dots_policy_keeps_attention_probabilities_not_the_logits(capsys):

@@ -50,7 +50,7 @@ class EncoderConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: 1 (layers.scan_unroll)
     quantize: str = "none"  # see QUANTIZE and the module docstring
     layer_num_heads: tuple[int, ...] = ()  # per-layer heads after head removal; () = num_heads
 

@@ -44,22 +44,15 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 LAYERS_AXIS = "layers"
 
-# Layers per trip of a scanned stack's loop where the model config leaves it open (0). On a
-# one-device XLA:CPU step two, which halve the trips and let XLA fuse across a layer boundary:
-# the scanned T5 bench step took 0.978x and 0.986x the time of one layer a trip (6 and 5
-# interleaved rounds in one process, 2026-12-05, RESULTS.md). On a sharded step one: with two,
-# XLA all-reduces the gradient of T5's shared position bias inside the loop, every trip, where
-# with one it sums the trips' partial gradients and all-reduces once after the loop (T5 large
-# as fsdp 8 on v5p:2x2x2: 1.21 against 0.80 GB of all-reduce per chip a step), and the TPU
-# compile took 1.3x as long.
-CPU_SCAN_UNROLL = 2
-
-
-def scan_unroll(requested: int = 0) -> int:
-    """``requested`` layers a trip, or for 0 the choice above for the step being traced."""
+def scan_unroll(requested: int = 0, *, one_cpu_device: int = 1) -> int:
+    """Layers a trip of a scanned stack's loop: ``requested``, or where the model config leaves
+    it open (0) ``one_cpu_device`` on a one-device XLA:CPU step and 1 on any other. A model
+    passes what it measured faster on CPU (T5: 2); more than one layer a trip on a sharded step
+    can move a gradient's all-reduce into the loop (``T5_CPU_SCAN_UNROLL`` in t5.py)."""
     if requested:
         return requested
-    return CPU_SCAN_UNROLL if jax.default_backend() == "cpu" and step_devices() == 1 else 1
+    return one_cpu_device if jax.default_backend() == "cpu" and step_devices() == 1 else 1
+
 
 # "auto" is our softmax_attention; "xla" and "cudnn" are jax.nn.dot_product_attention's backends,
 # "cudnn" being cuDNN's fused (flash) kernel on NVIDIA GPUs (bf16/fp16 inputs only).
@@ -521,6 +514,7 @@ def run_stack(
     scan: bool,
     remat_policy: str,
     unroll: int = 0,
+    cpu_unroll: int = 1,
 ) -> tuple[Any, Any]:
     """Applies ``body(layer, carry, per_layer[i]) -> (carry, out_i)`` layer by layer.
 
@@ -530,8 +524,8 @@ def run_stack(
     The loop is plain ``jax.lax.scan`` over the split layer state, each step merging its slice
     back into a module: unlike ``nnx.scan``/``nnx.remat``, this also works when the model was
     merged outside an enclosing ``lax`` loop (NNX refuses Variables from an outer trace).
-    A scanned loop runs ``scan_unroll(unroll)`` layers a trip (a remainder trip when they do not
-    divide the stack).
+    A scanned loop runs ``scan_unroll(unroll, one_cpu_device=cpu_unroll)`` layers a trip (a
+    remainder trip when they do not divide the stack).
     """
     def apply(graphdef, layer_state, carry, xs):
         return body(nnx.merge(graphdef, layer_state), carry, xs)
@@ -541,7 +535,8 @@ def run_stack(
     if scan:
         graphdef, state = nnx.split(layers)
         return jax.lax.scan(lambda c, xs: apply(graphdef, xs[0], c, xs[1]), carry,
-                            (state, per_layer), unroll=scan_unroll(unroll))
+                            (state, per_layer),
+                            unroll=scan_unroll(unroll, one_cpu_device=cpu_unroll))
     outs = []
     for i, layer in enumerate(layers):
         graphdef, state = nnx.split(layer)

@@ -77,7 +77,7 @@ class LongformerConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: 1 (layers.scan_unroll)
 
     # What the shared encoder blocks read and Longformer does not vary.
     quantize: ClassVar[str] = "none"

@@ -21,6 +21,15 @@ from t5x_like.models.activation_sharding import constrain
 from t5x_like.models.config_checks import check_choices, check_scan_unroll, strict_from_dict
 
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
+# Layers a trip of the scanned stacks on a one-device CPU step, when scan_unroll is 0. Two halve
+# the trips and let XLA fuse across a layer boundary: the scanned T5 bench step (remat "dots")
+# took 0.978x and 0.986x the time of one layer a trip (6 and 5 interleaved rounds in one
+# process, 2026-12-05, RESULTS.md). A sharded step keeps one: with two, XLA all-reduces the
+# gradient of the shared position bias inside the loop, every trip, where with one it sums the
+# trips' partial gradients and all-reduces once after it (T5 large as fsdp 8 on v5p:2x2x2: 1.21
+# against 0.80 GB of all-reduce per chip a step), and the TPU compile took 1.3x as long. (BERT
+# mini, remat "none", was 1.09x slower with two: the other families keep one.)
+T5_CPU_SCAN_UNROLL = 2
 # Activation layouts by logical axis (activation_sharding): the batch over data and fsdp.
 HIDDEN = ("batch", "length", None)
 LOGITS = ("batch", "length", "vocab")
@@ -45,7 +54,7 @@ class T5Config:
     param_dtype: str = "float32"
     scan_layers: bool = True  # stack layers with nnx.vmap, apply with nnx.scan
     remat_policy: str = "none"  # "none" | "minimal" | "dots" | "full" (layers.REMAT_POLICIES)
-    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: T5_CPU_SCAN_UNROLL or 1
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (fused, GPU, bf16)
 
     def __post_init__(self):
@@ -178,7 +187,8 @@ class T5(nnx.Module):
 
     def _run(self, layers, x, per_layer, body):
         return L.run_stack(layers, x, per_layer, body, scan=self.config.scan_layers,
-                           remat_policy=self.config.remat_policy, unroll=self.config.scan_unroll)
+                           remat_policy=self.config.remat_policy, unroll=self.config.scan_unroll,
+                           cpu_unroll=T5_CPU_SCAN_UNROLL)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         c = self.config

@@ -58,7 +58,7 @@ class TransformerXLConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: layers.scan_unroll picks
+    scan_unroll: int = 0  # layers a trip of the scanned loop; 0: 1 (layers.scan_unroll)
 
     def __post_init__(self):
         check_scan_unroll("Transformer-XL", self)
