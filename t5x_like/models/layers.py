@@ -44,6 +44,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 LAYERS_AXIS = "layers"
 
+
 def scan_unroll(requested: int = 0, *, one_cpu_device: int = 1) -> int:
     """Layers a trip of a scanned stack's loop: ``requested``, or where the model config leaves
     it open (0) ``one_cpu_device`` on a one-device XLA:CPU step and 1 on any other. A model
