@@ -59,3 +59,9 @@ def step_devices() -> int:
         return 1
     sharding = resolver((), ())
     return 1 if sharding is None else len(sharding.device_set)
+
+
+def one_device_cpu_step() -> bool:
+    """True when the step being traced runs on one XLA:CPU device: where the CPU-measured
+    layouts (cpu_matmul's gradients, T5's two layers a scan trip) apply."""
+    return jax.default_backend() == "cpu" and step_devices() == 1

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t5x_like.models.activation_sharding import step_devices
+from t5x_like.models.activation_sharding import one_device_cpu_step
 
 _AUTODIFF_GRADIENTS = contextvars.ContextVar("autodiff_gradients", default=False)
 
@@ -79,7 +79,7 @@ _rows_t_gradient_matmul.defvjp(_fwd, _bwd)
 def rows_t_gradient_helps(rows: jax.Array, kernel: jax.Array, preferred_element_type: Any) -> bool:
     """True where the transposed-rows gradient was measured faster: XLA:CPU, one device, f32."""
     f32 = jnp.dtype(jnp.float32)
-    return (jax.default_backend() == "cpu" and step_devices() == 1
+    return (one_device_cpu_step()
             and not _AUTODIFF_GRADIENTS.get()
             and rows.dtype == f32 and kernel.dtype == f32
             and (preferred_element_type is None or jnp.dtype(preferred_element_type) == f32))

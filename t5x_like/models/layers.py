@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from t5x_like.models import cpu_matmul
-from t5x_like.models.activation_sharding import step_devices
+from t5x_like.models.activation_sharding import one_device_cpu_step, step_devices
 from t5x_like.models.softmax_attention import masked_logits, softmax_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,7 +52,7 @@ def scan_unroll(requested: int = 0, *, one_cpu_device: int = 1) -> int:
     can move a gradient's all-reduce into the loop (``T5_CPU_SCAN_UNROLL`` in t5.py)."""
     if requested:
         return requested
-    return one_cpu_device if jax.default_backend() == "cpu" and step_devices() == 1 else 1
+    return one_cpu_device if one_device_cpu_step() else 1
 
 
 # "auto" is our softmax_attention; "xla" and "cudnn" are jax.nn.dot_product_attention's backends,
