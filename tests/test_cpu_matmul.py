@@ -36,6 +36,11 @@ def _kernel_gradient_hlo(x, kernel, w) -> str:
     return jax.jit(jax.grad(_loss(_ours), argnums=1)).lower(x, kernel, w).compile().as_text()
 
 
+def _barriers(matmul, x, kernel, w) -> int:
+    return str(jax.make_jaxpr(jax.grad(_loss(matmul), argnums=1))(x, kernel, w)).count(
+        "optimization_barrier")
+
+
 # autodiff's kernel gradient: rows^T dy, both operands contracted over their leading (token) axis
 _TOKEN_CONTRACTING_DOT = re.compile(r"f32\[16,40\]\S* dot\(.*lhs_contracting_dims=\{0\}, "
                                     r"rhs_contracting_dims=\{0\}")
@@ -87,14 +92,18 @@ def test_a_multi_device_step_gets_the_plain_matmul():
     assert _TOKEN_CONTRACTING_DOT.search(hlo)
 
 
-def test_a_rematerialised_layer_gets_the_plain_matmul():
+@pytest.mark.parametrize("k, n", [(16, 40), (40, 16)])
+def test_a_rematerialised_layer_transposes_its_materialised_rows(k, n):
     """Under ``layers.rematerialise`` (``run_stack``'s and ALBERT's shared-layer remat) the rows
-    are recomputed in the backward pass, where XLA:CPU would fuse the recomputation into the
-    transpose; those layers keep autodiff's gradient."""
-    x, kernel, w = _inputs()
-    inside = cpu_matmul.autodiff_gradients(
-        lambda: cpu_matmul.rows_t_gradient_helps(x, kernel, None))
-    assert not inside() and cpu_matmul.rows_t_gradient_helps(x, kernel, None)
+    are recomputed in the backward pass: the kernel gradient is still the row-major product,
+    after a barrier that makes the recomputed rows (and dy) buffers of their own, and equals
+    the plain matmul's."""
+    x, kernel, w = _inputs(k=k, n=n)
     remat = rematerialise(_ours, "full", prevent_cse=True)
-    hlo = jax.jit(jax.grad(_loss(remat), argnums=1)).lower(x, kernel, w).compile().as_text()
-    assert _TOKEN_CONTRACTING_DOT.search(hlo)
+    grad = jax.jit(jax.grad(_loss(remat), argnums=(0, 1)))
+    assert _barriers(remat, x, kernel, w) == _barriers(_ours, x, kernel, w) + 1
+    hlo = grad.lower(x, kernel, w).compile().as_text()
+    assert not re.search(r"dot\(.*lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}", hlo)
+    plain = jax.jit(jax.grad(_loss(_plain), argnums=(0, 1)))(x, kernel, w)
+    for a, b in zip(grad(x, kernel, w), plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

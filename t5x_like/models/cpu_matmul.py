@@ -12,15 +12,19 @@ simplifier from folding the transpose back into the dot. The T5 bench step ran 0
 Elsewhere (TPU, GPU, any multi-device step, where layout assignment chooses freely and a
 barrier could disturb sharding propagation), and for mixed precision, it is the plain matmul.
 
-Nor inside a rematerialised layer (``autodiff_gradients``): there ``rows`` is often recomputed
-in the backward pass (a norm's output, the gated GELU's product), and XLA:CPU fuses that
-recomputation into the transposing copy, which then reads its inputs down their columns: 134 ms
-a layer for T5's [4096, 1024] MLP activations, and the scanned bench step ran 1.14x as long.
+Inside a rematerialised layer (``recomputed_rows``) ``rows`` is often recomputed in the backward
+pass (a norm's output, the gated GELU's product), and XLA:CPU fused that recomputation into the
+transposing copy, which then read its inputs down their columns: 134 ms a layer for T5's
+[4096, 1024] MLP activations, and the scanned bench step ran 1.14x as long. There a barrier
+first makes ``rows`` and ``dy`` buffers of their own, and the transposing copy reads them row by
+row: the scanned T5 bench step (``dots`` remat) ran 0.958x as long as with autodiff's gradient,
+whose token-contracting dot XLA:CPU runs in its own generated loops (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,34 +33,37 @@ import jax.numpy as jnp
 
 from t5x_like.models.activation_sharding import one_device_cpu_step
 
-_AUTODIFF_GRADIENTS = contextvars.ContextVar("autodiff_gradients", default=False)
+_RECOMPUTED_ROWS = contextvars.ContextVar("recomputed_rows", default=False)
 
 
-def autodiff_gradients(fn: Callable) -> Callable:
-    """``fn`` with every ``matmul`` it traces taking autodiff's plain gradient."""
+def recomputed_rows(fn: Callable) -> Callable:
+    """``fn`` with every ``matmul`` it traces materialising its rows before its backward
+    transposes them: for a rematerialised layer, whose rows the backward recomputes."""
 
     def traced(*args, **kwargs):
-        token = _AUTODIFF_GRADIENTS.set(True)
+        token = _RECOMPUTED_ROWS.set(True)
         try:
             return fn(*args, **kwargs)
         finally:
-            _AUTODIFF_GRADIENTS.reset(token)
+            _RECOMPUTED_ROWS.reset(token)
 
     return traced
 
 
-@jax.custom_vjp
-def _rows_t_gradient_matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _fwd(rows, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rows_t_gradient_matmul(rows: jax.Array, kernel: jax.Array, recomputed: bool) -> jax.Array:
+    return _fwd(rows, kernel, recomputed)[0]
 
 
-def _fwd(rows, kernel):
+def _fwd(rows, kernel, recomputed):
     return jnp.dot(rows, kernel), (rows, kernel)
 
 
-def _bwd(residuals, dy):
+def _bwd(recomputed, residuals, dy):
     rows, kernel = residuals
     drows = jax.lax.dot_general(dy, kernel, (((1,), (1,)), ((), ())))
+    if recomputed:
+        rows, dy = jax.lax.optimization_barrier((rows, dy))
     return drows, kernel_gradient(rows, dy)
 
 
@@ -80,7 +87,6 @@ def rows_t_gradient_helps(rows: jax.Array, kernel: jax.Array, preferred_element_
     """True where the transposed-rows gradient was measured faster: XLA:CPU, one device, f32."""
     f32 = jnp.dtype(jnp.float32)
     return (one_device_cpu_step()
-            and not _AUTODIFF_GRADIENTS.get()
             and rows.dtype == f32 and kernel.dtype == f32
             and (preferred_element_type is None or jnp.dtype(preferred_element_type) == f32))
 
@@ -88,5 +94,5 @@ def rows_t_gradient_helps(rows: jax.Array, kernel: jax.Array, preferred_element_
 def matmul(rows: jax.Array, kernel: jax.Array, preferred_element_type: Any = None) -> jax.Array:
     """``jnp.dot(rows [m, k], kernel [k, n], preferred_element_type=...)``, same values."""
     if rows_t_gradient_helps(rows, kernel, preferred_element_type):
-        return _rows_t_gradient_matmul(rows, kernel)
+        return _rows_t_gradient_matmul(rows, kernel, _RECOMPUTED_ROWS.get())
     return jnp.dot(rows, kernel, preferred_element_type=preferred_element_type)

@@ -498,12 +498,12 @@ def make_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rn
 def rematerialise(fn: Callable, remat_policy: str, *, prevent_cse: bool,
                   static_argnums: int | tuple[int, ...] = ()) -> Callable:
     """``fn`` under ``jax.checkpoint`` with the named policy (unchanged for "none"). Its dense
-    layers keep autodiff's kernel gradient: their rows are recomputed (see cpu_matmul)."""
+    layers materialise their recomputed rows before transposing them (see cpu_matmul)."""
     if remat_policy == "none":
         return fn
     fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=prevent_cse,
                         static_argnums=static_argnums)
-    return cpu_matmul.autodiff_gradients(fn)
+    return cpu_matmul.recomputed_rows(fn)
 
 
 def run_stack(
