@@ -18,7 +18,7 @@ transposing copy, which then read its inputs down their columns: 134 ms a layer 
 [4096, 1024] MLP activations, and the scanned bench step ran 1.14x as long. There a barrier
 first makes ``rows`` and ``dy`` buffers of their own, and the transposing copy reads them row by
 row: the scanned T5 bench step (``dots`` remat) ran 0.958x as long as with autodiff's gradient,
-whose token-contracting dot XLA:CPU runs in its own generated loops (benchmarks/RESULTS.md).
+whose token-contracting dots XLA:CPU ran outside YNNPACK (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
