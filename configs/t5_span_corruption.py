@@ -13,9 +13,10 @@ which keeps its compile time short, and keeps only the matmul outputs and attent
 probabilities for the backward pass (``remat_policy="dots"``; GELU and norms are recomputed): a
 scanned stack zero-fills, writes and reads back a stacked buffer for every activation it
 keeps. On one CPU device its loop runs two layers a trip (``model.scan_unroll``). On the
-``make bench`` config at 10 steps a call that costs 2-5% of a step with the command's huge
-pages (``benchmarks/scan_overhead.py``, one process, six runs, 2026-12-05); one layer
-a trip cost 4-6.5%, and 7-10% before huge pages. In one earlier process, this policy 1.080x
+``make bench`` config at 10 steps a call that costs 0.4-2.4% of a step with the command's huge
+pages and the rematerialised layers' row-major weight gradients (``benchmarks/scan_overhead.py``,
+one process, five runs, 2026-12-05); 2-5% before those gradients, one layer a trip 4-6.5%, and
+7-10% before huge pages. In one earlier process, this policy 1.080x
 the unrolled step, the matmul outputs alone 1.101x, every activation 1.158x
 (benchmarks/RESULTS.md).
 ``--config.model.scan_layers``, ``--config.model.remat_policy`` and

@@ -24,7 +24,8 @@ FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 # Layers a trip of the scanned stacks on a one-device CPU step, when scan_unroll is 0. Two halve
 # the trips and let XLA fuse across a layer boundary: the scanned T5 bench step (remat "dots")
 # took 0.978x and 0.986x the time of one layer a trip (6 and 5 interleaved rounds in one
-# process, 2026-12-05, RESULTS.md). A sharded step keeps one: with two, XLA all-reduces the
+# process, 2026-12-05, RESULTS.md), and 0.956-0.991x a round with the rematerialised layers'
+# row-major weight gradients (cpu_matmul). A sharded step keeps one: with two, XLA all-reduces the
 # gradient of the shared position bias inside the loop, every trip, where with one it sums the
 # trips' partial gradients and all-reduces once after it (T5 large as fsdp 8 on v5p:2x2x2: 1.21
 # against 0.80 GB of all-reduce per chip a step), and the TPU compile took 1.3x as long. (BERT
